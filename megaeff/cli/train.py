@@ -1,0 +1,140 @@
+"""`megaeff-train` / `python -m megaeff.train`: the Hydra entry point.
+
+Before Hydra sees the command line this strips launcher arguments (`--local_rank=N` from the deepspeed
+launcher), joins the process group when several ranks were launched, and makes every rank agree on one run
+directory (rank 0 picks it and broadcasts it). Ranks other than 0 run with Hydra's output and logging disabled,
+so only rank 0 writes `.hydra/`. The working directory is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from megaeff.config.schema import register_configs, to_config
+from megaeff.config.validate import validate_config
+from megaeff.distributed.dims import ParallelDims, init_process_group, resolve_device
+from megaeff.distributed.launch_env import export_slurm_env, read_launch_env, strip_launcher_args
+from megaeff.errors import EXIT_PREEMPTED, EXIT_USAGE, MegaeffError
+
+
+def conf_dir() -> str:
+    """The repo's `conf/` in a source checkout, else the copy packaged as `megaeff/_conf` at build time."""
+    if os.environ.get("MEGAEFF_CONF_DIR"):
+        return os.path.abspath(os.environ["MEGAEFF_CONF_DIR"])
+    pkg = Path(__file__).resolve().parent.parent
+    for candidate in (pkg.parent / "conf", pkg / "_conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise SystemExit("megaeff: error: cannot find the config directory (conf/); set MEGAEFF_CONF_DIR")
+
+
+def _fail(exc: BaseException) -> None:
+    print(f"megaeff: error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def run(cfg: DictConfig) -> int:
+    """The Hydra task: returns the process exit code."""
+    from megaeff.train.signals import StopRequest
+    from megaeff.train.trainer import Trainer
+
+    launch = read_launch_env()
+    try:
+        config = to_config(cfg)
+        validate_config(config, launch.world_size)
+        device = resolve_device(config.train.device, launch.local_rank)
+        dims = ParallelDims.from_config(config.parallel, launch.world_size, launch.rank, device)
+        dims.build_groups()
+        run_dir = Path(config.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with StopRequest() as stop:
+            trainer = Trainer(config, dims, run_dir, stop=stop)
+            try:
+                result = trainer.fit()
+            finally:
+                trainer.close()
+    except MegaeffError as exc:
+        _fail(exc)
+    if result.preempted:
+        return EXIT_PREEMPTED
+    if dims.is_main and result.final_eval is not None:
+        ev = result.final_eval
+        print(
+            f"final: step {result.step} | val_loss {ev['val_loss']:.4f} | val_ppl {ev['val_ppl']:.3f} "
+            f"(byte-level unigram baseline {trainer.data.unigram_ppl:.2f})",
+            flush=True,
+        )
+        if config.train.plot:
+            from megaeff.cli.plot_runs import plot_runs
+
+            png = plot_runs([run_dir], run_dir / "loss_curve.png", [config.name])
+            print(f"loss curve: {png}", flush=True)
+        print(f"metrics: {run_dir / 'metrics.jsonl'}", flush=True)
+    return 0
+
+
+def check_overrides(argv) -> None:
+    """Hydra reports a malformed override without naming it; name it here, before any process group forms."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # Hydra's own flags (--cfg job, --multirun, ...) and their values
+        try:
+            parser.parse_override(arg)
+        except HydraException as exc:  # the grammar raises its base class for some syntax errors
+            raise ValueError(f"malformed override '{arg}': {str(exc).splitlines()[0]}") from None
+
+
+def _agree_on_run_dir(overrides):
+    if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in overrides):
+        return overrides
+    stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+    dist.broadcast_object_list(stamp, src=0)
+    return overrides + [f"run_dir=runs/{stamp[0]}"]
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, local_rank = strip_launcher_args(argv)
+        check_overrides(argv)
+        if local_rank is not None:
+            os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        launch = read_launch_env()
+        export_slurm_env(launch)
+    except ValueError as exc:
+        _fail(exc)
+    if launch.is_distributed:
+        init_process_group()
+        argv = _agree_on_run_dir(argv)
+        if launch.rank > 0:
+            argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    register_configs()
+    exit_code = {"code": 0}
+
+    def task(cfg: DictConfig) -> None:
+        exit_code["code"] = run(cfg)
+
+    task.__module__ = __name__
+    prog = sys.argv[0]
+    sys.argv = [prog] + argv
+    try:
+        hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(task)()
+    finally:
+        if launch.is_distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(exit_code["code"])
+
+
+if __name__ == "__main__":
+    main()

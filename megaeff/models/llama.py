@@ -1,0 +1,115 @@
+"""LLaMA as the GaLore / SLTrain benchmark defines it.
+
+RMSNorm (eps 1e-6) before attention and MLP, rotary embeddings, multi-head attention with optional grouped-query
+heads, SwiGLU MLP, untied embedding and output head, no biases. Every attention and MLP projection is built by
+`build_linear`, so the linear method (dense, low-rank, SLTrain, LOST) is a config choice.
+
+Module names are the logical parameter names used by initialization and checkpoints; they must not change
+with the parallel layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megaeff.layers.attention import SdpaAttention
+from megaeff.layers.linear import build_linear
+from megaeff.layers.norm import RMSNorm
+from megaeff.layers.rope import apply_rope, rope_tables
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, method, prefix: str):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.q = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.q", method=method)
+        self.k = build_linear(cfg.dim, kv_dim, name=f"{prefix}.k", method=method)
+        self.v = build_linear(cfg.dim, kv_dim, name=f"{prefix}.v", method=method)
+        self.o = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.o", method=method)
+
+    def forward(self, x, cos, sin, backend, positions=None):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin, positions)
+        k = apply_rope(k, cos, sin, positions)
+        out = backend(q, k, v, causal=True)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg, method, prefix: str):
+        super().__init__()
+        self.gate = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.gate", method=method)
+        self.up = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.up", method=method)
+        self.down = build_linear(cfg.ffn_dim, cfg.dim, name=f"{prefix}.down", method=method)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, method, index: int):
+        super().__init__()
+        prefix = f"layers.{index}"
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, method, f"{prefix}.attention")
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, method, f"{prefix}.mlp")
+
+    def forward(self, x, cos, sin, backend, positions=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, backend, positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg, method):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, method, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        head_dim = cfg.dim // cfg.n_heads
+        # Derived tables, not state: non-persistent so checkpoints hold only logical weights.
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, head_dim), persistent=False)
+        self.attention_backend = SdpaAttention()
+
+    def reset_buffers(self) -> None:
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        cos, sin = rope_tables(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, self.rope_cos, self.rope_sin, self.attention_backend, positions)
+        return self.output(self.norm(x)).float()
+
+
+def build_llama(cfg, method, device: str | torch.device = "meta") -> Llama:
+    """Construct without allocating (meta) or directly on a device; weights are undefined until initialized."""
+    ctx = torch.device(device) if device is not None else contextlib.nullcontext()
+    with ctx:
+        return Llama(cfg, method)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg, seq_len: int, n_params: int) -> float:
+    """Training FLOPs per token: 6 per weight that multiplies activations (embedding lookups excluded) plus the
+    attention score and value products, 12 * layers * dim * seq_len (PaLM appendix B convention)."""
+    embedding = cfg.vocab_size * cfg.dim
+    return 6.0 * (n_params - embedding) + 12.0 * cfg.n_layers * cfg.dim * seq_len

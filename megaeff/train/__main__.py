@@ -1,0 +1,3 @@
+from megaeff.cli.train import main
+
+main()

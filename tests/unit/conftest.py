@@ -1,0 +1,45 @@
+"""Shared helpers for the unit tests: Hydra composition against the repository's conf/ directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from megaeff.config.schema import register_configs, to_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def compose_raw(overrides: Sequence[str] = ()):
+    """Compose conf/config.yaml with `overrides` and return the DictConfig (errors propagate)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def compose_config(overrides: Sequence[str] = ()):
+    """Compose and convert to the typed `Config` dataclass tree."""
+    return to_config(compose_raw(overrides))
+
+
+@pytest.fixture
+def compose_cfg():
+    """`compose_cfg(overrides)` -> typed Config; `compose_cfg(overrides, raw=True)` -> the DictConfig."""
+
+    def _compose(overrides: Sequence[str] = (), raw: bool = False):
+        return compose_raw(overrides) if raw else compose_config(overrides)
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def default_data():
+    """The built-in Shakespeare corpus (about a second to build), shared by the data tests."""
+    from megaeff.config.schema import DataConfig
+    from megaeff.data.builder import build_data
+
+    return build_data(DataConfig())

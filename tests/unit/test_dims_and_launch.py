@@ -1,0 +1,176 @@
+"""Parallel degrees and rank coordinates, launcher environment parsing, communication counters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megaeff.config.schema import ParallelConfig
+from megaeff.distributed.comm import CommStats, all_reduce_, all_reduce_scalar
+from megaeff.distributed.dims import ParallelDims
+from megaeff.distributed.launch_env import LaunchEnv, export_slurm_env, read_launch_env, strip_launcher_args
+from megaeff.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- ParallelDims
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_from_config_infers_dp(world):
+    dims = ParallelDims.from_config(ParallelConfig(tp=1, cp=1, dp=-1, pp=1), world)
+    assert (dims.tp, dims.cp, dims.dp, dims.pp, dims.world_size) == (1, 1, world, 1, world)
+    assert dims.device == torch.device("cpu")
+
+
+def test_from_config_explicit_degrees_and_rank():
+    dims = ParallelDims.from_config(ParallelConfig(tp=1, cp=1, dp=4, pp=1), 4, rank=3)
+    assert dims.dp == 4 and dims.rank == 3 and not dims.is_main
+    assert ParallelDims.from_config(ParallelConfig(), 4, rank=0).is_main
+
+
+def test_from_config_rejects_unimplemented_axes():
+    for axis in ("tp", "cp", "pp"):
+        pcfg = ParallelConfig(**{axis: 2, "dp": -1})
+        with pytest.raises(ConfigError) as exc:
+            ParallelDims.from_config(pcfg, 4)
+        assert exc.value.field == f"parallel.{axis}"
+    with pytest.raises(ConfigError) as exc:
+        ParallelDims.from_config(ParallelConfig(tp=2, cp=1, dp=1, pp=1), 2)
+    assert exc.value.field == "parallel.tp"
+
+
+def test_from_config_errors():
+    with pytest.raises(ConfigError) as exc:
+        ParallelDims.from_config(ParallelConfig(tp=1, cp=1, dp=3, pp=1), 4)
+    assert exc.value.field == "parallel"
+    with pytest.raises(ConfigError) as exc:
+        ParallelDims.from_config(ParallelConfig(tp=1, cp=1, dp=0, pp=1), 4)
+    assert exc.value.field == "parallel.dp"
+    with pytest.raises(ConfigError) as exc:
+        ParallelDims.from_config(ParallelConfig(tp=1, cp=-1, dp=-1, pp=1), 4)
+    assert exc.value.field == "parallel.dp"
+
+
+def test_pure_dp_rank_is_dp_rank():
+    for r in range(4):
+        d = ParallelDims(tp=1, cp=1, dp=4, pp=1, world_size=4, rank=r)
+        assert (d.tp_rank, d.cp_rank, d.dp_rank, d.pp_rank) == (0, 0, r, 0)
+
+
+def test_rank_coordinates_tp_innermost():
+    seen = set()
+    for r in range(8):
+        d = ParallelDims(tp=2, cp=1, dp=2, pp=2, world_size=8, rank=r)
+        coords = (d.tp_rank, d.cp_rank, d.dp_rank, d.pp_rank)
+        assert coords == (r % 2, 0, (r // 2) % 2, r // 4)
+        assert d._coord("tp") == d.tp_rank and d._coord("pp") == d.pp_rank
+        # rank = tp_rank + tp*(cp_rank + cp*(dp_rank + dp*pp_rank))
+        assert r == d.tp_rank + 2 * (d.cp_rank + 1 * (d.dp_rank + 2 * d.pp_rank))
+        seen.add(coords)
+    assert len(seen) == 8
+    with pytest.raises(KeyError):
+        ParallelDims(tp=1, cp=1, dp=1, pp=1, world_size=1)._coord("ep")
+
+
+def test_rank_coordinates_all_axes():
+    tp, cp, dp, pp = 2, 3, 2, 2
+    world = tp * cp * dp * pp
+    coords = set()
+    for r in range(world):
+        d = ParallelDims(tp=tp, cp=cp, dp=dp, pp=pp, world_size=world, rank=r)
+        assert r == d.tp_rank + tp * (d.cp_rank + cp * (d.dp_rank + dp * d.pp_rank))
+        coords.add((d.tp_rank, d.cp_rank, d.dp_rank, d.pp_rank))
+    assert len(coords) == world
+
+
+def test_axis_seed():
+    d0 = ParallelDims(tp=2, cp=1, dp=2, pp=1, world_size=4, rank=0)
+    d1 = ParallelDims(tp=2, cp=1, dp=2, pp=1, world_size=4, rank=1)  # tp_rank 1, dp_rank 0
+    d2 = ParallelDims(tp=2, cp=1, dp=2, pp=1, world_size=4, rank=2)  # tp_rank 0, dp_rank 1
+    assert d0.axis_seed(5, "dp") == d1.axis_seed(5, "dp") == 5
+    assert d2.axis_seed(5, "dp") != d0.axis_seed(5, "dp")
+    assert d1.axis_seed(5, "tp") != d0.axis_seed(5, "tp")
+
+
+def test_single_process_groups():
+    d = ParallelDims.from_config(ParallelConfig(), 1)
+    d.build_groups()  # no process group needed for one rank
+    assert d.group("dp") is None and d.group("world") is None
+
+
+# ----------------------------------------------------------------------------- launcher args and env
+@pytest.mark.parametrize(
+    "argv,expected_args,expected_rank",
+    [
+        (["--local_rank=3", "a=1", "b=2"], ["a=1", "b=2"], 3),
+        (["a=1", "--local_rank", "3", "b=2"], ["a=1", "b=2"], 3),
+        (["a=1", "--local-rank=3", "b=2"], ["a=1", "b=2"], 3),
+        (["a=1", "--local-rank", "5"], ["a=1"], 5),
+        (["x=1", "y=2", "+z=3"], ["x=1", "y=2", "+z=3"], None),
+        ([], [], None),
+    ],
+)
+def test_strip_launcher_args(argv, expected_args, expected_rank):
+    original = list(argv)
+    out, local_rank = strip_launcher_args(argv)
+    assert out == expected_args
+    assert local_rank == expected_rank
+    assert argv == original  # input untouched
+
+
+def test_read_launch_env_torchrun():
+    env = read_launch_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert env == LaunchEnv(rank=5, world_size=8, local_rank=1, launcher="torchrun")
+    assert env.is_distributed
+    assert read_launch_env({"RANK": "0", "WORLD_SIZE": "2"}).local_rank == 0
+
+
+def test_read_launch_env_slurm():
+    env = read_launch_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"})
+    assert env == LaunchEnv(rank=3, world_size=4, local_rank=1, launcher="slurm")
+    # A one-task allocation is a single-process run.
+    assert read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
+
+
+def test_read_launch_env_none():
+    env = read_launch_env({})
+    assert env == LaunchEnv(0, 1, 0, "single")
+    assert not env.is_distributed
+
+
+def test_read_launch_env_bad_value():
+    with pytest.raises(ValueError, match="RANK"):
+        read_launch_env({"RANK": "zero", "WORLD_SIZE": "2"})
+
+
+def test_export_slurm_env():
+    launch = LaunchEnv(2, 4, 0, "slurm")
+    env = {"MASTER_ADDR": "node1"}
+    export_slurm_env(launch, env)
+    assert env == {"MASTER_ADDR": "node1", "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_PORT": "29500"}
+    with pytest.raises(ValueError, match="MASTER_ADDR"):
+        export_slurm_env(launch, {})
+    untouched = {}
+    export_slurm_env(LaunchEnv(0, 1, 0, "single"), untouched)
+    assert untouched == {}
+
+
+# ----------------------------------------------------------------------------- CommStats
+def test_comm_stats_record_and_reset():
+    s = CommStats()
+    assert s.total() == 0 and s.snapshot() == {}
+    s.record("dp", "all_reduce", 100)
+    s.record("dp", "all_reduce", 28)
+    s.record("world", "all_reduce", 8)
+    assert s.snapshot() == {"dp/all_reduce": 128, "world/all_reduce": 8}
+    assert s.total() == 136
+    snap = s.snapshot()
+    s.reset()
+    assert s.total() == 0 and s.snapshot() == {}
+    assert snap["dp/all_reduce"] == 128  # snapshot is a copy
+
+
+def test_collectives_are_noops_without_group():
+    s = CommStats()
+    t = torch.ones(4)
+    assert all_reduce_(t, None, "dp", s) is t
+    assert all_reduce_scalar(2.5, None, "dp", s, torch.device("cpu")) == 2.5
+    assert s.total() == 0

@@ -86,6 +86,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.progress = lcfg.progress
         self._tty = sys.stdout.isatty()
+        self._live = False
         self._wandb: Optional[WandbSink] = None
         self._t0 = time.perf_counter()
         self._start_step = start_step
@@ -118,22 +119,35 @@ class MetricsLogger:
                 f"| {format_rate(metrics['tokens_per_s'])} tok/s | mfu {100 * metrics['mfu']:.2f}% "
                 f"| {metrics['step_time_s']:.3f} s/step | ETA {format_duration(self.eta(step))}"
             )
-            print(("\r" + line + "\033[K") if self._tty and step < self.total_steps else line, flush=True, end="" if self._tty and step < self.total_steps else "\n")
+            self._end_live_line()
+            print(line, flush=True)
+
+    def tick(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """Every step, on a terminal only: redraw one status line in place between the logged lines."""
+        if not (self.enabled and self.progress and self._tty) or step >= self.total_steps:
+            return
+        print(f"\rstep {step}/{self.total_steps} | loss {loss:.4f} | {format_rate(tokens_per_s)} tok/s "
+              f"| ETA {format_duration(self.eta(step))}\033[K", end="", flush=True)
+        self._live = True
 
     def log_eval(self, step: int, metrics: Dict) -> None:
         if not self.enabled:
             return
         self._write({"kind": "eval", "step": step, **metrics})
-        if self._tty:
-            print()
+        self._end_live_line()
         print(f"eval  step {step}: val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.3f} "
               f"| {metrics['val_tokens']:,} tokens", flush=True)
 
     def info(self, message: str) -> None:
         if self.enabled:
-            if self._tty:
-                print()
+            self._end_live_line()
             print(message, flush=True)
+
+    def _end_live_line(self) -> None:
+        # The live line is transient: erase it so permanent lines never interleave with it.
+        if self._live:
+            print("\r\033[K", end="")
+            self._live = False
 
     def close(self) -> None:
         if not self.enabled:

@@ -248,6 +248,7 @@ class Trainer:
             window_tokens += m["tokens"]
             window_time += dt
             window_steps += 1
+            self.log.tick(self.step, m["loss"], m["tokens"] / dt)
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 tps = window_tokens / window_time
                 record = {

@@ -101,18 +101,18 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    header = f"{'model':<11}{'params':>9}{'prec':>6}{'attn':>6}{'ms/step':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>8}"
+    print(header)
+    print("-" * len(header), flush=True)
     rows = []
     for name in args.models:
         mcfg = load_flavor(name)
         for precision in args.precisions:
             for attention in args.attention:
-                rows.append(bench_one(mcfg, precision, attention, args.batch, args.seq_len, args.steps, args.warmup, device))
-    header = f"{'model':<11}{'params':>9}{'prec':>6}{'attn':>6}{'ms/step':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['model']:<11}{r['params_m']:>8.2f}M{r['precision']:>6}{r['attention']:>6}{r['step_ms']:>10.1f}"
-              f"{r['tokens_per_s']:>10.0f}{r['tflops']:>9.3f}{100 * r['mfu']:>7.2f}%")
+                r = bench_one(mcfg, precision, attention, args.batch, args.seq_len, args.steps, args.warmup, device)
+                rows.append(r)
+                print(f"{r['model']:<11}{r['params_m']:>8.2f}M{r['precision']:>6}{r['attention']:>6}{r['step_ms']:>10.1f}"
+                      f"{r['tokens_per_s']:>10.0f}{r['tflops']:>9.3f}{100 * r['mfu']:>7.2f}%", flush=True)
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),

@@ -32,7 +32,10 @@ def version():
     raise RuntimeError("no __version__ in megaeff/__init__.py")
 
 
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17"]
+# Tokenizer back ends and megatron-core are test dependencies: the suite checks loading local tokenizers and
+# byte-level compatibility of .bin/.idx files with Megatron-Core's own reader and writer.
+TOKENIZERS = ["tokenizers>=0.15", "sentencepiece>=0.1.99", "transformers>=4.40"]
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17", "megatron-core>=0.9"] + TOKENIZERS
 
 setup(
     name="megaeff",
@@ -57,6 +60,7 @@ setup(
         "test": TEST,
         "dev": TEST + ["ruff", "mypy"],
         "wandb": ["wandb>=0.17"],
+        "tokenizers": TOKENIZERS,
         "deepspeed": ["deepspeed>=0.14"],
         # Optional GPU accelerators; apex is built from source in docker/Dockerfile (the PyPI "apex" is unrelated).
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
@@ -65,6 +69,7 @@ setup(
         "console_scripts": [
             "megaeff-train=megaeff.cli.train:main",
             "megaeff-plot-runs=megaeff.cli.plot_runs:main",
+            "megaeff-preprocess-data=megaeff.cli.preprocess_data:main",
         ]
     },
 )

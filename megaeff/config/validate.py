@@ -12,6 +12,8 @@ PRECISIONS = ("fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "single")
 LOGGING_BACKENDS = ("jsonl", "wandb")
+DATASETS = ("default", "indexed")
+TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -67,6 +69,14 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
 
     d = cfg.data
     _positive(d.seq_len, "data.seq_len")
+    _choice(d.name, "data.name", DATASETS)
+    _choice(d.tokenizer, "data.tokenizer", TOKENIZER_KINDS)
+    if d.tokenizer != "byte" and not d.tokenizer_path:
+        raise ConfigError("data.tokenizer_path", f"data.tokenizer={d.tokenizer} needs the path of a local tokenizer")
+    if d.name == "indexed" and not d.paths:
+        raise ConfigError("data.paths", "data=indexed needs at least one dataset prefix")
+    if d.reset_attention_mask and m.attention_backend == "flash":
+        raise ConfigError("data.reset_attention_mask", "per-document attention needs model.attention_backend=sdpa or math")
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if tokenizer_vocab is not None and tokenizer_vocab > m.vocab_size:
@@ -77,9 +87,9 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
     t = cfg.train
     for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batch_size", "keep_last"):
         _positive(getattr(t, name), f"train.{name}")
-    if t.eval_interval < 0 or t.ckpt_interval < 0:
-        field = "train.eval_interval" if t.eval_interval < 0 else "train.ckpt_interval"
-        raise ConfigError(field, "must be >= 0 (0 disables)")
+    for name in ("eval_interval", "ckpt_interval", "exit_interval"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}", "must be >= 0 (0 disables)")
     if t.eval_max_batches is not None:
         _positive(t.eval_max_batches, "train.eval_max_batches")
     if o.warmup_steps > t.steps:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict
 
 from megaeff.errors import DataError
 
@@ -43,16 +43,3 @@ def load_plays() -> Dict[str, str]:
     if not files:
         raise DataError(plays_dir(), "no plays found")
     return {p.stem: clean_markdown(p.read_text(encoding="utf-8")) for p in files}
-
-
-def split_plays(plays: Dict[str, str], valid_names: List[str]) -> Tuple[List[str], List[str]]:
-    unknown = [n for n in valid_names if n not in plays]
-    if unknown:
-        raise DataError(
-            "data.valid_docs", f"unknown plays {unknown}; available: {', '.join(sorted(plays))}"
-        )
-    if not valid_names:
-        raise DataError("data.valid_docs", "at least one play must be held out for validation")
-    train = [plays[n] for n in plays if n not in valid_names]
-    valid = [plays[n] for n in valid_names]
-    return train, valid

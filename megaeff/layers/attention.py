@@ -26,38 +26,51 @@ def _causal_mask(T: int, S: int, device) -> torch.Tensor:
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
+def build_mask(q, k, causal: bool, segment_ids) -> "torch.Tensor | None":
+    """Boolean [T, S] or [B, 1, T, S] mask (True = may attend); None when nothing is masked.
+    `segment_ids` [B, T] keeps attention inside each document of a packed sample (self-attention only)."""
+    mask = _causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    if segment_ids is not None:
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :]).unsqueeze(1)
+        mask = same if mask is None else same & mask
+    return mask
+
+
 class MathAttention:
     name = "math"
 
-    def forward_with_lse(self, q, k, v, causal: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_lse(self, q, k, v, causal: bool = True, segment_ids=None) -> Tuple[torch.Tensor, torch.Tensor]:
         H, Hkv = q.shape[1], k.shape[1]
         if H != Hkv:
             k = k.repeat_interleave(H // Hkv, dim=1)
             v = v.repeat_interleave(H // Hkv, dim=1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-        if causal:
-            scores = scores.masked_fill(~_causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
+        acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32; float64 stays float64 for exact tests
+        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        mask = build_mask(q, k, causal, segment_ids)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.unsqueeze(-1))
-        out = torch.matmul(probs, v.float())
+        out = torch.matmul(probs, v.to(acc))
         return out.to(q.dtype), lse
 
-    def __call__(self, q, k, v, causal: bool = True) -> torch.Tensor:
-        return self.forward_with_lse(q, k, v, causal)[0]
+    def __call__(self, q, k, v, causal: bool = True, segment_ids=None) -> torch.Tensor:
+        return self.forward_with_lse(q, k, v, causal, segment_ids)[0]
 
 
 class SdpaAttention:
     name = "sdpa"
 
-    def __call__(self, q, k, v, causal: bool = True) -> torch.Tensor:
-        if causal and q.shape[2] != k.shape[2]:
-            # SDPA's is_causal aligns top-left; use the explicit bottom-right mask instead.
-            mask = _causal_mask(q.shape[2], k.shape[2], q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    def __call__(self, q, k, v, causal: bool = True, segment_ids=None) -> torch.Tensor:
+        gqa = q.shape[1] != k.shape[1]
+        if segment_ids is not None or (causal and q.shape[2] != k.shape[2]):
+            # SDPA's is_causal aligns top-left and knows no documents; pass the explicit mask instead.
+            mask = build_mask(q, k, causal, segment_ids)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
-    def forward_with_lse(self, q, k, v, causal: bool = True):
-        return MathAttention().forward_with_lse(q, k, v, causal)
+    def forward_with_lse(self, q, k, v, causal: bool = True, segment_ids=None):
+        return MathAttention().forward_with_lse(q, k, v, causal, segment_ids)
 
 
 class FlashAttention:
@@ -68,7 +81,9 @@ class FlashAttention:
 
         self._fn = flash_attn_func
 
-    def _run(self, q, k, v, causal, with_lse):
+    def _run(self, q, k, v, causal, with_lse, segment_ids=None):
+        if segment_ids is not None:
+            raise ConfigError("data.reset_attention_mask", "flash attention here has no document masks; use sdpa or math")
         # flash-attn wants [B, T, H, D]; it handles Hkv < H natively and aligns causal masks bottom-right.
         res = self._fn(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, return_attn_probs=with_lse
@@ -78,11 +93,11 @@ class FlashAttention:
             return out.transpose(1, 2), lse.float()
         return res.transpose(1, 2)
 
-    def __call__(self, q, k, v, causal: bool = True):
-        return self._run(q, k, v, causal, False)
+    def __call__(self, q, k, v, causal: bool = True, segment_ids=None):
+        return self._run(q, k, v, causal, False, segment_ids)
 
-    def forward_with_lse(self, q, k, v, causal: bool = True):
-        return self._run(q, k, v, causal, True)
+    def forward_with_lse(self, q, k, v, causal: bool = True, segment_ids=None):
+        return self._run(q, k, v, causal, True, segment_ids)
 
 
 def flash_available() -> bool:

@@ -34,14 +34,14 @@ class Attention(nn.Module):
         self.v = build_linear(cfg.dim, kv_dim, name=f"{prefix}.v", method=method)
         self.o = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.o", method=method)
 
-    def forward(self, x, cos, sin, backend, positions=None):
+    def forward(self, x, cos, sin, backend, positions=None, segment_ids=None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, positions)
         k = apply_rope(k, cos, sin, positions)
-        out = backend(q, k, v, causal=True)
+        out = backend(q, k, v, causal=True, segment_ids=segment_ids)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -65,8 +65,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, method, f"{prefix}.mlp")
 
-    def forward(self, x, cos, sin, backend, positions=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, backend, positions)
+    def forward(self, x, cos, sin, backend, positions=None, segment_ids=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, backend, positions, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -90,10 +90,14 @@ class Llama(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """`positions` [B, T]: RoPE positions (default 0..T-1); `segment_ids` [B, T]: tokens attend only within
+        their own segment (per-document attention)."""
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin, self.attention_backend, positions)
+            x = layer(x, self.rope_cos, self.rope_sin, self.attention_backend, positions, segment_ids)
         return self.output(self.norm(x)).float()
 
 

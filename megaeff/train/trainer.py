@@ -20,10 +20,11 @@ from omegaconf import OmegaConf
 
 from megaeff.config.schema import Config
 from megaeff.config.validate import validate_config
-from megaeff.data.builder import build_data
-from megaeff.data.packed import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
+from megaeff.data.builder import BuildContext, build_data
+from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_, all_reduce_scalar
 from megaeff.distributed.dims import ParallelDims
+from megaeff.errors import DataError
 from megaeff.layers.attention import select_attention
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama, count_params, flops_per_token
@@ -71,9 +72,13 @@ class Trainer:
             torch.set_num_threads(t.threads)
         seed_everything(t.seed, t.deterministic)
 
-        self.data = build_data(cfg.data)
-        validate_config(cfg, dims.world_size, self.data.tokenizer.vocab_size)
+        validate_config(cfg, dims.world_size)
         self.device = dims.device
+        barrier = torch.distributed.barrier if dims.world_size > 1 else (lambda: None)
+        # Sized for the planned run; a resumed run asking for more steps wraps around (with a new epoch order).
+        ctx = BuildContext(t.steps * t.micro_batch_size * dims.dp * t.grad_accum, t.seed, dims.is_main, barrier)
+        self.data = build_data(cfg.data, ctx)
+        validate_config(cfg, dims.world_size, self.data.tokenizer.vocab_size)
 
         model = build_llama(cfg.model, cfg.method, device="meta")
         self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
@@ -84,7 +89,8 @@ class Trainer:
 
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
-        self.order = GlobalSampleOrder(len(self.data.train), t.seed)
+        # The datasets are already shuffled; the order only wraps around if the run outlives the planned samples.
+        self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
         self.step = 0
         self.consumed_samples = 0
 
@@ -122,7 +128,8 @@ class Trainer:
         c = self.cfg
         lines = [
             f"megaeff: run dir {self.run_dir}",
-            f"data: {self.data.description}; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}",
+            f"data: {self.data.description}"
+            + (f"; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
             f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, method {c.method.name}), "
             f"attention {self.model.attention_backend.name}, optimizer adamw ({self.optim_impl}), precision {c.precision.name}",
             f"layout: tp={self.dims.tp} cp={self.dims.cp} dp={self.dims.dp} pp={self.dims.pp} on {self.device}; "
@@ -134,10 +141,16 @@ class Trainer:
         for line in lines:
             self.log.info(line)
 
-    def _loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = batch["inputs"]
+        vocab = self.cfg.model.vocab_size
+        if int(inputs.max()) >= vocab or int(inputs.min()) < 0:
+            raise DataError("data", f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
+                                    "the dataset was made with a larger tokenizer")
+        extra = {k: batch[k].to(self.device) for k in ("positions", "segment_ids") if k in batch}
         with self._autocast():
-            logits = self.model(inputs.to(self.device))
-        labels = labels.to(self.device)
+            logits = self.model(inputs.to(self.device), **extra)
+        labels = batch["labels"].to(self.device)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
 
     # ---------------------------------------------------------------- step
@@ -151,15 +164,15 @@ class Trainer:
                 self.order, self.consumed_samples, t.micro_batch_size, self.dims.dp, self.dims.dp_rank, t.grad_accum
             )
         ]
-        local_tokens = sum(int((lab != IGNORE_INDEX).sum()) for _, lab in batches)
+        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         global_tokens = int(all_reduce_scalar(local_tokens, dp_group, "dp", stats, self.device))
         if global_tokens == 0:
             raise RuntimeError(f"step {self.step}: the global batch has no real tokens")
 
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
-        for inputs, labels in batches:
-            loss = self._loss_sum(inputs, labels)
+        for batch in batches:
+            loss = self._loss_sum(batch)
             (loss / global_tokens).backward()
             loss_sum += loss.detach().double().cpu()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -191,9 +204,9 @@ class Trainer:
         # Batches are dealt round-robin over dp ranks, then the sums are reduced: the result is independent of dp.
         for b in range(self.dims.dp_rank, n_batches, self.dims.dp):
             lo = b * t.eval_batch_size
-            inputs, labels = valid.batch(range(lo, min(lo + t.eval_batch_size, len(valid))))
-            nll += self._loss_sum(inputs, labels).double().cpu()
-            tokens += int((labels != IGNORE_INDEX).sum())
+            batch = valid.batch(range(lo, min(lo + t.eval_batch_size, len(valid))))
+            nll += self._loss_sum(batch).double().cpu()
+            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
         group = self.dims.group("dp")
         nll_total = all_reduce_scalar(float(nll), group, "dp", self.dims.comm_stats, self.device)
@@ -218,28 +231,32 @@ class Trainer:
             keep_last=self.cfg.train.keep_last,
         )
 
-    def _stop_requested(self, started: float) -> bool:
-        limit = self.cfg.train.max_duration_minutes
-        local = self.stop.requested or (limit is not None and time.monotonic() - started > 60.0 * limit)
+    def _stop_reason(self, started: float) -> Optional[str]:
+        t = self.cfg.train
+        if t.exit_interval and self.step % t.exit_interval == 0:
+            return f"train.exit_interval={t.exit_interval}"  # the same step on every rank: no agreement needed
+        limit = t.max_duration_minutes
+        timed_out = limit is not None and time.monotonic() - started > 60.0 * limit
+        local = self.stop.requested or timed_out
         # Any rank's signal stops every rank at the same step (a collective, so no rank is left waiting).
-        if self.dims.world_size == 1:
-            return local
-        agreed = all_reduce_scalar(
-            float(local), self.dims.group("world"), "world", self.dims.comm_stats, self.device, op=torch.distributed.ReduceOp.MAX
-        )
-        return agreed > 0
+        if self.dims.world_size > 1:
+            local = all_reduce_scalar(
+                float(local), self.dims.group("world"), "world", self.dims.comm_stats, self.device,
+                op=torch.distributed.ReduceOp.MAX,
+            ) > 0
+        if not local:
+            return None
+        return f"signal {self.stop.signum}" if self.stop.requested else ("train.max_duration_minutes" if timed_out else "another rank")
 
     # ---------------------------------------------------------------- loop
-    def fit(self, stop_after: Optional[int] = None) -> FitResult:
-        """Train to `train.steps`. `stop_after` ends this call early at that step (tests use it to split a run)."""
+    def fit(self) -> FitResult:
+        """Train to `train.steps`, or until a stop is requested (signal, wall time, `train.exit_interval`)."""
         t = self.cfg.train
         result = FitResult(step=self.step)
         started = time.monotonic()
         window_tokens, window_time, window_steps = 0, 0.0, 0
         last_saved = self.step if self.resumed_from is not None else None
         while self.step < t.steps:
-            if stop_after is not None and self.step >= stop_after:
-                break
             self.dims.comm_stats.reset()
             t0 = time.perf_counter()
             m = self.train_step()
@@ -271,10 +288,10 @@ class Trainer:
             if t.ckpt_interval and self.step % t.ckpt_interval == 0:
                 result.checkpoint = self.save()
                 last_saved = self.step
-            if self.step < t.steps and self._stop_requested(started):
+            reason = self._stop_reason(started) if self.step < t.steps else None
+            if reason is not None:
                 if last_saved != self.step:
                     result.checkpoint = self.save()
-                reason = f"signal {self.stop.signum}" if self.stop.requested else "train.max_duration_minutes reached"
                 self.log.info(f"stop requested ({reason}): checkpoint saved at step {self.step}; resume with train.resume=auto")
                 result.preempted = True
                 break

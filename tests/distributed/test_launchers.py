@@ -92,3 +92,24 @@ def test_slurm_environment_without_torchrun(reference, tmp_path):
                             MASTER_PORT=str(port))
     spawn_two(argv, env, tmp_path)
     assert_matches(reference, run)
+
+
+def test_resume_from_one_rank_onto_two(reference, tmp_path):
+    """Steps 1-3 on one process, stop (train.exit_interval), steps 4-6 on two torchrun ranks: the same run."""
+    from megaeff.errors import EXIT_PREEMPTED
+
+    run = tmp_path / "run"
+    first = subprocess.run(
+        [PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=4", "train.grad_accum=2",
+         "train.exit_interval=3", f"run_dir={run}"],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )
+    assert first.returncode == EXIT_PREEMPTED, first.stdout + first.stderr
+    second = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megaeff.train", *COMMON,
+         "train.micro_batch_size=4", "train.grad_accum=1", f"run_dir={run}"],
+        capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "at step 3 (24 samples consumed)" in second.stdout
+    assert_matches(reference, run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megaeff.data.packed import IGNORE_INDEX
+from megaeff.data.gpt_dataset import collate
+from megaeff.data.sampler import IGNORE_INDEX
 from megaeff.distributed.dims import ParallelDims
 from megaeff.errors import CheckpointError
 from megaeff.train.signals import StopRequest
@@ -31,15 +33,14 @@ class PaddedView:
     def __len__(self):
         return len(self.base)
 
-    def __getitem__(self, i):
-        inputs, labels = self.base[i]
-        labels = labels.clone()
-        labels[: (i * 7) % (len(labels) - 1)] = IGNORE_INDEX
-        return inputs, labels
+    def sample(self, i):
+        s = dict(self.base.sample(i))
+        s["labels"] = s["labels"].clone()
+        s["labels"][: (i * 7) % (len(s["labels"]) - 1)] = IGNORE_INDEX
+        return s
 
     def batch(self, indices):
-        pairs = [self[int(i)] for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return collate([self.sample(int(i)) for i in indices])
 
 
 def test_grad_accumulation_equals_one_big_batch(tmp_path, smoke_cfg):
@@ -67,13 +68,13 @@ def test_naive_per_micro_batch_mean_would_differ(tmp_path, smoke_cfg):
     tr = make_trainer(cfg)
     view = PaddedView(tr.data.train)
     batches = [view.batch(range(2 * k, 2 * k + 2)) for k in range(4)]
-    counts = [int((y != IGNORE_INDEX).sum()) for _, y in batches]
+    counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     assert len(set(counts)) > 1
 
     def grad(weights):
         tr.model.zero_grad()
-        for (x, y), w in zip(batches, weights):
-            (tr._loss_sum(x, y) * w).backward()
+        for b, w in zip(batches, weights):
+            (tr._loss_sum(b) * w).backward()
         return torch.cat([p.grad.flatten() for p in tr.model.parameters()])
 
     weighted = grad([1 / sum(counts)] * 4)
@@ -88,9 +89,10 @@ def test_resume_is_bit_exact(tmp_path, smoke_cfg):
     ref_params = {n: p.detach().clone() for n, p in full.model.named_parameters()}
     full.close()
 
-    cfg = smoke_cfg(tmp_path / "split")
+    cfg = smoke_cfg(tmp_path / "split", "train.exit_interval=4")
     first = make_trainer(cfg)
-    part1 = first.fit(stop_after=4)
+    part1 = first.fit()
+    assert part1.preempted
     first.close()
     assert part1.step == 4 and (tmp_path / "split/checkpoints/step_00000004").is_dir()
     second = make_trainer(cfg)
@@ -104,7 +106,7 @@ def test_resume_is_bit_exact(tmp_path, smoke_cfg):
 
     # The metrics file reads as one uninterrupted history.
     lines = (tmp_path / "split/metrics.jsonl").read_text().splitlines()
-    steps = [eval(l.replace("null", "None"))["step"] for l in lines if '"kind": "train"' in l]
+    steps = [r["step"] for r in map(json.loads, lines) if r["kind"] == "train"]
     assert steps == sorted(set(steps))
 
 
@@ -135,9 +137,9 @@ def test_keep_last_and_latest_pointer(tmp_path, smoke_cfg):
 
 @pytest.fixture
 def saved_run(tmp_path, smoke_cfg):
-    cfg = smoke_cfg(tmp_path / "run")
+    cfg = smoke_cfg(tmp_path / "run", "train.exit_interval=4")
     tr = make_trainer(cfg)
-    tr.fit(stop_after=4)
+    tr.fit()
     tr.close()
     return cfg, tmp_path / "run/checkpoints/step_00000004"
 
@@ -206,9 +208,9 @@ def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, smoke_cfg):
 def test_wandb_offline_run_keeps_its_id_across_resume(tmp_path, smoke_cfg):
     import wandb  # noqa: F401  (in the test extra: a missing install must fail, not skip)
 
-    cfg = smoke_cfg(tmp_path, "logging=wandb")
+    cfg = smoke_cfg(tmp_path, "logging=wandb", "train.exit_interval=4")
     first = make_trainer(cfg)
-    first.fit(stop_after=4)
+    first.fit()
     run_id = first.log._wandb.run.id
     first.close()
     assert (tmp_path / "wandb_id.txt").read_text() == run_id

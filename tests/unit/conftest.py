@@ -40,6 +40,6 @@ def compose_cfg():
 def default_data():
     """The built-in Shakespeare corpus (about a second to build), shared by the data tests."""
     from megaeff.config.schema import DataConfig
-    from megaeff.data.builder import build_data
+    from megaeff.data.builder import BuildContext, build_data
 
-    return build_data(DataConfig())
+    return build_data(DataConfig(), BuildContext(num_train_samples=64, seed=0, is_builder=True, barrier=lambda: None))

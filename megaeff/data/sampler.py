@@ -1,48 +1,16 @@
-"""Fixed-length samples packed across document boundaries, and the resumable global sample order.
+"""The resumable global sample order and its split over data-parallel ranks.
 
-Sample i covers tokens [i*T, i*T + T] of the stream (T+1 tokens: inputs and next-token labels), so every token
-is predicted exactly once per epoch. A partial tail is dropped for training and kept for evaluation, padded with
-label -100, so that validation perplexity covers every held-out token.
+The position in the order (`consumed_samples`, a plain integer) is all a checkpoint needs to resume the data
+stream, on the same or a different number of data-parallel ranks.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
-import torch
 
 IGNORE_INDEX = -100
-
-
-class PackedTokens:
-    def __init__(self, tokens: np.ndarray, seq_len: int, keep_tail: bool = False):
-        if tokens.ndim != 1:
-            raise ValueError("token stream must be one-dimensional")
-        self.tokens = tokens
-        self.seq_len = seq_len
-        full = max((len(tokens) - 1) // seq_len, 0)
-        has_tail = keep_tail and (len(tokens) - 1) % seq_len > 0
-        self.num_samples = full + int(has_tail)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(i)
-        T = self.seq_len
-        chunk = torch.from_numpy(np.asarray(self.tokens[i * T : i * T + T + 1], dtype=np.int64))
-        inputs = torch.zeros(T, dtype=torch.int64)
-        labels = torch.full((T,), IGNORE_INDEX, dtype=torch.int64)
-        n = len(chunk) - 1
-        inputs[:n] = chunk[:-1]
-        labels[:n] = chunk[1:]
-        return inputs, labels
-
-    def batch(self, indices) -> Tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self[int(i)] for i in indices]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 class GlobalSampleOrder:

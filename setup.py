@@ -70,6 +70,7 @@ setup(
             "megaeff-train=megaeff.cli.train:main",
             "megaeff-plot-runs=megaeff.cli.plot_runs:main",
             "megaeff-preprocess-data=megaeff.cli.preprocess_data:main",
+            "megaeff-estimate-memory=megaeff.cli.estimate_memory:main",
         ]
     },
 )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import hydra
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from megaeff.config.schema import register_configs, to_config
 from megaeff.config.validate import validate_config

@@ -33,9 +33,31 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """How the large linear layers (q, k, v, o, gate, up, down) are parameterized."""
+    """How the large linear layers (q, k, v, o, gate, up, down) are parameterized.
 
+    Embeddings, the output head and the norms are always dense. Fields a method does not use are ignored.
+    """
+
+    # dense | lowrank | sltrain | lost
     name: str = "dense"
+    # Rank r of the low-rank factors (lowrank, sltrain, lost); must be below the smallest layer dimension.
+    rank: int = 32
+    # sltrain: the low-rank part is scaled by alpha / rank.
+    alpha: float = 8.0
+    # sltrain: fraction delta of the m x n positions in the fixed random support.
+    density: float = 0.03
+    # sltrain: auto (chosen per call from shape and tokens) | dense (build W, SLTrain's) | sparse (never build W)
+    sltrain_path: str = "auto"
+    # lost: fraction s of input channels in the dense channel block (at least one channel).
+    lost_channel_ratio: float = 0.05
+    # lost: fixed mixing weight gamma of the low-rank branch; the channel branch gets 1 - gamma.
+    lost_gamma: float = 0.5
+    # lost: nonlinearity f between the factors, silu | none.
+    lost_act: str = "silu"
+    # lost: singular triplets after the top r that build the complement scoring the channels; null = all.
+    lost_complement_rank: Optional[int] = None
+    # lost: the channel block starts from W0's columns (w0) or the complement's (complement, an ablation).
+    lost_sparse_init: str = "w0"
 
 
 @dataclass

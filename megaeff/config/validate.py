@@ -27,6 +27,54 @@ def _choice(value, field: str, choices) -> None:
         raise ConfigError(field, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
+def layer_shapes(m) -> list:
+    """(out, in) of every distinct projection shape the factory builds for model config `m`."""
+    kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
+    return [(m.dim, m.dim), (kv_dim, m.dim), (m.ffn_dim, m.dim), (m.dim, m.ffn_dim)]
+
+
+def _validate_method(cfg: Config) -> None:
+    from megaeff.layers.linear import LINEAR_METHODS
+    from megaeff.layers.lost import ACTIVATIONS, SPARSE_INITS
+    from megaeff.layers.sltrain import PATHS
+
+    me = cfg.method
+    _choice(me.name, "method.name", tuple(LINEAR_METHODS))
+    if me.name == "dense":
+        return
+    shapes = layer_shapes(cfg.model)
+    smallest = min(min(s) for s in shapes)
+    if me.rank is None or me.rank < 1:
+        raise ConfigError("method.rank", f"must be >= 1, got {me.rank}")
+    if me.rank >= smallest:
+        raise ConfigError(
+            "method.rank",
+            f"{me.rank} must be below the smallest projection dimension ({smallest} for model.dim={cfg.model.dim}, "
+            f"model.ffn_dim={cfg.model.ffn_dim}); set e.g. method.rank={max(1, smallest // 4)} (the generic presets "
+            "suit the tiny model, the *_60m ... *_7b presets the benchmark sizes)",
+        )
+    if me.name == "sltrain":
+        _positive(me.alpha, "method.alpha")
+        if not 0.0 < me.density < 1.0:
+            raise ConfigError("method.density", f"must be in (0, 1), got {me.density}")
+        out, inp = min(shapes, key=lambda s: s[0] * s[1])
+        if int(me.density * out * inp) < 1:
+            raise ConfigError("method.density", f"{me.density} leaves no nonzero in the {out}x{inp} projections")
+        out, inp = max(shapes, key=lambda s: s[0] * s[1])
+        if out * inp >= 2**31:
+            raise ConfigError("method.name", f"sltrain keeps int32 indices; the {out}x{inp} projection is too large")
+        _choice(me.sltrain_path, "method.sltrain_path", PATHS)
+    if me.name == "lost":
+        if not 0.0 < me.lost_channel_ratio <= 1.0:
+            raise ConfigError("method.lost_channel_ratio", f"must be in (0, 1], got {me.lost_channel_ratio}")
+        if not 0.0 <= me.lost_gamma <= 1.0:
+            raise ConfigError("method.lost_gamma", f"must be in [0, 1], got {me.lost_gamma}")
+        _choice(me.lost_act, "method.lost_act", ACTIVATIONS)
+        if me.lost_complement_rank is not None and me.lost_complement_rank < 1:
+            raise ConfigError("method.lost_complement_rank", f"must be >= 1 or null (all), got {me.lost_complement_rank}")
+        _choice(me.lost_sparse_init, "method.lost_sparse_init", SPARSE_INITS)
+
+
 def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
     """Raise ConfigError for the first inconsistency found; return None when the config is usable."""
     m = cfg.model
@@ -44,9 +92,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
     _positive(m.init_std, "model.init_std")
     _choice(m.attention_backend, "model.attention_backend", ATTENTION_BACKENDS)
 
-    from megaeff.layers.linear import LINEAR_METHODS
-
-    _choice(cfg.method.name, "method.name", tuple(LINEAR_METHODS))
+    _validate_method(cfg)
 
     o = cfg.optim
     _positive(o.lr, "optim.lr")

@@ -78,6 +78,8 @@ def _checked_cast(tokens, dtype: np.dtype) -> np.ndarray:
         return np.empty(0, dtype)
     if arr.dtype.kind not in "biuf":
         raise ValueError(f"tokens must be numbers that fit {dtype.name}, got array of {arr.dtype}")
+    if np.can_cast(arr.dtype, dtype, "safe"):
+        return np.ascontiguousarray(arr, dtype=dtype)  # every value fits: skip the range scan
     if dtype.kind in "iu":
         if arr.dtype.kind == "f" and not np.array_equal(arr, np.trunc(arr)):
             raise ValueError(f"non-integer token values cannot be stored as {dtype.name}")

@@ -1,11 +1,11 @@
 """Attention backends behind one interface.
 
 Layout: q [B, H, T, D], k and v [B, Hkv, S, D] with H a multiple of Hkv (grouped-query attention). Every
-backend returns [B, H, T, D]. `forward_with_lse` also returns the fp32 log-sum-exp [B, H, T] of the scaled
-scores, which context parallelism needs to merge partial results.
+backend returns [B, H, T, D]. `forward_with_lse` also returns the log-sum-exp [B, H, T] of the scaled scores
+(fp32, or float64 for float64 inputs), which context parallelism needs to merge partial results.
 
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention (fused kernels on GPU, default).
-- `math`: explicit fp32 softmax; the exact reference, and the one that exposes the log-sum-exp on CPU.
+- `math`: explicit softmax accumulated in at least fp32; the exact reference, and the one that exposes the log-sum-exp on CPU.
 - `flash`: flash-attn 2 on CUDA when the package is installed.
 """
 

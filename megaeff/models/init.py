@@ -3,12 +3,19 @@
 Every logical weight is a pure function of (global seed, parameter name): its values come from a generator
 seeded by a hash of both, drawn on the CPU in fp32 in the logical shape. Any parallel layout that keeps the
 logical names (and slices the logical tensor) therefore starts from exactly the single-process weights, without
-communicating them.
+communicating them. Structure that methods derive from the seed (SLTrain's sparse supports, LOST's channel sets
+from the SVD of the dense draw) is regenerated the same way, so it is never communicated either.
+
+Modules with `init_weights(prefix, init)` receive an `Initializer`: callable as the dense N(0, std) rule (the
+original `normal_(name, tensor)` interface, bit-identical), plus `uniform_` and keyed `generator(name)`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,25 +32,85 @@ def generator_for(seed: int, name: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(name_seed(seed, name))
 
 
-def make_normal_init(seed: int, std: float):
-    def normal_(name: str, tensor: torch.Tensor) -> None:
-        values = torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=generator_for(seed, name))
+class Initializer:
+    """The init interface handed to every module's `init_weights(prefix, init)`.
+
+    Calling it is the dense rule, `init(name, tensor)`: N(0, std) drawn from the generator of (seed, name), so
+    modules written against the original `normal_(name, tensor)` signature work unchanged and produce bit-identical
+    weights. Methods that need more draw through the same keyed streams:
+
+    - `uniform_(name, tensor, bound)`: U(-bound, bound) from the generator of (seed, name);
+    - `generator(name)`: a dedicated CPU generator for (seed, name), e.g. for a sparse support;
+    - `seed`, `std`: the global seed and the model's init std.
+    Every draw happens on the CPU in fp32 in the logical shape, whatever the device and dtype of the target.
+    """
+
+    def __init__(self, seed: int, std: float):
+        self.seed = int(seed)
+        self.std = float(std)
+
+    def generator(self, name: str) -> torch.Generator:
+        return generator_for(self.seed, name)
+
+    def normal_(self, name: str, tensor: torch.Tensor) -> None:
+        values = torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, self.std, generator=self.generator(name))
         with torch.no_grad():
             tensor.copy_(values)
 
-    return normal_
+    __call__ = normal_
+
+    def uniform_(self, name: str, tensor: torch.Tensor, bound: float) -> None:
+        values = torch.empty(tensor.shape, dtype=torch.float32).uniform_(-bound, bound, generator=self.generator(name))
+        with torch.no_grad():
+            tensor.copy_(values)
+
+
+def make_normal_init(seed: int, std: float) -> Initializer:
+    return Initializer(seed, std)
+
+
+def _init_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(32, cores))
+
+
+def _run_parallel(jobs, init: Initializer, workers: int) -> None:
+    """Run expensive, independent module inits (LOST's SVDs) in threads. Each one computes with a single intra-op
+    thread, which keeps its result bit-identical to a serial run (and to every other rank)."""
+
+    def run(job):
+        prefix, module = job
+        with torch.no_grad():  # grad mode is thread-local
+            module.init_weights(prefix, init)
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            list(pool.map(run, jobs))
+    finally:
+        torch.set_num_threads(old)
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, std: float) -> None:
-    """Fill every parameter of a materialized model. Raises if some parameter has no rule (it would stay garbage)."""
-    normal_ = make_normal_init(seed, std)
+def init_weights(model: nn.Module, seed: int, std: float, workers: Optional[int] = None) -> None:
+    """Fill every parameter of a materialized model. Raises if some parameter has no rule (it would stay garbage).
+    Modules that declare `parallel_init = True` (their init is costly and depends only on (seed, name)) are
+    initialized concurrently by `workers` threads (default: the usable cores, at most 32)."""
+    normal_ = Initializer(seed, std)
     done = set()
+    deferred = []
     for prefix, module in model.named_modules():
         if module is model:
             continue
         if hasattr(module, "init_weights") and not isinstance(module, RMSNorm):
-            module.init_weights(prefix, normal_)
+            if getattr(module, "parallel_init", False):
+                deferred.append((prefix, module))
+            else:
+                module.init_weights(prefix, normal_)
             done.update(f"{prefix}.{n}" for n, _ in module.named_parameters())
         elif isinstance(module, RMSNorm):
             module.init_weights()
@@ -54,6 +121,8 @@ def init_weights(model: nn.Module, seed: int, std: float) -> None:
     missing = [n for n, _ in model.named_parameters() if n not in done]
     if missing:
         raise RuntimeError(f"no initialization rule for parameters: {missing}")
+    if deferred:
+        _run_parallel(deferred, normal_, workers or _init_workers())
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
 

@@ -112,8 +112,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(cfg, seq_len: int, n_params: int) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies activations (embedding lookups excluded) plus the
-    attention score and value products, 12 * layers * dim * seq_len (PaLM appendix B convention)."""
-    embedding = cfg.vocab_size * cfg.dim
-    return 6.0 * (n_params - embedding) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+def flops_per_token(model: "Llama", seq_len: int, tokens_per_call: Optional[int] = None) -> float:
+    """Training FLOPs per token: 6 per multiply-add of the projections (whatever their parameterization, e.g. the
+    factors of a low-rank layer) and of the output head, plus the attention score and value products,
+    12 * layers * dim * seq_len (PaLM appendix B). Embedding lookups cost nothing."""
+    from megaeff.layers.linear import linear_macs_per_token
+
+    cfg = model.cfg
+    macs = linear_macs_per_token(model, tokens_per_call) + cfg.vocab_size * cfg.dim
+    return 6.0 * macs + 12.0 * cfg.n_layers * cfg.dim * seq_len

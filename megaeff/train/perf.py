@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -61,13 +61,58 @@ def tensor_bytes(tensors) -> int:
 
 
 def state_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
+    """Bytes of the training state held now: weights, gradients, optimizer states and integer index buffers
+    (SLTrain supports, LOST channel sets and their checksums; regenerated from the seed, never communicated)."""
+    from megaeff.layers.linear import index_buffers
+
     params = list(model.parameters())
     optim = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {
         "mem_params_bytes": tensor_bytes(params),
         "mem_grads_bytes": tensor_bytes(p.grad for p in params),
         "mem_optim_bytes": tensor_bytes(optim),
+        "mem_index_bytes": tensor_bytes(b for _, b in index_buffers(model)),
     }
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int32": 4, "int64": 8}
+
+
+def estimate_state_memory(
+    model: torch.nn.Module,
+    *,
+    param_dtype: str = "fp32",
+    grad_dtype: Optional[str] = "fp32",
+    state_dtype: str = "fp32",
+    index_dtype: str = "int32",
+) -> Dict[str, int]:
+    """Training-state bytes of an AdamW run of `model`, from shapes only (works on the meta device).
+
+    weights: every parameter in `param_dtype`; grads: every trainable one in `grad_dtype` (None: not held, as
+    with per-layer optimizer steps); AdamW: exp_avg and exp_avg_sq per trainable element in `state_dtype` plus the
+    fp32 step counter torch keeps per parameter tensor; index: the int32 index buffers counted at `index_dtype`
+    (int64 is what SLTrain's upstream code stores) plus the 8-byte checksums. With the fp32 defaults the numbers
+    equal `state_memory` of a real model after its first optimizer step.
+    """
+    from megaeff.layers.linear import index_buffers
+
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    n_train = sum(p.numel() for p in trainable)
+    index_entries = sum(b.numel() for _, b in index_buffers(model) if b.dtype == torch.int32)
+    other_int = sum(b.numel() * b.element_size() for _, b in index_buffers(model) if b.dtype != torch.int32)
+    out = {
+        "params": n_params,
+        "trainable_params": n_train,
+        "index_entries": index_entries,
+        "mem_params_bytes": n_params * DTYPE_BYTES[param_dtype],
+        "mem_grads_bytes": n_train * DTYPE_BYTES[grad_dtype] if grad_dtype else 0,
+        "mem_optim_bytes": 2 * n_train * DTYPE_BYTES[state_dtype] + 4 * len(trainable),
+        "mem_index_bytes": index_entries * DTYPE_BYTES[index_dtype] + other_int,
+    }
+    out["mem_total_bytes"] = sum(v for k, v in out.items() if k.startswith("mem_"))
+    return out
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -26,6 +26,7 @@ from megaeff.distributed.comm import all_reduce_, all_reduce_scalar
 from megaeff.distributed.dims import ParallelDims
 from megaeff.errors import DataError
 from megaeff.layers.attention import select_attention
+from megaeff.layers.linear import describe_method
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama, count_params, flops_per_token
 from megaeff.optim.builder import build_optimizer
@@ -75,8 +76,8 @@ class Trainer:
         validate_config(cfg, dims.world_size)
         self.device = dims.device
         barrier = torch.distributed.barrier if dims.world_size > 1 else (lambda: None)
-        # Sized for the planned run; a resumed run asking for more steps wraps around (with a new epoch order).
-        ctx = BuildContext(t.steps * t.micro_batch_size * dims.dp * t.grad_accum, t.seed, dims.is_main, barrier)
+        # Sized for the planned run (steps x global batch samples), as Megatron's train_samples.
+        ctx = BuildContext(t.steps * self.global_batch_size, t.seed, dims.is_main, barrier)
         self.data = build_data(cfg.data, ctx)
         validate_config(cfg, dims.world_size, self.data.tokenizer.vocab_size)
 
@@ -84,12 +85,13 @@ class Trainer:
         self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
         self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
         self.n_params = count_params(self.model)
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len, self.n_params)
+        self.tokens_per_call = t.micro_batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len, self.tokens_per_call)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
 
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device)
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
-        # The datasets are already shuffled; the order only wraps around if the run outlives the planned samples.
+        # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
         self.step = 0
         self.consumed_samples = 0
@@ -130,8 +132,9 @@ class Trainer:
             f"megaeff: run dir {self.run_dir}",
             f"data: {self.data.description}"
             + (f"; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
-            f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, method {c.method.name}), "
+            f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.2f} MFLOPs/token), "
             f"attention {self.model.attention_backend.name}, optimizer adamw ({self.optim_impl}), precision {c.precision.name}",
+            f"method: {describe_method(self.model, self.tokens_per_call)}",
             f"layout: tp={self.dims.tp} cp={self.dims.cp} dp={self.dims.dp} pp={self.dims.pp} on {self.device}; "
             f"global batch {self.global_batch_size} x {c.data.seq_len} tokens "
             f"(micro {c.train.micro_batch_size} x dp {self.dims.dp} x accum {c.train.grad_accum})",

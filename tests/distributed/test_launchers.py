@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, cli_env
+from helpers import PYTHON, cli_env
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.corpus import load_plays
 from megaeff.data.indexed import IndexedDatasetBuilder

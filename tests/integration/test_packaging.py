@@ -3,12 +3,13 @@ launcher scripts are valid shell."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import venv
 
 import pytest
 
-from conftest import REPO, cli_env
+from helpers import REPO, cli_env
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +19,15 @@ def test_wheel_install_ships_configs_and_entry_points(tmp_path):
     # System site-packages provide torch, hydra and the rest; only megaeff itself is installed into the venv.
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
+    # Build from a copy: setuptools writes build/ and *.egg-info next to setup.py.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("megaeff", "conf"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "_conf"))
     build = subprocess.run(
-        [str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(REPO)],
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(src)],
         capture_output=True, text=True, env=cli_env(PIP_DISABLE_PIP_VERSION_CHECK="1"), cwd=tmp_path, timeout=300,
     )
     assert build.returncode == 0, build.stdout + build.stderr

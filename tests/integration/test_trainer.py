@@ -171,15 +171,20 @@ def test_missing_checkpoint_path(saved_run, smoke_cfg):
 def test_pickled_object_is_never_loaded(saved_run, smoke_cfg):
     """weights_only=True: a checkpoint file carrying an arbitrary object is refused, not executed."""
     cfg, step_dir = saved_run
-    import json
+    marker = step_dir / "executed"
 
-    payload = {"step": 4, "hook": Path("/tmp")}  # a non-tensor class instance
+    class Exploit:  # unpickling this would run a shell command
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    payload = {"step": 4, "hook": Exploit()}
     with open(step_dir / "trainer.pt", "wb") as f:
         torch.save(payload, f)
     manifest = json.loads((step_dir / "manifest.json").read_text())
     manifest["files"]["trainer.pt"] = (step_dir / "trainer.pt").stat().st_size
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
     assert "cannot read trainer.pt" in _resume_error(smoke_cfg, cfg, step_dir)
+    assert not marker.exists()
 
 
 def test_auto_resume_skips_dangling_latest(saved_run, smoke_cfg):

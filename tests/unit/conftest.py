@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import pytest
@@ -10,8 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from megaeff.config.schema import register_configs, to_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+from helpers import CONF as CONF_DIR
 
 
 def compose_raw(overrides: Sequence[str] = ()):
@@ -23,7 +21,7 @@ def compose_raw(overrides: Sequence[str] = ()):
 
 def compose_config(overrides: Sequence[str] = ()):
     """Compose and convert to the typed `Config` dataclass tree."""
-    return to_config(compose_raw(overrides))
+    return to_config(compose_raw(overrides))  # same as helpers.compose, kept beside compose_raw
 
 
 @pytest.fixture

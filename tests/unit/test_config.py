@@ -130,11 +130,15 @@ def test_experiment_values_win_over_root_config(compose_cfg, experiment, steps, 
 def test_every_yaml_composes_and_validates(group, option, compose_cfg):
     # data=indexed leaves its dataset paths to the user (???).
     extra = ["data.paths=[/data/corpus_text_document]"] if (group, option) == ("data", "indexed") else []
+    # Per-size method presets (sltrain_60m, ...) carry the published ranks: compose them with their model size.
+    sized = group == "method" and "_" in option
+    if sized:
+        extra.append(f"model=llama_{option.split('_', 1)[1]}")
     cfg = compose_cfg([f"{group}={option}", *extra])
     assert isinstance(cfg, Config)
     if group in ("model", "method", "precision", "optim", "data"):
-        # These group files name themselves after the file: the option was actually selected.
-        assert getattr(cfg, group).name == option
+        # These group files name themselves after the file (method presets after the method they configure).
+        assert getattr(cfg, group).name == (option.split("_", 1)[0] if sized else option)
     validate_config(cfg, world_size=1, tokenizer_vocab=257)
     ParallelDims.from_config(cfg.parallel, 1)
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from megaeff.config.schema import DataConfig
 from megaeff.data.builder import BuildContext, build_data, unigram_perplexity

@@ -68,7 +68,7 @@ def bench_one(mcfg: ModelConfig, precision: str, attention: str, batch: int, seq
     step = statistics.median(times)
     n_params = count_params(model)
     tps = batch * seq_len / step
-    fpt = flops_per_token(mcfg, seq_len, n_params)
+    fpt = flops_per_token(model, seq_len, batch * seq_len)
     return {
         "model": mcfg.name,
         "params_m": n_params / 1e6,

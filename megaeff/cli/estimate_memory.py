@@ -1,0 +1,158 @@
+"""Parameter counts and training-state bytes of a model flavor under each linear method, without allocating it.
+
+    megaeff-estimate-memory --model llama_60m                       # dense + the 60m presets of every method
+    megaeff-estimate-memory --model llama_1b --method sltrain_1b --method lost_1b --json
+    megaeff-estimate-memory --model llama_7b --method sltrain_7b --set method.density=0.03
+    megaeff-estimate-memory --model llama_1b --paper-formula       # SLTrain's estimate: bf16 weights and states,
+                                                                    # no grads, int64 indices
+
+The model is composed from conf/ exactly as `megaeff-train model=... method=...` would, then built on the meta
+device: parameter and buffer shapes only (LOST's SVD runs at initialization, which never happens here). Bytes
+are AdamW's training state (see `megaeff.train.perf.estimate_state_memory`); "B/dense param" divides the total by
+the parameter count of the dense model of the same flavor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from megaeff.errors import EXIT_USAGE, MegaeffError
+
+METHOD_PREFIXES = ("lowrank", "sltrain", "lost")
+
+
+def conf_dir() -> Path:
+    if os.environ.get("MEGAEFF_CONF_DIR"):
+        return Path(os.environ["MEGAEFF_CONF_DIR"]).resolve()
+    pkg = Path(__file__).resolve().parent.parent
+    for candidate in (pkg.parent / "conf", pkg / "_conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise MegaeffError("cannot find the config directory (conf/); set MEGAEFF_CONF_DIR")
+
+
+def compose(model: str, method: str, sets: Sequence[str] = ()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from megaeff.config.schema import register_configs, to_config
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return to_config(hydra_compose("config", overrides=[f"model={model}", f"method={method}", *sets]))
+
+
+def default_methods(model: str) -> List[str]:
+    """dense, then for each method its preset for this size (llama_60m -> sltrain_60m) or the generic one."""
+    options = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    size = model.split("_", 1)[1] if model.startswith("llama_") else None
+    return ["dense"] + [f"{m}_{size}" if f"{m}_{size}" in options else m for m in METHOD_PREFIXES]
+
+
+def estimate(model: str, method: str, sets: Sequence[str] = (), **dtypes) -> Dict:
+    # Imported here so that --help does not pay for torch.
+    from megaeff.config.schema import MethodConfig
+    from megaeff.config.validate import validate_config
+    from megaeff.layers.linear import describe_method, method_layers
+    from megaeff.models.llama import build_llama, count_params
+    from megaeff.train.perf import estimate_state_memory
+
+    cfg = compose(model, method, sets)
+    validate_config(cfg)
+    net = build_llama(cfg.model, cfg.method, device="meta")
+    dense = count_params(build_llama(cfg.model, MethodConfig(), device="meta"))
+    row = {"model": model, "preset": method, "method": cfg.method.name}
+    row.update(estimate_state_memory(net, **dtypes))
+    row["nnz"] = sum(getattr(layer, "nnz", 0) for _, layer in method_layers(net))
+    row["dense_params"] = dense
+    row["bytes_per_dense_param"] = row["mem_total_bytes"] / dense
+    row["description"] = describe_method(net)
+    return row
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _b(n: int) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def format_table(rows: Sequence[Dict]) -> str:
+    head = ("preset", "params", "exact", "nnz", "weights", "grads", "adamw", "index", "total", "B/dense param")
+    lines = [
+        (
+            r["preset"], _m(r["params"]), f"{r['params']:,}", _m(r["nnz"]) if r["nnz"] else "-",
+            _b(r["mem_params_bytes"]), _b(r["mem_grads_bytes"]), _b(r["mem_optim_bytes"]), _b(r["mem_index_bytes"]),
+            _b(r["mem_total_bytes"]), f"{r['bytes_per_dense_param']:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megaeff-estimate-memory", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="llama_60m", help="model flavor (conf/model/*.yaml), default llama_60m")
+    p.add_argument("--method", action="append", default=None,
+                   help="method preset (conf/method/*.yaml); repeat for several; default dense + this size's presets")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra Hydra override, e.g. method.density=0.05 (applies to every method)")
+    p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--grad-dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: the param dtype")
+    p.add_argument("--no-grads", action="store_true", help="count no gradients (per-layer optimizer steps)")
+    p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"], help="AdamW states")
+    p.add_argument("--index-dtype", default="int32", choices=["int32", "int64"], help="sparse index entries")
+    p.add_argument("--paper-formula", action="store_true",
+                   help="SLTrain's estimate: bf16 weights, bf16 AdamW states, no grads, int64 indices")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.paper_formula:
+        args.param_dtype, args.state_dtype, args.index_dtype, args.no_grads = "bf16", "bf16", "int64", True
+    dtypes = dict(
+        param_dtype=args.param_dtype,
+        grad_dtype=None if args.no_grads else (args.grad_dtype or args.param_dtype),
+        state_dtype=args.state_dtype,
+        index_dtype=args.index_dtype,
+    )
+    try:
+        methods = args.method or default_methods(args.model)
+        rows = [estimate(args.model, m, args.set, **dtypes) for m in methods]
+    except MegaeffError as exc:
+        print(f"megaeff-estimate-memory: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # Hydra composition errors: unknown flavor or preset, bad override
+        print(f"megaeff-estimate-memory: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps({"settings": dtypes, "rows": rows}, indent=2))
+        return 0
+    print(f"{args.model}: AdamW training state; weights {dtypes['param_dtype']}, grads {dtypes['grad_dtype'] or 'none'}, "
+          f"states {dtypes['state_dtype']}, indices {dtypes['index_dtype']}")
+    print(format_table(rows))
+    for r in rows:
+        print(f"  {r['preset']}: {r['description']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

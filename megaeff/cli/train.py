@@ -126,7 +126,6 @@ def main(argv=None) -> None:
     def task(cfg: DictConfig) -> None:
         exit_code["code"] = run(cfg)
 
-    task.__module__ = __name__
     prog = sys.argv[0]
     sys.argv = [prog] + argv
     try:

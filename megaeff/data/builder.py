@@ -197,7 +197,7 @@ def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
                        {"blend": list(zip(weights, prefixes)), "seed": ctx.seed})
 
     if separate_valid:
-        v_weights, v_prefixes = parse_blend(dcfg.valid_paths, "data.valid_paths")
+        _, v_prefixes = parse_blend(dcfg.valid_paths, "data.valid_paths")  # every validation token counts once
         v_indexed = _open_all(v_prefixes, "data.valid_paths")
         valid_pairs = [(p, ds, np.arange(len(ds), dtype=np.int64)) for p, ds in zip(v_prefixes, v_indexed)]
     else:

@@ -11,6 +11,8 @@ template also appends EOS cannot double it. `decode` drops special tokens, as th
 
 from __future__ import annotations
 
+import abc
+
 import os
 from typing import List, Optional, Sequence
 
@@ -40,7 +42,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
-class _LoadedTokenizer:
+class _LoadedTokenizer(abc.ABC):
     """Shared part of the file-backed tokenizers: the EOS check, and pickling by (kind, path) so that
     multiprocessing workers reload the file instead of receiving a serialized native object."""
 
@@ -59,8 +61,9 @@ class _LoadedTokenizer:
             )
         return self._eos
 
+    @abc.abstractmethod
     def encode(self, text: str) -> List[int]:
-        raise NotImplementedError
+        """Token ids of `text`, without special tokens."""
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int32)

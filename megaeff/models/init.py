@@ -65,10 +65,6 @@ class Initializer:
             tensor.copy_(values)
 
 
-def make_normal_init(seed: int, std: float) -> Initializer:
-    return Initializer(seed, std)
-
-
 def _init_workers() -> int:
     try:
         cores = len(os.sched_getaffinity(0))

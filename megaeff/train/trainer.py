@@ -252,6 +252,24 @@ class Trainer:
         return f"signal {self.stop.signum}" if self.stop.requested else ("train.max_duration_minutes" if timed_out else "another rank")
 
     # ---------------------------------------------------------------- loop
+    def _train_record(self, m: Dict[str, float], tokens_per_s: float, step_time: float) -> Dict[str, float]:
+        stats = self.dims.comm_stats
+        return {
+            "loss": m["loss"],
+            "ppl": m["ppl"],
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),
+            "consumed_samples": self.consumed_samples,
+            # Bytes of the last step's collectives (including the stop-flag agreement), total and by group/kind.
+            "comm_bytes": stats.total(),
+            **{f"comm_bytes/{key}": n for key, n in stats.snapshot().items()},
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+            **state_memory(self.model, self.optimizer),
+        }
+
     def fit(self) -> FitResult:
         """Train to `train.steps`, or until a stop is requested (signal, wall time, `train.exit_interval`)."""
         t = self.cfg.train
@@ -264,34 +282,18 @@ class Trainer:
             t0 = time.perf_counter()
             m = self.train_step()
             dt = time.perf_counter() - t0
+            reason = self._stop_reason(started) if self.step < t.steps else None
             result.losses.append(m["loss"])
-            window_tokens += m["tokens"]
-            window_time += dt
-            window_steps += 1
+            window_tokens, window_time, window_steps = window_tokens + m["tokens"], window_time + dt, window_steps + 1
             self.log.tick(self.step, m["loss"], m["tokens"] / dt)
             if self.step % t.log_interval == 0 or self.step == t.steps:
-                tps = window_tokens / window_time
-                record = {
-                    "loss": m["loss"],
-                    "ppl": m["ppl"],
-                    "lr": m["lr"],
-                    "grad_norm": m["grad_norm"],
-                    "tokens_per_s": tps,
-                    "step_time_s": window_time / window_steps,
-                    "mfu": self.flops_per_token * tps / (self.peak_flops * self.dims.world_size),
-                    "consumed_samples": self.consumed_samples,
-                    "comm_bytes": self.dims.comm_stats.total(),
-                    "peak_mem_bytes": peak_memory_bytes(self.device),
-                    **state_memory(self.model, self.optimizer),
-                }
-                self.log.log_train(self.step, record)
+                self.log.log_train(self.step, self._train_record(m, window_tokens / window_time, window_time / window_steps))
                 window_tokens, window_time, window_steps = 0, 0.0, 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                 self.log.log_eval(self.step, self.evaluate())
             if t.ckpt_interval and self.step % t.ckpt_interval == 0:
                 result.checkpoint = self.save()
                 last_saved = self.step
-            reason = self._stop_reason(started) if self.step < t.steps else None
             if reason is not None:
                 if last_saved != self.step:
                     result.checkpoint = self.save()

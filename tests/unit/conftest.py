@@ -41,3 +41,14 @@ def default_data():
     from megaeff.data.builder import BuildContext, build_data
 
     return build_data(DataConfig(), BuildContext(num_train_samples=64, seed=0, is_builder=True, barrier=lambda: None))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for the module (tiny shapes run faster and steadier that way on a shared machine)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -19,12 +19,8 @@ from megaeff.models.init import Initializer, generator_for
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny shapes: one intra-op thread is faster and steadier on a shared machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _init(layer, seed=0, name="blk.q"):

@@ -40,13 +40,8 @@ PUBLISHED = {
 PUBLISHED_NNZ = {"llama_60m": "0.76M", "llama_130m": "2.55M", "llama_350m": "9.07M", "llama_1b": "36.24M"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread is faster and steadier on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny shapes: one intra-op thread is faster and steadier on a shared machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(**kw) -> ModelConfig:

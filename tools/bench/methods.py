@@ -30,25 +30,15 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from megaeff.cli.plot_runs import plot_runs  # noqa: E402
-from megaeff.cli.train import conf_dir  # noqa: E402
-from megaeff.config.schema import register_configs, to_config  # noqa: E402
 from megaeff.distributed.dims import ParallelDims  # noqa: E402
 from megaeff.layers.linear import linear_macs_per_token  # noqa: E402
 from megaeff.models.init import materialize  # noqa: E402
 from megaeff.models.llama import build_llama, count_params  # noqa: E402
 from megaeff.train.perf import state_memory  # noqa: E402
 from megaeff.train.trainer import Trainer  # noqa: E402
+from tools.bench.common import compose  # noqa: E402
 
 METHODS = ("dense", "lowrank", "sltrain", "lost")
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=list(overrides)))
 
 
 def method_overrides(method: str, size: str = ""):

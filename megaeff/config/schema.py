@@ -75,12 +75,30 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     # cosine | constant
     schedule: str = "cosine"
+    # FP8 AdamW (COAT; used when name=coat_adamw or precision.fp8_optimizer_states=true):
+    # moment formats e4m3 | e5m2 (second moment only), Dynamic Range Expansion on/off,
+    # logical tensors smaller than min_fp8_numel keep FP32 moments,
+    # kernel backend auto | cuda | triton | cpp | torch (auto: best available; the run log names it).
+    first_moment: str = "e4m3"
+    second_moment: str = "e4m3"
+    expand: bool = True
+    min_fp8_numel: int = 4096
+    fp8_backend: str = "auto"
 
 
 @dataclass
 class PrecisionConfig:
-    # fp32 | bf16 (bf16 autocast, fp32 master weights and optimizer states)
+    # fp32 | bf16 (bf16 autocast, fp32 master weights and optimizer states) | coat (the FP8 switches below on)
     name: str = "fp32"
+    # bf16 autocast for what stays high precision (always on for name=bf16).
+    autocast_bf16: bool = False
+    # COAT parts, each on its own: FP8 AdamW moments; activations saved for backward in FP8 (linear inputs
+    # per-tensor E4M3, non-linear inputs in 1 x act_group_size groups, gradients E5M2); FP8 GEMMs (torch._scaled_mm)
+    # in dense linear layers.
+    fp8_optimizer_states: bool = False
+    fp8_activations: bool = False
+    fp8_gemm: bool = False
+    act_group_size: int = 16
 
 
 @dataclass

@@ -8,7 +8,10 @@ from megaeff.config.schema import Config
 from megaeff.errors import ConfigError
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "math", "flash")
-PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adamw", "coat_adamw")
+FP8_FORMATS = ("e4m3", "e5m2")
+FP8_BACKENDS = ("auto", "cuda", "triton", "cpp", "torch")
+PRECISIONS = ("fp32", "bf16", "coat")
 SCHEDULES = ("cosine", "constant")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "single")
 LOGGING_BACKENDS = ("jsonl", "wandb")
@@ -108,10 +111,22 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
         raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
     _choice(o.schedule, "optim.schedule", SCHEDULES)
     _choice(o.impl, "optim.impl", OPTIM_IMPLS)
-    if o.name != "adamw":
-        raise ConfigError("optim.name", f"unknown optimizer {o.name!r}; available: adamw")
+    _choice(o.name, "optim.name", OPTIMIZERS)
+    _choice(o.first_moment, "optim.first_moment", FP8_FORMATS)
+    _choice(o.second_moment, "optim.second_moment", FP8_FORMATS)
+    _choice(o.fp8_backend, "optim.fp8_backend", FP8_BACKENDS)
+    if o.min_fp8_numel < 0:
+        raise ConfigError("optim.min_fp8_numel", f"must be >= 0, got {o.min_fp8_numel}")
 
-    _choice(cfg.precision.name, "precision.name", PRECISIONS)
+    pr = cfg.precision
+    _choice(pr.name, "precision.name", PRECISIONS)
+    if pr.act_group_size < 1 or 128 % pr.act_group_size:
+        raise ConfigError("precision.act_group_size", f"must divide 128 (COAT uses 16), got {pr.act_group_size}")
+    if pr.name != "coat":
+        for flag in ("fp8_optimizer_states", "fp8_activations", "fp8_gemm"):
+            if getattr(pr, flag):
+                raise ConfigError(f"precision.{flag}", f"needs precision=coat (got precision={pr.name}); "
+                                  "the FP8 parts are switched on and off inside precision=coat")
 
     d = cfg.data
     _positive(d.seq_len, "data.seq_len")

@@ -9,8 +9,10 @@
 
 Every class owns `init_weights(prefix, init)`, where `init` is the `Initializer` of megaeff/models/init.py
 (callable as the dense N(0, std) rule, plus `uniform_` and keyed `generator`s), so layout-independent
-initialization works for any method. `name` is the logical path of the layer (e.g. `layers.3.attention.q`);
-methods that derive structure from the seed (sparse supports, channel sets) key it on this name.
+initialization works for any method. Every class computes through its `ops` (the `act` policy of
+megaeff/layers/ops.py), which decides what is saved for backward (FP8 activations) without touching layer code.
+`name` is the logical path of the layer (e.g. `layers.3.attention.q`); methods that derive structure from the
+seed (sparse supports, channel sets) key it on this name.
 Each class also provides `summary()` (the method and its hyperparameters), `describe(tokens)` (per-shape details
 such as the compute path chosen) and `macs_per_token(tokens)`, which `describe_method` and the accounting use.
 """
@@ -25,6 +27,7 @@ from torch import nn
 
 from megaeff.layers.lost import LostLinear
 from megaeff.layers.lowrank import LowRankLinear
+from megaeff.layers.ops import ActivationOps, resolve
 from megaeff.layers.sltrain import SLTrainLinear
 
 InitFn = Callable[[str, torch.Tensor], None]  # (logical parameter name, tensor to fill in place)
@@ -35,13 +38,19 @@ class DenseLinear(nn.Linear):
 
     method = "dense"
 
-    def __init__(self, in_features: int, out_features: int, *, name: Optional[str] = None, device=None, dtype=None):
+    def __init__(
+        self, in_features: int, out_features: int, *, name: Optional[str] = None, device=None, dtype=None, ops=None
+    ):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
         self.name = name
+        self.ops = resolve(ops)
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method) -> "DenseLinear":
-        return cls(in_features, out_features, name=name)
+    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "DenseLinear":
+        return cls(in_features, out_features, name=name, ops=ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.dense(x, self.weight)
 
     def reset_parameters(self) -> None:
         # Weights are filled by the model's layout-independent init, never by nn.Linear's kaiming default.
@@ -68,14 +77,17 @@ LINEAR_METHODS: Dict[str, Type[nn.Module]] = {
 }
 
 
-def build_linear(in_features: int, out_features: int, *, name: str, method) -> nn.Module:
+def build_linear(
+    in_features: int, out_features: int, *, name: str, method, act: Optional[ActivationOps] = None
+) -> nn.Module:
     """`name` is the logical path of the layer (e.g. `layers.3.attn.q`); methods that derive structure from the
-    seed (sparse supports, channel sets) key it on this name."""
+    seed (sparse supports, channel sets) key it on this name. `act` is the activation policy every matmul and
+    non-linearity of the layer goes through (megaeff/layers/ops.py; None: high precision, today's ops)."""
     try:
         cls = LINEAR_METHODS[method.name]
     except KeyError:
         raise ValueError(f"unknown linear method {method.name!r}; available: {', '.join(LINEAR_METHODS)}") from None
-    return cls.from_config(in_features, out_features, name=name, method=method)
+    return cls.from_config(in_features, out_features, name=name, method=method, ops=act)
 
 
 def method_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -31,9 +31,9 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megaeff.layers.ops import resolve
 from megaeff.layers.sltrain_ops import index_checksum
 
 ACTIVATIONS = ("none", "silu")
@@ -103,8 +103,11 @@ class LostLinear(nn.Module):
         complement_rank: Optional[int] = None,
         sparse_init: str = "w0",
         name: Optional[str] = None,
+        ops=None,
     ):
         super().__init__()
+        # `act` names f; `ops` is the activation policy (megaeff.layers.ops) every matmul and f go through.
+        self.ops = resolve(ops)
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown LOST activation {act!r}; available: {', '.join(ACTIVATIONS)}")
         if sparse_init not in SPARSE_INITS:
@@ -122,11 +125,11 @@ class LostLinear(nn.Module):
         self.register_buffer("index_checksum", torch.zeros((), dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method) -> "LostLinear":
+    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "LostLinear":
         return cls(
             in_features, out_features, rank=method.rank, channel_ratio=method.lost_channel_ratio,
             gamma=method.lost_gamma, act=method.lost_act, complement_rank=method.lost_complement_rank,
-            sparse_init=method.lost_sparse_init, name=name,
+            sparse_init=method.lost_sparse_init, name=name, ops=ops,
         )
 
     # ------------------------------------------------------------------ init and checkpoints
@@ -153,11 +156,13 @@ class LostLinear(nn.Module):
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.A)
+        ops = self.ops
+        h = ops.linear(x, self.A)
         if self.act == "silu":
-            h = F.silu(h)
-        low = F.linear(h, self.B)
-        sparse = F.linear(x.index_select(-1, self.channel_index), self.sparse_weight)
+            h = ops.silu(h)
+        low = ops.linear(h, self.B)
+        # index_select saves only the index for backward, so the selected block is the one activation saved here.
+        sparse = ops.linear(x.index_select(-1, self.channel_index), self.sparse_weight)
         return self.gamma * low + (1.0 - self.gamma) * sparse
 
     # ------------------------------------------------------------------ accounting and logging

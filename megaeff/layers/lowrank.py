@@ -22,15 +22,17 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from megaeff.layers.ops import resolve
 
 
 class LowRankLinear(nn.Module):
     method = "lowrank"
 
-    def __init__(self, in_features: int, out_features: int, *, rank: int, name: Optional[str] = None):
+    def __init__(self, in_features: int, out_features: int, *, rank: int, name: Optional[str] = None, ops=None):
         super().__init__()
+        self.ops = resolve(ops)
         if not 1 <= rank:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.in_features, self.out_features, self.rank, self.name = in_features, out_features, rank, name
@@ -38,8 +40,8 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(torch.empty(out_features, rank))
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method) -> "LowRankLinear":
-        return cls(in_features, out_features, rank=method.rank, name=name)
+    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "LowRankLinear":
+        return cls(in_features, out_features, rank=method.rank, name=name, ops=ops)
 
     def init_weights(self, prefix: str, init) -> None:
         key = self.name or prefix
@@ -47,7 +49,7 @@ class LowRankLinear(nn.Module):
         init.uniform_(f"{key}.B", self.B, 1.0 / math.sqrt(self.rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B)
+        return self.ops.linear(self.ops.linear(x, self.A), self.B)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense W (for tests and export only; never used by forward)."""

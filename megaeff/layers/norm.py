@@ -3,13 +3,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaeff.layers.ops import resolve
+
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * g, computed in fp32 whatever the input dtype (as LLaMA does)."""
+    """x / rms(x) * g, computed in fp32 whatever the input dtype (as LLaMA does).
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    `ops` (megaeff.layers.ops) decides what is saved for backward; the default is the plain autograd formula."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, ops=None):
         super().__init__()
         self.eps = eps
+        self.ops = resolve(ops)
         self.weight = nn.Parameter(torch.empty(dim))
 
     def init_weights(self) -> None:
@@ -17,6 +22,4 @@ class RMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return self.ops.rmsnorm(x, self.weight, self.eps)

@@ -28,9 +28,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from megaeff.layers.ops import resolve
 from megaeff.layers.sltrain_ops import (
     DensifyMatmul,
     SparseMatmul,
@@ -57,8 +57,10 @@ class SLTrainLinear(nn.Module):
         density: float,
         path: str = "auto",
         name: Optional[str] = None,
+        ops=None,
     ):
         super().__init__()
+        self.ops = resolve(ops)
         if path not in PATHS:
             raise ValueError(f"unknown SLTrain path {path!r}; available: {', '.join(PATHS)}")
         if in_features * out_features >= 2**31:
@@ -74,10 +76,10 @@ class SLTrainLinear(nn.Module):
         self.register_buffer("index_checksum", torch.zeros((), dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method) -> "SLTrainLinear":
+    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "SLTrainLinear":
         return cls(
             in_features, out_features, rank=method.rank, alpha=method.alpha, density=method.density,
-            path=method.sltrain_path, name=name,
+            path=method.sltrain_path, name=name, ops=ops,
         )
 
     # ------------------------------------------------------------------ init and checkpoints
@@ -114,11 +116,13 @@ class SLTrainLinear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         path = self.select_path(x2.shape[0], torch.is_grad_enabled())
+        ops = self.ops
         if path == "dense":
-            y = DensifyMatmul.apply(x2, self.A, self.B, self.sparse_values, self.sparse_index, self.scale)
+            y = DensifyMatmul.apply(x2, self.A, self.B, self.sparse_values, self.sparse_index, self.scale, ops)
         else:
-            low = F.linear(F.linear(x2, self.A * self.scale), self.B)
-            y = low + SparseMatmul.apply(x2, self.sparse_values, self.sparse_index, self.out_features, self.in_features).to(low.dtype)
+            low = ops.linear(ops.linear(x2, self.A * self.scale), self.B)
+            sparse = SparseMatmul.apply(x2, self.sparse_values, self.sparse_index, self.out_features, self.in_features, ops)
+            y = low + sparse.to(low.dtype)
         return y.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:

@@ -8,6 +8,9 @@ Densify path (SLTrain's own, `DensifyMatmul`): W = B (sA) + scatter(S) is built 
 GEMM, and dropped; backward rebuilds it. Neither W nor its gradient G outlives the call that needs it:
     dx = dy W,  G = dy^T x,  dB = G (sA)^T,  dA = s B^T G,  dS = G.flatten()[Omega].
 
+Both Functions save their activation input through the layer's `ActivationOps` (`pack`/`unpack`, x itself by
+default, FP8 codes under FP8 activations) and pass the incoming gradient through `ops.grad`.
+
 No-densify path: y = (x (sA)^T) B^T + x S^T, the sparse product by `SparseMatmul` on a CSR view of S (values,
 column indices and row offsets derived from Omega on the fly):
     forward  y_s = (S x^T)^T,  backward  dx = (S^T dy^T)^T,  dS = (dy^T x)[Omega] (sampled dense-dense product).
@@ -21,6 +24,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from megaeff.layers.ops import HIGH_PRECISION
 
 
 # ---------------------------------------------------------------------------------------------------- support
@@ -96,24 +101,27 @@ class DensifyMatmul(torch.autograd.Function):
     """y = x W^T with W = B (sA) + S built transiently (x is 2-D [tokens, in])."""
 
     @staticmethod
-    def forward(ctx, x, A, B, values, index, scale: float):
+    def forward(ctx, x, A, B, values, index, scale: float, ops=HIGH_PRECISION):
         cdt = compute_dtype(x, A)
         with torch.autocast(x.device.type, enabled=False):
             W = densify(A, B, values, index, scale, cdt)
             y = F.linear(x.to(cdt), W)
         del W
-        ctx.save_for_backward(x, A, B, values, index)
-        ctx.scale, ctx.cdt = scale, cdt
+        packed = ops.pack(x)  # the activation as the policy saves it (x itself by default)
+        ctx.save_for_backward(*packed.tensors, A, B, values, index)
+        ctx.scale, ctx.cdt, ctx.ops, ctx.x_dtype, ctx.n_x = scale, cdt, ops, packed.dtype, len(packed.tensors)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, A, B, values, index = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x = ctx.ops.unpack(saved[: ctx.n_x], ctx.x_dtype)
+        A, B, values, index = saved[ctx.n_x :]
         s, cdt = ctx.scale, ctx.cdt
         need_x, need_A, need_B, need_v = ctx.needs_input_grad[:4]
         dx = dA = dB = dv = None
         with torch.autocast(dy.device.type, enabled=False):
-            dy = dy.to(cdt)
+            dy = ctx.ops.grad(dy).to(cdt)
             if need_x:
                 W = densify(A, B, values, index, s, cdt)
                 dx = (dy @ W).to(x.dtype)
@@ -127,37 +135,40 @@ class DensifyMatmul(torch.autograd.Function):
                 if need_v:
                     dv = G.view(-1).index_select(0, index).to(values.dtype)
                 del G
-        return dx, dA, dB, dv, None, None
+        return dx, dA, dB, dv, None, None, None
 
 
 class SparseMatmul(torch.autograd.Function):
     """y = x S^T for the m x n sparse S given by (values, sorted flat index); x is 2-D [tokens, n]."""
 
     @staticmethod
-    def forward(ctx, x, values, index, m: int, n: int):
+    def forward(ctx, x, values, index, m: int, n: int, ops=HIGH_PRECISION):
         cdt = compute_dtype(x, values)
         sdt = _sparse_dtype(cdt)
         with torch.autocast(x.device.type, enabled=False):
             S = csr(index, values.to(sdt), m, n)
             y = (S @ x.to(sdt).t().contiguous()).t().to(cdt)
-        ctx.save_for_backward(x, values, index)
-        ctx.m, ctx.n, ctx.sdt = m, n, sdt
+        packed = ops.pack(x)
+        ctx.save_for_backward(*packed.tensors, values, index)
+        ctx.m, ctx.n, ctx.sdt, ctx.ops, ctx.x_dtype, ctx.n_x = m, n, sdt, ops, packed.dtype, len(packed.tensors)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, index = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x = ctx.ops.unpack(saved[: ctx.n_x], ctx.x_dtype)
+        values, index = saved[ctx.n_x :]
         m, n, sdt = ctx.m, ctx.n, ctx.sdt
         dx = dv = None
         with torch.autocast(dy.device.type, enabled=False):
-            dyt = dy.to(sdt).t().contiguous()  # m x T
+            dyt = ctx.ops.grad(dy).to(sdt).t().contiguous()  # m x T
             S = csr(index, values.detach().to(sdt), m, n)
             if ctx.needs_input_grad[0]:
                 dx = (S.t() @ dyt).t().to(x.dtype)
             if ctx.needs_input_grad[1]:
                 sampled = torch.sparse.sampled_addmm(S, dyt, x.to(sdt).contiguous(), beta=0.0)
                 dv = sampled.values().to(values.dtype)
-        return dx, dv, None, None, None
+        return dx, dv, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------- path rule

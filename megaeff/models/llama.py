@@ -2,7 +2,9 @@
 
 RMSNorm (eps 1e-6) before attention and MLP, rotary embeddings, multi-head attention with optional grouped-query
 heads, SwiGLU MLP, untied embedding and output head, no biases. Every attention and MLP projection is built by
-`build_linear`, so the linear method (dense, low-rank, SLTrain, LOST) is a config choice.
+`build_linear`, so the linear method (dense, low-rank, SLTrain, LOST) is a config choice. Every projection, norm
+and SwiGLU inside the blocks computes through one activation policy (`act`, megaeff/layers/ops.py), which is how
+FP8 activation compression (precision=coat) changes what is saved for backward.
 
 Module names are the logical parameter names used by initialization and checkpoints; they must not change
 with the parallel layout.
@@ -19,20 +21,23 @@ from torch import nn
 from megaeff.layers.attention import SdpaAttention
 from megaeff.layers.linear import build_linear
 from megaeff.layers.norm import RMSNorm
+from megaeff.layers.ops import ActivationOps, resolve
 from megaeff.layers.rope import apply_rope, rope_tables
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, method, prefix: str):
+    """Only the projections go through the activation policy: q/k/v after RoPE and SDPA stay high precision."""
+
+    def __init__(self, cfg, method, prefix: str, act: Optional[ActivationOps] = None):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.q", method=method)
-        self.k = build_linear(cfg.dim, kv_dim, name=f"{prefix}.k", method=method)
-        self.v = build_linear(cfg.dim, kv_dim, name=f"{prefix}.v", method=method)
-        self.o = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.o", method=method)
+        self.q = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.q", method=method, act=act)
+        self.k = build_linear(cfg.dim, kv_dim, name=f"{prefix}.k", method=method, act=act)
+        self.v = build_linear(cfg.dim, kv_dim, name=f"{prefix}.v", method=method, act=act)
+        self.o = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.o", method=method, act=act)
 
     def forward(self, x, cos, sin, backend, positions=None, segment_ids=None):
         B, T, _ = x.shape
@@ -46,24 +51,27 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg, method, prefix: str):
+    def __init__(self, cfg, method, prefix: str, act: Optional[ActivationOps] = None):
         super().__init__()
-        self.gate = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.gate", method=method)
-        self.up = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.up", method=method)
-        self.down = build_linear(cfg.ffn_dim, cfg.dim, name=f"{prefix}.down", method=method)
+        self.ops = resolve(act)
+        self.gate = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.gate", method=method, act=act)
+        self.up = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.up", method=method, act=act)
+        self.down = build_linear(cfg.ffn_dim, cfg.dim, name=f"{prefix}.down", method=method, act=act)
 
     def forward(self, x):
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+        return self.down(self.ops.swiglu(self.gate(x), self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, method, index: int):
+    """The residual adds stay high precision (they save nothing for backward)."""
+
+    def __init__(self, cfg, method, index: int, act: Optional[ActivationOps] = None):
         super().__init__()
         prefix = f"layers.{index}"
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg, method, f"{prefix}.attention")
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, method, f"{prefix}.mlp")
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops=act)
+        self.attention = Attention(cfg, method, f"{prefix}.attention", act)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops=act)
+        self.mlp = SwiGLU(cfg, method, f"{prefix}.mlp", act)
 
     def forward(self, x, cos, sin, backend, positions=None, segment_ids=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, backend, positions, segment_ids)
@@ -71,11 +79,12 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg, method):
+    def __init__(self, cfg, method, act: Optional[ActivationOps] = None):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, method, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, method, i, act) for i in range(cfg.n_layers))
+        # Embedding, final norm and head stay high precision whatever the policy (as in COAT).
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         head_dim = cfg.dim // cfg.n_heads
@@ -101,11 +110,13 @@ class Llama(nn.Module):
         return self.output(self.norm(x)).float()
 
 
-def build_llama(cfg, method, device: str | torch.device = "meta") -> Llama:
-    """Construct without allocating (meta) or directly on a device; weights are undefined until initialized."""
+def build_llama(cfg, method, device: str | torch.device = "meta", act: Optional[ActivationOps] = None) -> Llama:
+    """Construct without allocating (meta) or directly on a device; weights are undefined until initialized.
+    `act`: the activation policy of the blocks (megaeff/layers/ops.py; None = high precision; FP8 activations:
+    `megaeff.precision.fp8_activations.activation_ops(cfg.precision)`)."""
     ctx = torch.device(device) if device is not None else contextlib.nullcontext()
     with ctx:
-        return Llama(cfg, method)
+        return Llama(cfg, method, act)
 
 
 def count_params(model: nn.Module) -> int:

@@ -26,8 +26,22 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def build_optimizer(model: nn.Module, ocfg, device: torch.device) -> Tuple[torch.optim.Optimizer, str]:
-    """Returns the optimizer and the implementation actually used (reported in the run log)."""
+def uses_fp8_states(ocfg, pcfg) -> bool:
+    return ocfg.name == "coat_adamw" or bool(getattr(pcfg, "fp8_optimizer_states", False))
+
+
+def build_optimizer(model: nn.Module, ocfg, device: torch.device, pcfg=None) -> Tuple[torch.optim.Optimizer, str]:
+    """Returns the optimizer and a description of the implementation actually used (for the run log)."""
+    if uses_fp8_states(ocfg, pcfg):
+        from megaeff.optim.coat_adamw import CoatAdamW
+
+        opt = CoatAdamW(
+            param_groups(model, ocfg.weight_decay), lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
+            first_moment=ocfg.first_moment, second_moment=ocfg.second_moment, expand=ocfg.expand,
+            min_fp8_numel=ocfg.min_fp8_numel, backend=ocfg.fp8_backend, device=device,
+        )
+        moments = f"{ocfg.first_moment}/{ocfg.second_moment}" + (" + range expansion" if ocfg.expand else "")
+        return opt, f"FP8 moments {moments}, kernel {opt.backend.name}"
     impl = resolve_impl(ocfg.impl, device)
     kwargs = dict(lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps)
     if impl == "fused":

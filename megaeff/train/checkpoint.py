@@ -78,9 +78,13 @@ def load_optimizer_state_by_name(model, optimizer, saved: Dict, path: Path) -> N
         if name not in params:
             raise CheckpointError(path, f"optimizer state for unknown parameter {name!r}")
         p = params[name]
-        optimizer.state[p] = {
-            k: (v.to(p.device) if torch.is_tensor(v) and (k != "step" or step_on_device) else v) for k, v in st.items()
-        }
+        # No dtype casts: FP8 codes and their metadata must come back bit for bit.
+        restored = {k: (v.to(p.device) if torch.is_tensor(v) and (k != "step" or step_on_device) else v) for k, v in st.items()}
+        check = getattr(optimizer, "check_state", None)
+        problem = check(name, p, restored) if check is not None else None
+        if problem is not None:
+            raise CheckpointError(path, f"optimizer state does not fit the configured optimizer: {problem}")
+        optimizer.state[p] = restored
 
 
 def rng_state() -> Dict:

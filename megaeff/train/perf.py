@@ -57,7 +57,17 @@ def peak_flops(device: torch.device, override_tflops=None) -> float:
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    """Bytes actually held. Wrapper subclasses (e.g. torchao's quantized optimizer states) report their logical
+    dtype, so count the plain tensors they hold instead."""
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            total += tensor_bytes(getattr(t, name) for name in t.__tensor_flatten__()[0])
+        else:
+            total += t.numel() * t.element_size()
+    return total
 
 
 def state_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:

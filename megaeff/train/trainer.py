@@ -31,6 +31,8 @@ from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama, count_params, flops_per_token
 from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
+from megaeff.precision.fp8_activations import activation_ops
+from megaeff.precision.saved_bytes import SavedBytes
 from megaeff.train import checkpoint as ckpt
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
@@ -81,7 +83,8 @@ class Trainer:
         self.data = build_data(cfg.data, ctx)
         validate_config(cfg, dims.world_size, self.data.tokenizer.vocab_size)
 
-        model = build_llama(cfg.model, cfg.method, device="meta")
+        self.act_ops = activation_ops(cfg.precision)
+        model = build_llama(cfg.model, cfg.method, device="meta", act=self.act_ops)
         self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
         self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
         self.n_params = count_params(self.model)
@@ -89,7 +92,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len, self.tokens_per_call)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
 
-        self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
@@ -122,7 +125,8 @@ class Trainer:
         return t.micro_batch_size * self.dims.dp * t.grad_accum
 
     def _autocast(self):
-        if self.cfg.precision.name == "bf16":
+        pr = self.cfg.precision
+        if pr.name == "bf16" or pr.autocast_bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -133,8 +137,8 @@ class Trainer:
             f"data: {self.data.description}"
             + (f"; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
             f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.2f} MFLOPs/token), "
-            f"attention {self.model.attention_backend.name}, optimizer adamw ({self.optim_impl}), precision {c.precision.name}",
-            f"method: {describe_method(self.model, self.tokens_per_call)}",
+            f"attention {self.model.attention_backend.name}, optimizer {type(self.optimizer).__name__} ({self.optim_impl}), precision {c.precision.name}",
+            f"method: {describe_method(self.model, self.tokens_per_call)}; activations saved for backward: {self.act_ops.name}",
             f"layout: tp={self.dims.tp} cp={self.dims.cp} dp={self.dims.dp} pp={self.dims.pp} on {self.device}; "
             f"global batch {self.global_batch_size} x {c.data.seq_len} tokens "
             f"(micro {c.train.micro_batch_size} x dp {self.dims.dp} x accum {c.train.grad_accum})",
@@ -174,8 +178,12 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
+        act_saved_bytes = 0
         for batch in batches:
-            loss = self._loss_sum(batch)
+            # Bytes autograd keeps for backward (parameters excluded): what FP8 activations shrink.
+            with SavedBytes(self.model) as saved:
+                loss = self._loss_sum(batch)
+            act_saved_bytes = max(act_saved_bytes, saved.bytes)
             (loss / global_tokens).backward()
             loss_sum += loss.detach().double().cpu()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -185,13 +193,14 @@ class Trainer:
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.consumed_samples += self.global_batch_size
         loss_mean = loss_total / global_tokens
-        return {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens}
+        return {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens,
+                "act_saved_bytes": act_saved_bytes}
 
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
@@ -259,6 +268,7 @@ class Trainer:
             "ppl": m["ppl"],
             "lr": m["lr"],
             "grad_norm": m["grad_norm"],
+            "act_saved_bytes": m["act_saved_bytes"],  # max over the step's micro-batches
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),

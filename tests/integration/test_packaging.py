@@ -24,8 +24,8 @@ def test_wheel_install_ships_configs_and_entry_points(tmp_path):
     src.mkdir()
     for name in ("setup.py", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for name in ("megaeff", "conf"):
-        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "_conf"))
+    for name in ("megaeff", "conf", "csrc"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "_conf", "_csrc"))
     build = subprocess.run(
         [str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(src)],
         capture_output=True, text=True, env=cli_env(PIP_DISABLE_PIP_VERSION_CHECK="1"), cwd=tmp_path, timeout=300,
@@ -44,6 +44,12 @@ def test_wheel_install_ships_configs_and_entry_points(tmp_path):
         capture_output=True, text=True, env=cli_env(), cwd=elsewhere, timeout=60,
     )
     assert located.stdout.strip().endswith("megaeff/_conf"), located.stdout + located.stderr
+    # The CPU FP8 AdamW kernel compiles from the shipped sources.
+    kernel = subprocess.run(
+        [str(py), "-c", "from megaeff.kernels.fp8_adamw_cpp import csrc_dir; print(csrc_dir())"],
+        capture_output=True, text=True, env=cli_env(), cwd=elsewhere, timeout=60,
+    )
+    assert kernel.stdout.strip().endswith("megaeff/_csrc"), kernel.stdout + kernel.stderr
 
 
 @pytest.mark.parametrize(

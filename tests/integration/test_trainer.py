@@ -83,13 +83,18 @@ def test_naive_per_micro_batch_mean_would_differ(tmp_path, smoke_cfg):
     tr.close()
 
 
-def test_resume_is_bit_exact(tmp_path, smoke_cfg):
-    full = make_trainer(smoke_cfg(tmp_path / "full"))
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["precision=coat", "optim.min_fp8_numel=0", "optim.fp8_backend=torch"]],
+    ids=["fp32", "coat-fp8-states"],
+)
+def test_resume_is_bit_exact(tmp_path, smoke_cfg, extra):
+    full = make_trainer(smoke_cfg(tmp_path / "full", *extra))
     ref = full.fit()
     ref_params = {n: p.detach().clone() for n, p in full.model.named_parameters()}
     full.close()
 
-    cfg = smoke_cfg(tmp_path / "split", "train.exit_interval=4")
+    cfg = smoke_cfg(tmp_path / "split", "train.exit_interval=4", *extra)
     first = make_trainer(cfg)
     part1 = first.fit()
     assert part1.preempted
@@ -102,6 +107,11 @@ def test_resume_is_bit_exact(tmp_path, smoke_cfg):
     for n, p in second.model.named_parameters():
         assert torch.equal(p, ref_params[n]), n
     assert part2.final_eval == ref.final_eval
+    for (n, p), q in zip(second.model.named_parameters(), full.model.parameters()):
+        for key, value in full.optimizer.state[q].items():
+            got = second.optimizer.state[p][key]
+            bits = lambda t: t.reshape(-1).view(torch.uint8)  # noqa: E731  (FP8 tensors have no ==)
+            assert got.dtype == value.dtype and torch.equal(bits(got), bits(value)), (n, key)
     second.close()
 
     # The metrics file reads as one uninterrupted history.
@@ -144,9 +154,9 @@ def saved_run(tmp_path, smoke_cfg):
     return cfg, tmp_path / "run/checkpoints/step_00000004"
 
 
-def _resume_error(smoke_cfg, cfg, resume) -> str:
+def _resume_error(smoke_cfg, cfg, resume, *extra) -> str:
     with pytest.raises(CheckpointError) as info:
-        make_trainer(smoke_cfg(cfg.run_dir, f"train.resume={resume}"))
+        make_trainer(smoke_cfg(cfg.run_dir, f"train.resume={resume}", *extra))
     return str(info.value)
 
 
@@ -199,6 +209,12 @@ def test_checkpoint_for_a_different_model_is_rejected(saved_run, smoke_cfg):
     cfg, step_dir = saved_run
     with pytest.raises(CheckpointError, match="do not match"):
         make_trainer(smoke_cfg(cfg.run_dir, "model.dim=64", "model.ffn_dim=128"))
+
+
+def test_fp32_checkpoint_does_not_resume_into_fp8_states(saved_run, smoke_cfg):
+    cfg, step_dir = saved_run
+    message = _resume_error(smoke_cfg, cfg, step_dir, "precision=coat", "optim.min_fp8_numel=0")
+    assert "does not fit the configured optimizer" in message and "missing 'exp_avg_meta'" in message
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, smoke_cfg):

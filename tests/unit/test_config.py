@@ -173,6 +173,11 @@ def test_valid_config_passes():
         (dict(optim=dict(min_lr_ratio=1.5)), "optim.min_lr_ratio", {}),
         (dict(optim=dict(schedule="linear")), "optim.schedule", {}),
         (dict(optim=dict(name="sgd")), "optim.name", {}),
+        (dict(optim=dict(second_moment="e3m4")), "optim.second_moment", {}),
+        (dict(optim=dict(fp8_backend="cutlass")), "optim.fp8_backend", {}),
+        (dict(optim=dict(min_fp8_numel=-1)), "optim.min_fp8_numel", {}),
+        (dict(precision=dict(fp8_activations=True)), "precision.fp8_activations", {}),  # needs precision=coat
+        (dict(precision=dict(name="coat", act_group_size=24)), "precision.act_group_size", {}),
         (dict(train=dict(micro_batch_size=0)), "train.micro_batch_size", {}),
         (dict(train=dict(eval_interval=-1)), "train.eval_interval", {}),
         (dict(logging=dict(backend="tensorboard")), "logging.backend", {}),

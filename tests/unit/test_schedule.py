@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from megaeff.config.schema import OptimConfig
 from megaeff.optim.builder import build_optimizer, param_groups
 from megaeff.optim.schedule import LRScheduler, lr_multiplier
 
@@ -73,7 +73,7 @@ def _model():
 
 
 def _optim(model, lr=1e-2):
-    ocfg = SimpleNamespace(lr=lr, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, impl="auto")
+    ocfg = OptimConfig(lr=lr, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, impl="auto")
     return build_optimizer(model, ocfg, torch.device("cpu"))
 
 

@@ -1,0 +1,104 @@
+"""The FP8 AdamW update contract and its exact torch reference.
+
+Every implementation (this reference, the Triton kernel, the CPU C++ kernel, the fused CUDA kernel) performs,
+per element of a parameter with FP8 moments, exactly this sequence of FP32 operations (no fused multiply-add,
+IEEE round-to-nearest division and square root), with the per-tensor scalars of `StepScalars` given as FP32:
+
+    m0 = dequantize(m codes, m meta);  v0 = dequantize(v codes, v meta)     (megaeff/precision/group_quant.py)
+    m  = (beta1 * m0) + (one_minus_beta1 * g)
+    v  = (beta2 * v0) + (one_minus_beta2 * (g * g))
+    d  = (sqrt(v) / bias_correction2_sqrt) + eps
+    p  = (p * decay) - (step_size * (m / d))
+    m codes, m meta = quantize(m);  v codes, v meta = quantize(v)            (per group, after the update)
+
+The parameter update uses the *unquantized* new moments (COAT, torchao): quantization error only reaches the
+following steps. Scalars are computed once per tensor and step on the host in float64 and rounded to FP32, so
+no implementation evaluates `pow` itself: decay = 1 - lr * weight_decay, step_size = lr / (1 - beta1^t),
+bias_correction2_sqrt = sqrt(1 - beta2^t).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from megaeff.precision.fp8 import Fp8Format
+from megaeff.precision.group_quant import GroupLayout, dequantize, quantize
+
+
+def f32(x: float) -> float:
+    """Round a Python float to the nearest FP32 value (kept as a Python float)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    decay: float
+    step_size: float
+    bias_correction2_sqrt: float
+
+    @classmethod
+    def compute(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> "StepScalars":
+        if step < 1:
+            raise ValueError(f"step counts from 1, got {step}")
+        return cls(
+            beta1=f32(beta1),
+            one_minus_beta1=f32(1.0 - beta1),
+            beta2=f32(beta2),
+            one_minus_beta2=f32(1.0 - beta2),
+            eps=f32(eps),
+            decay=f32(1.0 - lr * weight_decay),
+            step_size=f32(lr / (1.0 - beta1**step)),
+            bias_correction2_sqrt=f32(math.sqrt(1.0 - beta2**step)),
+        )
+
+
+@dataclass
+class Fp8Entry:
+    """One parameter with FP8 moments, as every backend receives it. All tensors are contiguous and on the
+    parameter's device; `param` and `grad` are FP32; codes are shaped like `param`; metas are [n_groups, 3]."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    m_codes: torch.Tensor
+    m_meta: torch.Tensor
+    v_codes: torch.Tensor
+    v_meta: torch.Tensor
+    layout: GroupLayout
+    scalars: StepScalars
+    m_fmt: Fp8Format
+    v_fmt: Fp8Format
+    expand: bool
+
+
+def adamw_math(p, m0, v0, g, s: StepScalars):
+    """The FP32 update of the contract, on dequantized (or FP32-stored) moments. Returns (p, m, v), new tensors."""
+    m = (m0 * s.beta1) + (g * s.one_minus_beta1)
+    v = (v0 * s.beta2) + ((g * g) * s.one_minus_beta2)
+    d = (torch.sqrt(v) / s.bias_correction2_sqrt) + s.eps
+    p = (p * s.decay) - ((m / d) * s.step_size)
+    return p, m, v
+
+
+def reference_update(entries: List[Fp8Entry]) -> None:
+    """In-place update of params, codes and metas; the exact reference for every kernel."""
+    for e in entries:
+        m0 = dequantize(e.m_codes, e.m_meta, e.layout)
+        v0 = dequantize(e.v_codes, e.v_meta, e.layout)
+        p, m, v = adamw_math(e.param, m0, v0, e.grad.float(), e.scalars)
+        e.param.copy_(p)
+        mc, mm = quantize(m, e.layout, e.m_fmt, e.expand)
+        vc, vm = quantize(v, e.layout, e.v_fmt, e.expand)
+        e.m_codes.copy_(mc)
+        e.m_meta.copy_(mm)
+        e.v_codes.copy_(vc)
+        e.v_meta.copy_(vm)

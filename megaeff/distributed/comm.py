@@ -1,13 +1,30 @@
-"""Collectives used by the trainer, each one counted in bytes by group and kind.
+"""Collectives, each one counted in bytes by group and kind, and Megatron's conjugate autograd collectives.
 
 Every collective in megaeff goes through this module so that the per-step metrics can report exactly what was
 sent. The counters live in a `CommStats` object owned by `ParallelDims` (no module-level state).
+
+Byte convention (one rule for every kind): a call records the **payload**, the size in bytes of the full
+logical tensor the collective is about, once per call on every rank:
+- all_reduce: the tensor reduced (N x h reduced -> N*h*e);
+- all_gather: the gathered result (p shards of N/p x h -> N*h*e);
+- reduce_scatter: the input before scattering (N x h -> N*h*e).
+A ring implementation moves (p-1)/p of the payload per rank for all-gather and reduce-scatter, and 2(p-1)/p for
+all-reduce, so a Megatron all-reduce pair and its sequence-parallel all-gather + reduce-scatter pair record the
+same bytes, as they move the same bytes. Nothing is recorded for a group of one (the call is a no-op).
+
+Autograd collectives (Megatron's `mappings.py`), each the conjugate of another:
+    copy_to_region      identity      | all-reduce        (enter a TP region with a replicated input)
+    reduce_from_region  all-reduce    | identity          (leave it with partial sums)
+    gather_seq          all-gather    | reduce-scatter    (enter a TP region from sequence-parallel shards)
+    reduce_scatter_seq  reduce-scatter| all-gather        (leave it into sequence-parallel shards)
+    split               split (no comm)| all-gather       (replicated -> sharded along `dim`)
+    gather              all-gather    | split (no comm)   (sharded along `dim` -> replicated, e.g. last dim)
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,12 +49,36 @@ class CommStats:
         self._bytes.clear()
 
 
+class CommGroup(NamedTuple):
+    """What a collective needs: the group (None: a group of one), its name for the counters, the stats, and this
+    rank's size/index in it. `ParallelDims.comm(name)` builds one."""
+
+    name: str
+    group: Optional[object]
+    stats: Optional[CommStats]
+    size: int
+    rank: int
+
+    def record(self, kind: str, nbytes: int) -> None:
+        if self.stats is not None:
+            self.stats.record(self.name, kind, nbytes)
+
+
+# torch >= 2.13 renamed the tensor forms (the old names still work, with a FutureWarning).
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def all_reduce_(tensor: torch.Tensor, group, group_name: str, stats: Optional[CommStats], op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce; a no-op for a group of one. Counts the payload once per call (not per algorithm hop)."""
     if group is None or dist.get_world_size(group) == 1:
         return tensor
     if stats is not None:
-        stats.record(group_name, "all_reduce", tensor.numel() * tensor.element_size())
+        stats.record(group_name, "all_reduce", _nbytes(tensor))
     dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
@@ -48,3 +89,165 @@ def all_reduce_scalar(
     # NCCL only reduces device tensors, so the scalar travels on the training device.
     t = torch.tensor([value], dtype=torch.float64, device=device)
     return float(all_reduce_(t, group, group_name, stats, op)[0])
+
+
+# ---------------------------------------------------------------------------------------------------- plain ops
+def check_divisible(size: int, cg: CommGroup, what: str) -> None:
+    if size % cg.size:
+        raise ValueError(f"{what} of size {size} is not divisible by the {cg.name} degree {cg.size}")
+
+
+def all_reduce(x: torch.Tensor, cg: CommGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Out-of-place all-reduce (the input is left alone: autograd may have saved it)."""
+    if cg.size == 1:
+        return x
+    out = x.contiguous().clone()
+    return all_reduce_(out, cg.group, cg.name, cg.stats, op)
+
+
+def all_gather(x: torch.Tensor, cg: CommGroup, dim: int) -> torch.Tensor:
+    """Concatenate the p equal shards along `dim`, in group-rank order."""
+    if cg.size == 1:
+        return x
+    buf = torch.empty(cg.size * x.numel(), dtype=x.dtype, device=x.device)
+    cg.record("all_gather", _nbytes(buf))
+    _ALL_GATHER(buf, x.contiguous().view(-1), group=cg.group)
+    return torch.cat(buf.view(cg.size, *x.shape).unbind(0), dim=dim)
+
+
+def reduce_scatter(x: torch.Tensor, cg: CommGroup, dim: int, what: str = "dimension") -> torch.Tensor:
+    """Sum over the group, keep this rank's 1/p slice along `dim`."""
+    if cg.size == 1:
+        return x
+    check_divisible(x.shape[dim], cg, what)
+    stacked = torch.stack(x.chunk(cg.size, dim=dim))  # rank q's slice at row q, contiguous
+    out = torch.empty(stacked[0].numel(), dtype=x.dtype, device=x.device)
+    cg.record("reduce_scatter", _nbytes(x))
+    _REDUCE_SCATTER(out, stacked.view(-1), group=cg.group)
+    return out.view(stacked.shape[1:])
+
+
+def split(x: torch.Tensor, cg: CommGroup, dim: int, what: str = "dimension") -> torch.Tensor:
+    """This rank's 1/p slice along `dim` (no communication)."""
+    if cg.size == 1:
+        return x
+    check_divisible(x.shape[dim], cg, what)
+    return x.chunk(cg.size, dim=dim)[cg.rank].contiguous()
+
+
+def all_gather_uneven(x: torch.Tensor, cg: CommGroup) -> List[torch.Tensor]:
+    """Every rank's 1-D tensor, whatever its length (sparse-value shards); for export and tests, not per step.
+    Records the sizes exchanged and the padded payload."""
+    if cg.size == 1:
+        return [x]
+    n = torch.tensor([x.numel()], dtype=torch.int64, device=x.device)
+    sizes = all_gather(n, cg, 0).tolist()
+    padded = torch.zeros(max(sizes), dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x.reshape(-1)
+    gathered = all_gather(padded, cg, 0).view(cg.size, -1)
+    return [gathered[i, :s] for i, s in enumerate(sizes)]
+
+
+# ---------------------------------------------------------------------------------------------------- autograd
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cg):
+        ctx.cg = cg
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_reduce(dy, ctx.cg), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cg):
+        return all_reduce(x, cg)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cg, dim):
+        ctx.cg, ctx.dim = cg, dim
+        return all_gather(x, cg, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return reduce_scatter(dy, ctx.cg, ctx.dim, "sequence"), None, None
+
+
+class _ReduceScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cg, dim):
+        ctx.cg, ctx.dim = cg, dim
+        return reduce_scatter(x, cg, dim, "sequence (sequence parallelism)")
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather(dy, ctx.cg, ctx.dim), None, None
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cg, dim, what):
+        ctx.cg, ctx.dim = cg, dim
+        return split(x, cg, dim, what)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return all_gather(dy, ctx.cg, ctx.dim), None, None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cg, dim):
+        ctx.cg, ctx.dim = cg, dim
+        return all_gather(x, cg, dim)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return split(dy, ctx.cg, ctx.dim), None, None
+
+
+def copy_to_region(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
+    """Identity forward, all-reduce backward: a replicated tensor consumed by shard-local computation. Also
+    used on a replicated *parameter* whose per-rank gradients are partial sums."""
+    return x if cg.size == 1 else _CopyToRegion.apply(x, cg)
+
+
+def reduce_from_region(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
+    """All-reduce forward, identity backward: partial sums -> the replicated total."""
+    return x if cg.size == 1 else _ReduceFromRegion.apply(x, cg)
+
+
+def gather_seq(x: torch.Tensor, cg: CommGroup, dim: int = 1) -> torch.Tensor:
+    """All-gather along the sequence forward, reduce-scatter backward (sequence parallelism, into a TP region)."""
+    return x if cg.size == 1 else _GatherSeq.apply(x, cg, dim)
+
+
+def reduce_scatter_seq(x: torch.Tensor, cg: CommGroup, dim: int = 1) -> torch.Tensor:
+    """Reduce-scatter along the sequence forward, all-gather backward (out of a TP region, sequence parallel)."""
+    return x if cg.size == 1 else _ReduceScatterSeq.apply(x, cg, dim)
+
+
+def split_along(x: torch.Tensor, cg: CommGroup, dim: int, what: str = "dimension") -> torch.Tensor:
+    """Keep this rank's slice forward, all-gather backward (a replicated tensor becomes sharded)."""
+    return x if cg.size == 1 else _Split.apply(x, cg, dim, what)
+
+
+def gather_along(x: torch.Tensor, cg: CommGroup, dim: int) -> torch.Tensor:
+    """All-gather forward, keep this rank's slice backward (sharded -> replicated, e.g. the last dim)."""
+    return x if cg.size == 1 else _Gather.apply(x, cg, dim)
+
+
+def gather_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
+    return gather_along(x, cg, -1)
+
+
+def split_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
+    return split_along(x, cg, -1, "last dimension")

@@ -1,11 +1,18 @@
-"""ParallelDims: parallel degrees -> rank coordinates and process groups.
+"""ParallelDims: parallel degrees -> rank coordinates, process groups and per-axis seeds.
 
 Rank order follows Megatron: tp innermost, then cp, then dp, pp outermost, so that the most
 communication-hungry axis (tp) stays within a node. The object is passed explicitly to every component that
 needs it; nothing reads parallel state from module globals.
 
-This version builds the data-parallel group; the tensor, context and pipeline axes are validated here and
-get their groups when their own modules land.
+Groups (`build_groups`, a collective every rank calls once): one per axis (`tp`, `cp`, `dp`, `pp`), the
+combinations other components reduce over (`dp_cp`: gradients, since cp ranks hold the same weights and see
+different tokens; `tp_cp`: the model-parallel ranks of one stage), and `world`. A group whose ranks are the
+whole world is `dist.group.WORLD`; a group of one rank is None, and every collective in `comm.py` is a no-op on
+None, so single-rank axes cost nothing. `mesh()` builds a DeviceMesh over the same layout on demand, for the
+torch-native APIs (FSDP2, DTensor); nothing here depends on it.
+
+`IMPLEMENTED_AXES` gates what a *training config* may ask for (`from_config`): the trainer wires only dp so far.
+Layer-level code and tests build any layout with `from_config(..., implemented=AXES)` or the constructor.
 """
 
 from __future__ import annotations
@@ -13,16 +20,46 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megaeff.distributed.comm import CommStats
+from megaeff.distributed.comm import CommGroup, CommStats
 from megaeff.errors import ConfigError
 
 AXES = ("tp", "cp", "dp", "pp")  # innermost first
 IMPLEMENTED_AXES = ("dp",)
+# Combined groups built alongside the axes: name -> the axes whose ranks it spans.
+COMBINED = {"dp_cp": ("cp", "dp"), "tp_cp": ("tp", "cp")}
+
+
+def resolve_degrees(degrees: Dict[str, int], world_size: int) -> Dict[str, int]:
+    """Fill in the one degree that may be -1 and check that the product is the world size."""
+    degrees = dict(degrees)
+    wild = [a for a, d in degrees.items() if d == -1]
+    if len(wild) > 1:
+        raise ConfigError(f"parallel.{wild[1]}", "only one parallel degree may be -1")
+    fixed = 1
+    for axis, d in degrees.items():
+        if d != -1:
+            if d < 1:
+                raise ConfigError(f"parallel.{axis}", f"must be >= 1 or -1, got {d}")
+            fixed *= d
+    if wild:
+        if world_size % fixed:
+            raise ConfigError(
+                f"parallel.{wild[0]}",
+                f"world size {world_size} is not divisible by the product of the other degrees ({fixed})",
+            )
+        degrees[wild[0]] = world_size // fixed
+    product = 1
+    for d in degrees.values():
+        product *= d
+    if product != world_size:
+        desc = " x ".join(f"{a}={degrees[a]}" for a in AXES)
+        raise ConfigError("parallel", f"{desc} = {product} ranks, but the world size is {world_size}")
+    return degrees
 
 
 @dataclass
@@ -37,46 +74,48 @@ class ParallelDims:
     groups: Dict[str, Optional[object]] = field(default_factory=dict)
     comm_stats: CommStats = field(default_factory=CommStats)
 
+    def __post_init__(self) -> None:
+        if self.tp * self.cp * self.dp * self.pp != self.world_size:
+            raise ConfigError(
+                "parallel", f"tp={self.tp} x cp={self.cp} x dp={self.dp} x pp={self.pp} != world size {self.world_size}"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside a world of {self.world_size}")
+
     @classmethod
-    def from_config(cls, pcfg, world_size: int, rank: int = 0, device: Optional[torch.device] = None) -> "ParallelDims":
-        degrees = {axis: int(getattr(pcfg, axis)) for axis in AXES}
-        wild = [a for a, d in degrees.items() if d == -1]
-        if len(wild) > 1:
-            raise ConfigError(f"parallel.{wild[1]}", "only one parallel degree may be -1")
-        fixed = 1
-        for axis, d in degrees.items():
-            if d != -1:
-                if d < 1:
-                    raise ConfigError(f"parallel.{axis}", f"must be >= 1 or -1, got {d}")
-                fixed *= d
-        if wild:
-            if world_size % fixed:
-                raise ConfigError(
-                    f"parallel.{wild[0]}",
-                    f"world size {world_size} is not divisible by the product of the other degrees ({fixed})",
-                )
-            degrees[wild[0]] = world_size // fixed
-        product = 1
-        for d in degrees.values():
-            product *= d
-        if product != world_size:
-            desc = " x ".join(f"{a}={degrees[a]}" for a in AXES)
-            raise ConfigError("parallel", f"{desc} = {product} ranks, but the world size is {world_size}")
+    def from_config(
+        cls,
+        pcfg,
+        world_size: int,
+        rank: int = 0,
+        device: Optional[torch.device] = None,
+        *,
+        implemented: Sequence[str] = IMPLEMENTED_AXES,
+    ) -> "ParallelDims":
+        """Validate a `parallel` config against the world size. `implemented`: the axes allowed above 1 (the
+        trainer's default refuses what it cannot run yet; layer tests pass `AXES`)."""
+        degrees = resolve_degrees({axis: int(getattr(pcfg, axis)) for axis in AXES}, world_size)
         for axis in AXES:
-            if degrees[axis] > 1 and axis not in IMPLEMENTED_AXES:
+            if degrees[axis] > 1 and axis not in implemented:
                 raise ConfigError(
-                    f"parallel.{axis}", f"degree {degrees[axis]} requested, but only {', '.join(IMPLEMENTED_AXES)} > 1 is supported in this build"
+                    f"parallel.{axis}",
+                    f"degree {degrees[axis]} requested, but only {', '.join(implemented)} > 1 is supported in this build",
                 )
         return cls(**degrees, world_size=world_size, rank=rank, device=device or torch.device("cpu"))
 
-    # Coordinates: rank = tp_rank + tp*(cp_rank + cp*(dp_rank + dp*pp_rank)).
-    def _coord(self, axis: str) -> int:
+    # ------------------------------------------------------------------ coordinates
+    # rank = tp_rank + tp*(cp_rank + cp*(dp_rank + dp*pp_rank)).
+    def _coord(self, axis: str, rank: Optional[int] = None) -> int:
+        rank = self.rank if rank is None else rank
         stride = 1
         for a in AXES:
             if a == axis:
-                return (self.rank // stride) % getattr(self, a)
+                return (rank // stride) % getattr(self, a)
             stride *= getattr(self, a)
         raise KeyError(axis)
+
+    def coords(self, rank: Optional[int] = None) -> Dict[str, int]:
+        return {a: self._coord(a, rank) for a in AXES}
 
     @property
     def tp_rank(self) -> int:
@@ -98,27 +137,106 @@ class ParallelDims:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    # ------------------------------------------------------------------ groups
+    def _axes_of(self, name: str) -> Tuple[str, ...]:
+        if name in AXES:
+            return (name,)
+        if name in COMBINED:
+            return COMBINED[name]
+        if name == "world":
+            return AXES
+        raise KeyError(f"unknown process group {name!r}; known: {', '.join((*AXES, *COMBINED, 'world'))}")
+
+    def group_ranks(self, name: str) -> List[List[int]]:
+        """Every group of `name` as a sorted rank list, in a fixed order (the same on every rank)."""
+        spanned = self._axes_of(name)
+        by_key: Dict[Tuple[int, ...], List[int]] = {}
+        for r in range(self.world_size):
+            key = tuple(self._coord(a, r) for a in AXES if a not in spanned)
+            by_key.setdefault(key, []).append(r)
+        return sorted(by_key.values())  # by lowest rank
+
+    def size(self, name: str) -> int:
+        n = 1
+        for a in self._axes_of(name):
+            n *= getattr(self, a)
+        return n
+
+    def rank_in(self, name: str) -> int:
+        """This rank's index inside its `name` group (ranks are numbered by global rank)."""
+        for ranks in self.group_ranks(name):
+            if self.rank in ranks:
+                return ranks.index(self.rank)
+        raise AssertionError("unreachable: every rank is in one group of each kind")
+
     def group(self, name: str):
-        """The process group of an axis (None for an axis of size one or a single-process run)."""
+        """The process group of an axis or combination (None for a group of one or a single-process run)."""
         return self.groups.get(name)
 
-    def build_groups(self) -> None:
-        """Create the data-parallel group. Every rank must call this, in the same order (a collective)."""
+    def comm(self, name: str) -> CommGroup:
+        """The handle `comm.py`'s collectives take: the group, its name for the byte counters, and the stats."""
+        return CommGroup(name, self.group(name), self.comm_stats, self.size(name), self.rank_in(name))
+
+    def build_groups(self, names: Iterable[str] = (*AXES, *COMBINED)) -> None:
+        """Create the process groups. Every rank must call this with the same `names` (new_group is collective,
+        even for groups the caller is not in)."""
         if self.world_size == 1:
             return
-        stride = self.tp * self.cp
-        for pp_rank in range(self.pp):
-            for inner in range(stride):
-                base = pp_rank * self.dp * stride + inner
-                ranks = [base + i * stride for i in range(self.dp)]
-                grp = dist.new_group(ranks) if self.dp < self.world_size else dist.group.WORLD
-                if self.rank in ranks:
-                    self.groups["dp"] = grp
         self.groups["world"] = dist.group.WORLD
+        made: Dict[Tuple[int, ...], object] = {}  # identical rank sets share one communicator (dp_cp when cp=1)
+        for name in names:
+            for ranks in self.group_ranks(name):
+                key = tuple(ranks)
+                if len(ranks) == 1:
+                    grp = None
+                elif len(ranks) == self.world_size:
+                    grp = dist.group.WORLD
+                elif key in made:
+                    grp = made[key]
+                else:
+                    grp = made[key] = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.groups[name] = grp
 
+    def mesh(self):
+        """A DeviceMesh (pp, dp, cp, tp), outermost first, with the same rank order; built on demand because it
+        creates its own communicators."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+
+    # ------------------------------------------------------------------ seeds
     def axis_seed(self, seed: int, axis: str) -> int:
         """Seed that differs across ranks of `axis` and agrees along every other axis."""
         return seed + 1_000_003 * self._coord(axis)
+
+    def seed_for(self, seed: int, distinct: Sequence[str] = ()) -> int:
+        """Seed that differs across the ranks of every axis in `distinct` and agrees along the others.
+
+        Dropout on tp-sharded activations needs `distinct=("tp",)` (each shard masks different elements, as the
+        single-process mask would), while dropout on replicated or sequence-parallel activations must agree over
+        tp (`distinct=()`); pipeline stages hold different layers, so `("pp",)` keeps their streams apart. Every
+        choice agrees over dp, so data-parallel replicas stay identical.
+        """
+        for axis in distinct:
+            if axis not in AXES:
+                raise KeyError(axis)
+        if not distinct:
+            return seed
+        mixed, stride = 0, 1
+        for axis in AXES:
+            if axis in distinct:
+                mixed += stride * self._coord(axis)
+                stride *= getattr(self, axis)
+        return seed + 1_000_003 * mixed
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:

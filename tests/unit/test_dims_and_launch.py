@@ -90,6 +90,30 @@ def test_axis_seed():
     assert d1.axis_seed(5, "tp") != d0.axis_seed(5, "tp")
 
 
+def test_group_ranks_and_seeds():
+    d = ParallelDims(tp=2, cp=2, dp=2, pp=1, world_size=8, rank=5)  # tp 1, cp 0, dp 1
+    assert d.group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert d.group_ranks("dp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert d.group_ranks("dp_cp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert d.group_ranks("tp_cp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert (d.size("dp_cp"), d.rank_in("dp_cp"), d.rank_in("tp"), d.size("world")) == (4, 2, 1, 8)
+    assert d.is_first_stage and d.is_last_stage
+    with pytest.raises(KeyError):
+        d.group_ranks("ep")
+    seeds = [ParallelDims(tp=2, cp=2, dp=2, pp=1, world_size=8, rank=r) for r in range(8)]
+    tp_seeds = [x.seed_for(7, ("tp",)) for x in seeds]
+    assert tp_seeds[0] != tp_seeds[1] and tp_seeds[0] == tp_seeds[2] == tp_seeds[4]  # equal over cp and dp
+    assert len({x.seed_for(7, ("tp", "cp")) for x in seeds}) == 4
+    assert {x.seed_for(7) for x in seeds} == {7}
+
+
+def test_inconsistent_degrees_rejected():
+    with pytest.raises(ConfigError):
+        ParallelDims(tp=2, cp=1, dp=1, pp=1, world_size=4)
+    with pytest.raises(ValueError, match="rank 4"):
+        ParallelDims(tp=2, cp=1, dp=2, pp=1, world_size=4, rank=4)
+
+
 def test_single_process_groups():
     d = ParallelDims.from_config(ParallelConfig(), 1)
     d.build_groups()  # no process group needed for one rank

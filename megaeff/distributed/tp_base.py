@@ -1,0 +1,186 @@
+"""The common machinery of the tensor-parallel linear layers, and the dense (Megatron) pair.
+
+A TP layer is built from a single-process layer of megaeff/layers (`from_logical`) or re-initialized from the
+seed (`init_weights`, which builds the logical layer on the CPU, runs its layout-independent init and keeps this
+rank's shard), so concatenating the shards always gives exactly the single-process tensors. Each class declares
+how every parameter is split (`SPLITS[name][style]`):
+
+    rows        the logical tensor's dim 0 is split in tp equal blocks, rank i keeps block i
+    cols        the same along dim 1
+    replicated  every tp rank holds the whole tensor (kept identical: its gradient is complete on every rank,
+                or all-reduced over tp in backward by `copy_to_region` where it is a partial sum)
+    support     (SLTrain's sparse values) the entries whose logical position falls in this rank's rows / cols
+
+Each parameter carries `tp_split` (that word) so later wiring (gradient norm, checkpoints, optimizers) can tell
+sharded from replicated tensors. Layers compute through the logical layer's `ops` (megaeff/layers/ops.py), so an
+activation policy such as FP8 activations applies unchanged.
+
+Conventions of the region boundaries (Megatron's): a column-parallel layer takes a replicated input (or, with
+sequence parallelism, the sequence shard) and returns its output features' shard; the gradient it hands back for
+its input is complete (or the complete sequence shard). A row-parallel layer takes its input features' shard
+and returns the replicated output (or the output's sequence shard).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from megaeff.distributed.comm import (
+    CommGroup,
+    all_gather,
+    copy_to_region,
+    gather_last,
+    gather_seq,
+    reduce_from_region,
+    reduce_scatter_seq,
+)
+from megaeff.layers.ops import resolve
+
+STYLES = ("column", "row")
+
+# The logical constructor's hyperparameters per method (attribute names of the single-process layer).
+LOGICAL_ARGS = {
+    "dense": (),
+    "lowrank": ("rank",),
+    "sltrain": ("rank", "alpha", "density", "path"),
+    "lost": ("rank", "channel_ratio", "gamma", "act", "complement_rank", "sparse_init"),
+}
+
+
+class TPLinear(nn.Module):
+    method = ""
+    SPLITS: Dict[str, Dict[str, str]] = {}
+
+    def __init__(self, logical: nn.Module, dims, style: str, *, sequence_parallel: bool = False,
+                 gather_output: bool = False, seq_dim: int = 1):
+        super().__init__()
+        if style not in STYLES:
+            raise ValueError(f"unknown tensor-parallel style {style!r}; available: {', '.join(STYLES)}")
+        if gather_output and style != "column":
+            raise ValueError("gather_output applies to column-parallel layers only")
+        self.cg: CommGroup = dims.comm("tp")
+        self.style, self.sequence_parallel, self.gather_output, self.seq_dim = style, bool(sequence_parallel), gather_output, seq_dim
+        self.in_features, self.out_features = logical.in_features, logical.out_features
+        self.name = getattr(logical, "name", None)
+        self.ops = resolve(getattr(logical, "ops", None))
+        self._logical_cls = type(logical)
+        self._logical_kwargs = {k: getattr(logical, k) for k in LOGICAL_ARGS[self.method]}
+        p = self.cg.size
+        split, size = ("out_features", self.out_features) if style == "column" else ("in_features", self.in_features)
+        if size % p:
+            raise ValueError(
+                f"tensor parallelism: layer {self.name or '?'} ({self.method}, {style}-parallel) needs {split}={size} "
+                f"divisible by tp={p}"
+            )
+        self.local_in = self.in_features // p if style == "row" else self.in_features
+        self.local_out = self.out_features // p if style == "column" else self.out_features
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_logical(cls, logical: nn.Module, dims, style: str, **kw) -> "TPLinear":
+        """This rank's shard of a single-process layer (any device; the shard lands where the layer is)."""
+        layer = cls(logical, dims, style, **kw)
+        layer.load_logical(logical)
+        return layer
+
+    def build_logical(self) -> nn.Module:
+        """A fresh single-process layer with the same hyperparameters (CPU, fp32), for `init_weights`."""
+        return self._logical_cls(self.in_features, self.out_features, name=self.name, ops=self.ops, **self._logical_kwargs)
+
+    def init_weights(self, prefix: str, init) -> None:
+        """Layout-independent init: run the logical layer's own init, keep this rank's shard. The whole logical
+        layer exists transiently on the CPU (the seeded streams are sequential, so a shard cannot be drawn alone)."""
+        logical = self.build_logical()
+        logical.init_weights(prefix, init)
+        self.load_logical(logical)
+
+    def shard(self, name: str, tensor: torch.Tensor, logical: nn.Module) -> torch.Tensor:
+        spec = self.SPLITS[name][self.style]
+        p, r = self.cg.size, self.cg.rank
+        if spec == "replicated":
+            return tensor
+        if spec == "rows":
+            return tensor.chunk(p, 0)[r]
+        if spec == "cols":
+            return tensor.chunk(p, 1)[r]
+        raise NotImplementedError(f"{type(self).__name__} must shard {name} ({spec})")
+
+    def load_logical(self, logical: nn.Module) -> None:
+        """Take this rank's shard of every parameter (and derived buffers) of `logical`."""
+        for name in self.SPLITS:
+            source = getattr(logical, name).detach()
+            value = self.shard(name, source, logical).clone()
+            self._set_param(name, value)
+        self._load_buffers(logical)
+
+    def _set_param(self, name: str, value: torch.Tensor) -> None:
+        current = getattr(self, name, None)
+        if isinstance(current, nn.Parameter) and current.shape == value.shape and not current.is_meta:
+            with torch.no_grad():
+                current.copy_(value)
+        else:  # first load, or a data-dependent size (SLTrain's support shard)
+            if isinstance(current, nn.Parameter) and not current.is_meta:
+                value = value.to(device=current.device, dtype=current.dtype)
+            setattr(self, name, nn.Parameter(value.contiguous()))
+        getattr(self, name).tp_split = self.SPLITS[name][self.style]
+
+    def _load_buffers(self, logical: nn.Module) -> None:
+        pass
+
+    # ------------------------------------------------------------------ logical views (tests, export)
+    def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        spec = self.SPLITS[name][self.style]
+        if spec == "replicated":
+            return tensor
+        return all_gather(tensor, self.cg, 0 if spec == "rows" else 1)
+
+    def logical_params(self) -> Dict[str, torch.Tensor]:
+        """Every parameter in its logical shape (a collective over tp)."""
+        return {n: self.gather(n, getattr(self, n).detach()) for n in self.SPLITS}
+
+    def logical_grads(self) -> Dict[str, Optional[torch.Tensor]]:
+        """Every gradient in its logical shape (a collective over tp); replicated ones as held by this rank."""
+        out = {}
+        for n in self.SPLITS:
+            g = getattr(self, n).grad
+            out[n] = None if g is None else self.gather(n, g)
+        return out
+
+    # ------------------------------------------------------------------ region boundaries
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Column input: the sequence shards gathered (SP), or the replicated input whose gradient is summed."""
+        return gather_seq(x, self.cg, self.seq_dim) if self.sequence_parallel else copy_to_region(x, self.cg)
+
+    def leave(self, y: torch.Tensor) -> torch.Tensor:
+        """Row output: partial sums reduced, into sequence shards (SP) or replicated."""
+        return reduce_scatter_seq(y, self.cg, self.seq_dim) if self.sequence_parallel else reduce_from_region(y, self.cg)
+
+    def shared(self, param: torch.Tensor) -> torch.Tensor:
+        """A replicated parameter whose per-rank gradient is a partial sum (it meets sharded data): all-reduced
+        over tp in backward."""
+        return copy_to_region(param, self.cg)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return gather_last(y, self.cg) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.method}, {self.style}-parallel, in={self.in_features}, out={self.out_features}, "
+            f"tp={self.cg.size}, sequence_parallel={self.sequence_parallel}"
+        )
+
+
+class DenseTP(TPLinear):
+    """Megatron's pair. column: W's rows sharded, input replicated (copy_to_region) or all-gathered (SP).
+    row: W's columns sharded, output all-reduced or reduce-scattered (SP)."""
+
+    method = "dense"
+    SPLITS = {"weight": {"column": "rows", "row": "cols"}}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "column":
+            return self.finish(self.ops.dense(self.enter(x), self.weight))
+        return self.leave(self.ops.dense(x, self.weight))

@@ -81,7 +81,10 @@ def version():
 # Tokenizer back ends and megatron-core are test dependencies: the suite checks loading local tokenizers and
 # byte-level compatibility of .bin/.idx files with Megatron-Core's own reader and writer.
 TOKENIZERS = ["tokenizers>=0.15", "sentencepiece>=0.1.99", "transformers>=4.40"]
-TEST = ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17", "megatron-core>=0.9"] + TOKENIZERS
+# triton runs its kernels under TRITON_INTERPRET=1 on CPU (the FP8 AdamW kernel is tested that way); torchao's
+# FP8 / 8-bit AdamW are the anchors the FP8 optimizer is compared with; deepspeed's launcher starts a test run.
+TEST = ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17", "megatron-core>=0.9", "triton>=3.0", "torchao>=0.10",
+        "deepspeed>=0.14"] + TOKENIZERS
 
 setup(
     name="megaeff",

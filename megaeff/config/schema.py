@@ -109,6 +109,12 @@ class ParallelConfig:
     cp: int = 1
     dp: int = -1
     pp: int = 1
+    # Megatron-SP: norms and the residual stream sharded along the sequence over tp (needs tp > 1 to matter).
+    sequence_parallel: bool = False
+    # Data-parallel gradient reduction over dp x cp: buckets of about bucket_mb MB, each all-reduced as soon as
+    # its last gradient is ready during the final micro-batch's backward (overlap), or all at the end (false).
+    bucket_mb: float = 25.0
+    overlap_grad_reduce: bool = True
 
 
 @dataclass

@@ -173,7 +173,11 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
     for k, v in degrees.items():
         if v != -1 and v < 1:
             raise ConfigError(f"parallel.{k}", f"must be >= 1 or -1, got {v}")
+    if p.bucket_mb <= 0:
+        raise ConfigError("parallel.bucket_mb", f"must be > 0, got {p.bucket_mb}")
     if world_size is not None:
         from megaeff.distributed.dims import ParallelDims
+        from megaeff.distributed.tensor_parallel import check_tp_layout
 
-        ParallelDims.from_config(p, world_size)
+        dims = ParallelDims.from_config(p, world_size)
+        check_tp_layout(cfg.model, dims.tp, seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel)

@@ -137,6 +137,23 @@ class TPLinear(nn.Module):
             return tensor
         return all_gather(tensor, self.cg, 0 if spec == "rows" else 1)
 
+    def split_of(self, name: str) -> str:
+        return self.SPLITS[name][self.style]
+
+    def shard_logical(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a tensor shaped like the logical parameter `name` (its value, or optimizer state
+        of the same shape), for checkpoint loads."""
+        return self.shard(name, tensor, None)
+
+    def logical_shape(self, name: str) -> torch.Size:
+        local = getattr(self, name).shape
+        spec = self.split_of(name)
+        if spec == "rows":
+            return torch.Size((local[0] * self.cg.size, *local[1:]))
+        if spec == "cols":
+            return torch.Size((local[0], local[1] * self.cg.size, *local[2:]))
+        return local
+
     def logical_params(self) -> Dict[str, torch.Tensor]:
         """Every parameter in its logical shape (a collective over tp)."""
         return {n: self.gather(n, getattr(self, n).detach()) for n in self.SPLITS}

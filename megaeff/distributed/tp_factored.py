@@ -63,6 +63,10 @@ class SLTrainTP(TPLinear):
         self.rank, self.scale, self.path = logical.rank, logical.scale, logical.path
         self.register_buffer("sparse_index", torch.empty(0, dtype=torch.int32), persistent=False)
         self.register_buffer("index_checksum", torch.zeros((), dtype=torch.int64))
+        # Where this shard's entries sit in the logical (sorted) value vector, and its length: enough to cut a
+        # logical vector (a checkpoint's values or their optimizer state) without the logical support.
+        self.register_buffer("logical_positions", torch.empty(0, dtype=torch.int64), persistent=False)
+        self.logical_nnz = 0
 
     def _support_mask(self, index: torch.Tensor) -> torch.Tensor:
         n, p, r = self.in_features, self.cg.size, self.cg.rank
@@ -100,7 +104,17 @@ class SLTrainTP(TPLinear):
             return
         mask = self._support_mask(logical.sparse_index)
         self.sparse_index = self._local_index(logical.sparse_index[mask]).to(self.sparse_values.device)
+        self.logical_positions = mask.nonzero().squeeze(1).to(self.sparse_values.device)
+        self.logical_nnz = int(logical.sparse_index.numel())
         self.index_checksum = logical.index_checksum.detach().clone()
+
+    def shard_logical(self, name, tensor):
+        if name != "sparse_values":
+            return super().shard_logical(name, tensor)
+        return tensor[self.logical_positions.to(tensor.device)]
+
+    def logical_shape(self, name):
+        return torch.Size((self.logical_nnz,)) if name == "sparse_values" else super().logical_shape(name)
 
     def gather(self, name, tensor):
         if name != "sparse_values":

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megaeff.distributed.comm import CommGroup, all_reduce, reduce_from_region, reduce_scatter_seq
+from megaeff.distributed.comm import CommGroup, all_gather, all_reduce, reduce_from_region, reduce_scatter_seq
 
 
 def _vocab_range(vocab: int, cg: CommGroup, what: str):
@@ -50,6 +50,19 @@ class VocabParallelEmbedding(nn.Module):
         full = torch.empty(self.num_embeddings, self.embedding_dim)
         init(f"{prefix}.weight", full)  # the logical N(0, std) draw of the dense table
         self.load_logical(full)
+
+    # The same interface as the TP linear layers (megaeff/distributed/tp_base.py) for checkpoints and norms.
+    def split_of(self, name: str) -> str:
+        return "rows"
+
+    def shard_logical(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.start : self.end]
+
+    def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return all_gather(tensor, self.cg, 0)
+
+    def logical_shape(self, name: str) -> torch.Size:
+        return torch.Size((self.num_embeddings, self.embedding_dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.end)

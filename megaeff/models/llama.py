@@ -40,10 +40,13 @@ class Attention(nn.Module):
         self.o = build_linear(cfg.dim, cfg.dim, name=f"{prefix}.o", method=method, act=act)
 
     def forward(self, x, cos, sin, backend, positions=None, segment_ids=None):
-        B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        # T from the projections: under sequence parallelism x holds a sequence shard and q/k/v the whole sequence;
+        # under tensor parallelism n_heads and n_kv_heads are this rank's heads.
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin, positions)
         k = apply_rope(k, cos, sin, positions)
         out = backend(q, k, v, causal=True, segment_ids=segment_ids)

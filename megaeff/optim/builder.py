@@ -7,6 +7,9 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from megaeff.distributed.logical_state import fp8_group_problem
+from megaeff.errors import ConfigError
+
 
 def param_groups(model: nn.Module, weight_decay: float):
     decay, no_decay = [], []
@@ -40,6 +43,13 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device, pcfg=None) -> 
             first_moment=ocfg.first_moment, second_moment=ocfg.second_moment, expand=ocfg.expand,
             min_fp8_numel=ocfg.min_fp8_numel, backend=ocfg.fp8_backend, device=device,
         )
+        for name, p in model.named_parameters():
+            problem = fp8_group_problem(p) if opt.uses_fp8(p) else ""
+            if problem:
+                raise ConfigError(
+                    "parallel.tp", f"FP8 optimizer states of {name}: {problem} (COAT's groups must not straddle "
+                    "tensor-parallel shards); use a tp degree that keeps whole groups, or optim=adamw"
+                )
         moments = f"{ocfg.first_moment}/{ocfg.second_moment}" + (" + range expansion" if ocfg.expand else "")
         return opt, f"FP8 moments {moments}, kernel {opt.backend.name}"
     impl = resolve_impl(ocfg.impl, device)

@@ -116,8 +116,11 @@ def save_checkpoint(
     rank: int,
     world_size: int,
     keep_last: int,
+    logical=None,
 ) -> Path:
-    """Collective over all ranks: rank 0 writes the shared files, every rank writes its RNG file."""
+    """Collective over all ranks: rank 0 writes the shared files, every rank writes its RNG file.
+    `logical` (megaeff.distributed.logical_state.LogicalState) turns sharded parameters and their optimizer
+    state into logical tensors first (a collective over tp), so the files never depend on the layout."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
@@ -128,9 +131,13 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier(world_size)
     _save_tensor_file(rng_state(), tmp / f"rng_rank{rank}.pt")
+    model_state = {k: v.detach() for k, v in model.state_dict().items()}
+    optim_state = optimizer_state_by_name(model, optimizer)
+    if logical is not None and logical.sharded:
+        model_state, optim_state = logical.gather_model(model_state), logical.gather_optimizer(optim_state)
     if rank == 0:
-        _save_tensor_file({k: v.detach() for k, v in model.state_dict().items()}, tmp / "model.pt")
-        _save_tensor_file(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
+        _save_tensor_file(model_state, tmp / "model.pt")
+        _save_tensor_file(optim_state, tmp / "optimizer.pt")
         _save_tensor_file(dict(trainer_state, format_version=FORMAT_VERSION, world_size=world_size), tmp / "trainer.pt")
         _fsync_write(tmp / "config.yaml", config_yaml.encode())
     _barrier(world_size)
@@ -212,16 +219,23 @@ def verify_checkpoint(path: Path) -> Dict:
     return manifest
 
 
-def load_checkpoint(path: Path, *, model, optimizer, rank: int) -> Dict:
-    """Restore model and optimizer in place; return the trainer state (step, data position, scheduler, ...)."""
+def load_checkpoint(path: Path, *, model, optimizer, rank: int, logical=None) -> Dict:
+    """Restore model and optimizer in place; return the trainer state (step, data position, scheduler, ...).
+    With `logical`, each rank keeps its shard of the logical tensors (no communication)."""
     path = Path(path)
     verify_checkpoint(path)
     state = _load(path / "model.pt")
+    saved_optim = _load(path / "optimizer.pt")
+    if logical is not None and logical.sharded:
+        try:
+            state, saved_optim = logical.shard_model(state), logical.shard_optimizer(saved_optim)
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(path, f"does not fit the configured model and layout: {exc}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(path, f"model weights do not match the configured model: {exc}") from None
-    load_optimizer_state_by_name(model, optimizer, _load(path / "optimizer.pt"), path)
+    load_optimizer_state_by_name(model, optimizer, saved_optim, path)
     trainer_state = _load(path / "trainer.pt")
     rng_file = path / f"rng_rank{rank}.pt"
     # A run resumed on more ranks than it was saved with has no RNG file for the new ranks; they keep their seed.

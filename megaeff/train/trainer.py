@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from megaeff.config.schema import Config
 from megaeff.config.validate import validate_config
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
-from megaeff.distributed.comm import all_reduce_, all_reduce_scalar
+from megaeff.distributed.comm import all_reduce_scalar
+from megaeff.distributed.data_parallel import GradReducer
 from megaeff.distributed.dims import ParallelDims
+from megaeff.distributed.logical_state import LogicalState, annotate_parameters
+from megaeff.distributed.parallelize import loss_sum, parallelize
 from megaeff.errors import DataError
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
@@ -34,6 +36,7 @@ from megaeff.optim.schedule import LRScheduler
 from megaeff.precision.fp8_activations import activation_ops
 from megaeff.precision.saved_bytes import SavedBytes
 from megaeff.train import checkpoint as ckpt
+from megaeff.train.grad_clip import clip_grad_norm_
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
 from megaeff.train.signals import StopRequest
@@ -85,14 +88,22 @@ class Trainer:
 
         self.act_ops = activation_ops(cfg.precision)
         model = build_llama(cfg.model, cfg.method, device="meta", act=self.act_ops)
-        self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
-        self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
-        self.n_params = count_params(self.model)
+        # Sizes and work of the logical model (every rank the same), before it is split across ranks.
+        self.n_params = count_params(model)
         self.tokens_per_call = t.micro_batch_size * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len, self.tokens_per_call)
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.tokens_per_call)
+        self.method_summary = describe_method(model, self.tokens_per_call)
+        model = parallelize(model, dims, cfg.parallel)
+        self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
+        annotate_parameters(self.model)
+        self.logical = LogicalState(self.model)
+        self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
 
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
+        self.grad_reducer = GradReducer(
+            list(self.model.named_parameters()), dims, bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap_grad_reduce
+        )
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
@@ -101,7 +112,9 @@ class Trainer:
 
         resume_dir = ckpt.find_resume_dir(self.run_dir, t.resume)
         if resume_dir is not None:
-            state = ckpt.load_checkpoint(resume_dir, model=self.model, optimizer=self.optimizer, rank=dims.rank)
+            state = ckpt.load_checkpoint(
+                resume_dir, model=self.model, optimizer=self.optimizer, rank=dims.rank, logical=self.logical
+            )
             self.step = int(state["step"])
             self.consumed_samples = int(state["consumed_samples"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -138,10 +151,12 @@ class Trainer:
             + (f"; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
             f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.2f} MFLOPs/token), "
             f"attention {self.model.attention_backend.name}, optimizer {type(self.optimizer).__name__} ({self.optim_impl}), precision {c.precision.name}",
-            f"method: {describe_method(self.model, self.tokens_per_call)}; activations saved for backward: {self.act_ops.name}",
+            f"method: {self.method_summary}; activations saved for backward: {self.act_ops.name}",
             f"layout: tp={self.dims.tp} cp={self.dims.cp} dp={self.dims.dp} pp={self.dims.pp} on {self.device}; "
             f"global batch {self.global_batch_size} x {c.data.seq_len} tokens "
-            f"(micro {c.train.micro_batch_size} x dp {self.dims.dp} x accum {c.train.grad_accum})",
+            f"(micro {c.train.micro_batch_size} x dp {self.dims.dp} x accum {c.train.grad_accum})"
+            + ("; sequence parallel" if self.dims.tp > 1 and c.parallel.sequence_parallel else ""),
+            self.grad_reducer.describe(),
         ]
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.consumed_samples} samples consumed)")
@@ -157,8 +172,7 @@ class Trainer:
         extra = {k: batch[k].to(self.device) for k in ("positions", "segment_ids") if k in batch}
         with self._autocast():
             logits = self.model(inputs.to(self.device), **extra)
-        labels = batch["labels"].to(self.device)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum(logits, batch["labels"].to(self.device), self.dims)
 
     # ---------------------------------------------------------------- step
     def train_step(self) -> Dict[str, float]:
@@ -179,20 +193,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
         act_saved_bytes = 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
             # Bytes autograd keeps for backward (parameters excluded): what FP8 activations shrink.
             with SavedBytes(self.model) as saved:
                 loss = self._loss_sum(batch)
             act_saved_bytes = max(act_saved_bytes, saved.bytes)
+            self.grad_reducer.prepare(final=i == len(batches) - 1)
             (loss / global_tokens).backward()
             loss_sum += loss.detach().double().cpu()
+        self.grad_reducer.finish()  # gradients summed over dp x cp, partly during the last backward
         params = [p for p in self.model.parameters() if p.grad is not None]
-        for p in params:
-            all_reduce_(p.grad, dp_group, "dp", stats)
         loss_total = all_reduce_scalar(float(loss_sum), dp_group, "dp", stats, self.device)
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = clip_grad_norm_(params, max_norm, self.dims)
         lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
         self.optimizer.step()
         self.scheduler.step()
@@ -241,6 +255,7 @@ class Trainer:
             rank=self.dims.rank,
             world_size=self.dims.world_size,
             keep_last=self.cfg.train.keep_last,
+            logical=self.logical,
         )
 
     def _stop_reason(self, started: float) -> Optional[str]:

@@ -71,10 +71,11 @@ def test_torchrun_two_ranks_match_single_process(reference, tmp_path):
     assert len(runs) == 1, runs
     assert_matches(reference, runs[0])
     assert "dp=2" in proc.stdout
-    # Every byte counted: per step, the fp32 gradients plus two float64 scalars (token count, loss) over dp,
-    # and one float64 stop flag over the world group.
+    # Every byte counted: per step, the fp32 gradients (bucketed, over dp x cp), two float64 scalars (token
+    # count, loss) over dp, and one float64 stop flag over the world group.
     rec = json.loads((runs[0] / "metrics.jsonl").read_text().splitlines()[0])
-    assert rec["comm_bytes/dp/all_reduce"] == rec["mem_params_bytes"] + 16
+    assert rec["comm_bytes/dp_cp/all_reduce"] == rec["mem_params_bytes"]
+    assert rec["comm_bytes/dp/all_reduce"] == 16
     assert rec["comm_bytes/world/all_reduce"] == 8
     assert rec["comm_bytes"] == rec["mem_params_bytes"] + 24
 

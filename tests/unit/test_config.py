@@ -139,8 +139,13 @@ def test_every_yaml_composes_and_validates(group, option, compose_cfg):
     if group in ("model", "method", "precision", "optim", "data"):
         # These group files name themselves after the file (method presets after the method they configure).
         assert getattr(cfg, group).name == (option.split("_", 1)[0] if sized else option)
-    validate_config(cfg, world_size=1, tokenizer_vocab=257)
-    ParallelDims.from_config(cfg.parallel, 1)
+    # Parallel presets name their degrees: validate each at the world size it asks for (-1 takes one rank).
+    world = 1
+    if group == "parallel":
+        for axis in ("tp", "cp", "dp", "pp"):
+            world *= max(getattr(cfg.parallel, axis), 1)
+    validate_config(cfg, world_size=world, tokenizer_vocab=257)
+    ParallelDims.from_config(cfg.parallel, world)
 
 
 def test_conf_groups_exist():

@@ -27,14 +27,13 @@ def test_from_config_explicit_degrees_and_rank():
 
 
 def test_from_config_rejects_unimplemented_axes():
-    for axis in ("tp", "cp", "pp"):
+    for axis in ("cp", "pp"):
         pcfg = ParallelConfig(**{axis: 2, "dp": -1})
         with pytest.raises(ConfigError) as exc:
             ParallelDims.from_config(pcfg, 4)
         assert exc.value.field == f"parallel.{axis}"
-    with pytest.raises(ConfigError) as exc:
-        ParallelDims.from_config(ParallelConfig(tp=2, cp=1, dp=1, pp=1), 2)
-    assert exc.value.field == "parallel.tp"
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, cp=1, dp=1, pp=1), 2)
+    assert (dims.tp, dims.dp) == (2, 1)
 
 
 def test_from_config_errors():

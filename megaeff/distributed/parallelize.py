@@ -1,0 +1,104 @@
+"""`parallelize(model, dims, pcfg)`: the one place a logical (single-process) LLaMA becomes this rank's part of a
+parallel layout, always in the same order:
+
+    pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing -> FSSDP
+
+Only the tensor-parallel step exists so far; each later step lands as its own function called from here.
+It runs on the meta-built model, before materialization, so no rank ever allocates the whole model: every
+replaced module keeps its logical name and its `init_weights` draws the logical tensors from the seed and keeps
+this rank's shard (megaeff/models/init.py, megaeff/distributed/tp_base.py).
+
+Tensor parallelism of a block (Megatron's): q, k, v, gate and up column-parallel, o and down row-parallel, so
+attention runs on n_heads/tp local heads (kv heads likewise) and the MLP on ffn/tp local features, with one
+collective pair per sub-layer. The embedding is vocab-parallel and the head column-parallel without gathering
+its output: the loss is `vocab_parallel_cross_entropy` on the vocab-sharded logits (`loss_sum`).
+
+Sequence parallelism keeps the residual stream and the norms sharded along the sequence between the TP
+regions; the norm gains then see only this rank's tokens, so their gradient is all-reduced over tp in backward
+(`SequenceParallelRMSNorm`, Megatron's `sequence_parallel` gradient all-reduce done inside autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaeff.data.sampler import IGNORE_INDEX
+from megaeff.distributed.comm import CommGroup, copy_to_region
+from megaeff.distributed.tensor_parallel import (
+    VocabParallelEmbedding,
+    check_tp_layout,
+    parallel_linear,
+    vocab_parallel_cross_entropy,
+)
+from megaeff.layers.linear import DenseLinear
+from megaeff.layers.norm import RMSNorm
+
+COLUMN = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up")
+ROW = ("attention.o", "mlp.down")
+
+
+class SequenceParallelRMSNorm(RMSNorm):
+    """RMSNorm on a sequence shard: the gain is replicated, its per-rank gradient a partial sum over tokens."""
+
+    def __init__(self, dim: int, eps: float, cg: CommGroup, *, ops=None):
+        super().__init__(dim, eps, ops=ops)
+        self.cg = cg
+
+    @classmethod
+    def replacing(cls, norm: RMSNorm, cg: CommGroup) -> "SequenceParallelRMSNorm":
+        with torch.device(norm.weight.device):
+            return cls(norm.weight.shape[0], norm.eps, cg, ops=norm.ops)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rmsnorm(x, copy_to_region(self.weight, self.cg), self.eps)
+
+
+def _swap(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = False) -> nn.Module:
+    """Replace the projections, embedding, head and (with SP) norms of a logical Llama by this rank's shards."""
+    tp = dims.tp
+    cfg = model.cfg
+    check_tp_layout(cfg, tp)
+    sp = bool(sequence_parallel)
+    cg = dims.comm("tp")
+    for i, block in enumerate(model.layers):
+        for rel in COLUMN + ROW:
+            path = f"layers.{i}.{rel}"
+            style = "column" if rel in COLUMN else "row"
+            _swap(model, path, parallel_linear(model.get_submodule(path), dims, style, sequence_parallel=sp))
+        block.attention.n_heads //= tp
+        block.attention.n_kv_heads //= tp
+        if sp:
+            block.attention_norm = SequenceParallelRMSNorm.replacing(block.attention_norm, cg)
+            block.mlp_norm = SequenceParallelRMSNorm.replacing(block.mlp_norm, cg)
+    device = model.tok_embeddings.weight.device
+    with torch.device(device):
+        model.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, dims, sequence_parallel=sp)
+        # The head stays high precision (no activation policy), as in the single-process model.
+        head = DenseLinear(cfg.dim, cfg.vocab_size, name="output")
+    model.output = parallel_linear(head, dims, "column", sequence_parallel=sp)
+    if sp:
+        model.norm = SequenceParallelRMSNorm.replacing(model.norm, cg)
+    model.tensor_parallel = tp
+    return model
+
+
+def parallelize(model: nn.Module, dims, pcfg) -> nn.Module:
+    """This rank's part of `model` (meta-built, logical) under the layout of `dims` and the `parallel` config."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims, sequence_parallel=pcfg.sequence_parallel)
+    return model
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, dims) -> torch.Tensor:
+    """Sum of token losses (ignored labels excluded); logits are vocab-sharded under tensor parallelism."""
+    if dims.tp > 1:
+        return vocab_parallel_cross_entropy(logits, labels, dims, ignore_index=IGNORE_INDEX).sum()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,44 @@
+"""Gradient clipping by the global norm of the logical gradient, whatever the layout.
+
+A sharded parameter's (`tp_split` rows | cols | support) squared norm is a partial sum over the tp group; a
+replicated one is complete and identical on every tp rank, so it is counted once. Data-parallel replicas hold
+identical (already reduced) gradients and are not summed. The squares accumulate in float64 so that the norm
+does not depend on how the layout splits the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from megaeff.distributed.comm import all_reduce
+from megaeff.distributed.logical_state import SHARDED
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], dims) -> float:
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "tp_split", "replicated") in SHARDED:
+            sharded += sq
+        else:
+            replicated += sq
+    if dims.tp > 1:
+        sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
+    return float((sharded + replicated).sqrt())
+
+
+def clip_grad_norm_(params, max_norm: float, dims) -> float:
+    """Scale gradients so that the global norm is at most `max_norm` (torch's rule: coefficient
+    max_norm / (norm + 1e-6), clamped to 1); returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    norm = global_grad_norm(params, dims)
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.detach().mul_(coef)
+    return norm

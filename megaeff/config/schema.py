@@ -115,6 +115,12 @@ class ParallelConfig:
     # its last gradient is ready during the final micro-batch's backward (overlap), or all at the end (false).
     bucket_mb: float = 25.0
     overlap_grad_reduce: bool = True
+    # Pipeline (pp > 1): schedule gpipe | 1f1b | interleaved (with pp_virtual model chunks per rank); the
+    # micro-batches of a step are train.grad_accum. Layers split evenly by count, or at pp_boundaries (the first
+    # layer index of every stage after the first: pp * pp_virtual - 1 increasing numbers).
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    pp_boundaries: List[int] = field(default_factory=list)
 
 
 @dataclass

@@ -78,6 +78,21 @@ def _validate_method(cfg: Config) -> None:
         _choice(me.lost_sparse_init, "method.lost_sparse_init", SPARSE_INITS)
 
 
+def check_pipeline(cfg: Config, dims) -> None:
+    from megaeff.distributed.pipeline import SCHEDULES, split_layers
+
+    p = cfg.parallel
+    _choice(p.pp_schedule, "parallel.pp_schedule", SCHEDULES)
+    _positive(p.pp_virtual, "parallel.pp_virtual")
+    if p.pp_virtual > 1 and p.pp_schedule != "interleaved":
+        raise ConfigError("parallel.pp_virtual", f"{p.pp_virtual} model chunks per rank need parallel.pp_schedule=interleaved "
+                                                 f"(got {p.pp_schedule})")
+    if p.pp_schedule == "interleaved" and cfg.train.grad_accum % dims.pp:
+        raise ConfigError("train.grad_accum", f"the interleaved schedule needs the micro-batches per step "
+                                              f"(train.grad_accum={cfg.train.grad_accum}) divisible by parallel.pp={dims.pp}")
+    split_layers(cfg.model.n_layers, dims.pp, p.pp_virtual, p.pp_boundaries)
+
+
 def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
     """Raise ConfigError for the first inconsistency found; return None when the config is usable."""
     m = cfg.model
@@ -180,4 +195,6 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
         from megaeff.distributed.tensor_parallel import check_tp_layout
 
         dims = ParallelDims.from_config(p, world_size)
+        if dims.pp > 1:
+            check_pipeline(cfg, dims)
         check_tp_layout(cfg.model, dims.tp, seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel)

@@ -3,7 +3,8 @@ parallel layout, always in the same order:
 
     pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing -> FSSDP
 
-Only the tensor-parallel step exists so far; each later step lands as its own function called from here.
+The pipeline split (megaeff/distributed/pipeline.py) and tensor parallelism exist so far; each later step lands
+as its own function called from here.
 It runs on the meta-built model, before materialization, so no rank ever allocates the whole model: every
 replaced module keeps its logical name and its `init_weights` draws the logical tensors from the seed and keeps
 this rank's shard (megaeff/models/init.py, megaeff/distributed/tp_base.py).
@@ -26,6 +27,7 @@ from torch import nn
 
 from megaeff.data.sampler import IGNORE_INDEX
 from megaeff.distributed.comm import CommGroup, copy_to_region
+from megaeff.distributed.pipeline import prune_to_stages, stage_chunks
 from megaeff.distributed.tensor_parallel import (
     VocabParallelEmbedding,
     check_tp_layout,
@@ -68,9 +70,9 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
     check_tp_layout(cfg, tp)
     sp = bool(sequence_parallel)
     cg = dims.comm("tp")
-    for i, block in enumerate(model.layers):
+    for key, block in model.layers.named_children():  # a pipeline stage keeps only its blocks, by logical index
         for rel in COLUMN + ROW:
-            path = f"layers.{i}.{rel}"
+            path = f"layers.{key}.{rel}"
             style = "column" if rel in COLUMN else "row"
             _swap(model, path, parallel_linear(model.get_submodule(path), dims, style, sequence_parallel=sp))
         block.attention.n_heads //= tp
@@ -78,20 +80,25 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
         if sp:
             block.attention_norm = SequenceParallelRMSNorm.replacing(block.attention_norm, cg)
             block.mlp_norm = SequenceParallelRMSNorm.replacing(block.mlp_norm, cg)
-    device = model.tok_embeddings.weight.device
-    with torch.device(device):
-        model.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, dims, sequence_parallel=sp)
-        # The head stays high precision (no activation policy), as in the single-process model.
-        head = DenseLinear(cfg.dim, cfg.vocab_size, name="output")
-    model.output = parallel_linear(head, dims, "column", sequence_parallel=sp)
-    if sp:
+    with torch.device(model.rope_cos.device):
+        if model.tok_embeddings is not None:
+            model.tok_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, dims, sequence_parallel=sp)
+        if model.output is not None:
+            # The head stays high precision (no activation policy), as in the single-process model.
+            head = DenseLinear(cfg.dim, cfg.vocab_size, name="output")
+            model.output = parallel_linear(head, dims, "column", sequence_parallel=sp)
+    if sp and model.norm is not None:
         model.norm = SequenceParallelRMSNorm.replacing(model.norm, cg)
     model.tensor_parallel = tp
     return model
 
 
 def parallelize(model: nn.Module, dims, pcfg) -> nn.Module:
-    """This rank's part of `model` (meta-built, logical) under the layout of `dims` and the `parallel` config."""
+    """This rank's part of `model` (meta-built, logical) under the layout of `dims` and the `parallel` config.
+    With pp > 1 the result holds only this rank's stages and `pipeline_chunks` describes them."""
+    if dims.pp > 1:
+        model.pipeline_chunks = stage_chunks(model.cfg.n_layers, dims, pcfg.pp_virtual, pcfg.pp_boundaries)
+        prune_to_stages(model, model.pipeline_chunks)
     if dims.tp > 1:
         apply_tensor_parallel(model, dims, sequence_parallel=pcfg.sequence_parallel)
     return model

@@ -107,9 +107,17 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """`positions` [B, T]: RoPE positions (default 0..T-1); `segment_ids` [B, T]: tokens attend only within
         their own segment (per-document attention)."""
-        x = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        x = self.run_layers(self.tok_embeddings(tokens), self.layers, positions, segment_ids)
+        return self.head(x)
+
+    # The pieces a pipeline stage runs (megaeff/distributed/pipeline.py): a stage may hold the embedding, some
+    # blocks (kept under their logical names in a ModuleDict) and the head.
+    def run_layers(self, x, layers, positions=None, segment_ids=None):
+        for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:
             x = layer(x, self.rope_cos, self.rope_sin, self.attention_backend, positions, segment_ids)
+        return x
+
+    def head(self, x):
         return self.output(self.norm(x)).float()
 
 

@@ -5,6 +5,9 @@ Layout of `<run_dir>/checkpoints/`:
     step_00000100/
         model.pt        {logical parameter name: tensor}
         optimizer.pt    {"hparams": [per param group], "state": {parameter name: {state key: tensor}}}
+                        (under pipeline parallelism one pair per stage, model.pp<k>.pt / optimizer.pp<k>.pt,
+                        each holding the logical tensors of that stage; a load merges whatever pairs exist, so
+                        any pipeline degree loads any other)
         trainer.pt      step, consumed_samples, scheduler state, format version
         rng_rank<r>.pt  RNG states of rank r (CPU and CUDA generators)
         config.yaml     the resolved run config
@@ -59,14 +62,16 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
     return {"hparams": hparams, "state": state}
 
 
-def load_optimizer_state_by_name(model, optimizer, saved: Dict, path: Path) -> None:
+def load_optimizer_state_by_name(model, optimizer, saved: Dict, path: Path, partial: bool = False) -> None:
+    """`partial`: the model is one pipeline stage's part of the checkpoint's (state of other stages is skipped)."""
     params = dict(model.named_parameters())
     groups = saved["hparams"]
     if len(groups) != len(optimizer.param_groups):
         raise CheckpointError(path, f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint {len(groups)}")
     for group, hp in zip(optimizer.param_groups, groups):
         current = [n for n, p in model.named_parameters() if any(p is q for q in group["params"])]
-        if sorted(current) != sorted(hp["names"]):
+        fits = set(current) <= set(hp["names"]) if partial else sorted(current) == sorted(hp["names"])
+        if not fits:
             raise CheckpointError(path, "optimizer parameter groups do not match the model")
         for k, v in hp.items():
             if k != "names":
@@ -76,6 +81,8 @@ def load_optimizer_state_by_name(model, optimizer, saved: Dict, path: Path) -> N
     optimizer.state.clear()
     for name, st in saved["state"].items():
         if name not in params:
+            if partial:
+                continue
             raise CheckpointError(path, f"optimizer state for unknown parameter {name!r}")
         p = params[name]
         # No dtype casts: FP8 codes and their metadata must come back bit for bit.
@@ -117,10 +124,14 @@ def save_checkpoint(
     world_size: int,
     keep_last: int,
     logical=None,
+    shard: str = "",
+    writes_shard: Optional[bool] = None,
 ) -> Path:
     """Collective over all ranks: rank 0 writes the shared files, every rank writes its RNG file.
     `logical` (megaeff.distributed.logical_state.LogicalState) turns sharded parameters and their optimizer
-    state into logical tensors first (a collective over tp), so the files never depend on the layout."""
+    state into logical tensors first (a collective over tp), so the files never depend on the layout.
+    `shard` (".pp<k>" on a pipeline) names this stage's model/optimizer files, written by the rank with
+    `writes_shard` (default: rank 0)."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     tmp = ckpt_root / f".tmp-{step_dir_name(step)}"
@@ -135,9 +146,10 @@ def save_checkpoint(
     optim_state = optimizer_state_by_name(model, optimizer)
     if logical is not None and logical.sharded:
         model_state, optim_state = logical.gather_model(model_state), logical.gather_optimizer(optim_state)
+    if writes_shard if writes_shard is not None else rank == 0:
+        _save_tensor_file(model_state, tmp / f"model{shard}.pt")
+        _save_tensor_file(optim_state, tmp / f"optimizer{shard}.pt")
     if rank == 0:
-        _save_tensor_file(model_state, tmp / "model.pt")
-        _save_tensor_file(optim_state, tmp / "optimizer.pt")
         _save_tensor_file(dict(trainer_state, format_version=FORMAT_VERSION, world_size=world_size), tmp / "trainer.pt")
         _fsync_write(tmp / "config.yaml", config_yaml.encode())
     _barrier(world_size)
@@ -219,13 +231,35 @@ def verify_checkpoint(path: Path) -> Dict:
     return manifest
 
 
-def load_checkpoint(path: Path, *, model, optimizer, rank: int, logical=None) -> Dict:
+def _load_merged(path: Path, kind: str) -> Dict:
+    """model.pt, or the union of every stage's model.pp<k>.pt (likewise optimizer)."""
+    files = sorted(path.glob(f"{kind}.pp*.pt")) or [path / f"{kind}.pt"]
+    parts = [_load(f) for f in files]
+    if kind == "model":
+        return {k: v for part in parts for k, v in part.items()}
+    merged = {"hparams": [dict(g, names=list(g["names"])) for g in parts[0]["hparams"]], "state": dict(parts[0]["state"])}
+    for part in parts[1:]:
+        for group, more in zip(merged["hparams"], part["hparams"]):
+            group["names"] += more["names"]
+        merged["state"].update(part["state"])
+    return merged
+
+
+def load_checkpoint(path: Path, *, model, optimizer, rank: int, logical=None, expected_keys=None) -> Dict:
     """Restore model and optimizer in place; return the trainer state (step, data position, scheduler, ...).
-    With `logical`, each rank keeps its shard of the logical tensors (no communication)."""
+    With `logical`, each rank keeps its shard of the logical tensors (no communication). `expected_keys`: the
+    logical model's state keys, given when `model` holds only some of them (a pipeline stage)."""
     path = Path(path)
     verify_checkpoint(path)
-    state = _load(path / "model.pt")
-    saved_optim = _load(path / "optimizer.pt")
+    state = _load_merged(path, "model")
+    saved_optim = _load_merged(path, "optimizer")
+    partial = expected_keys is not None
+    if partial:
+        unknown = sorted(set(state) - set(expected_keys))
+        if unknown:
+            raise CheckpointError(path, f"model weights do not match the configured model: unexpected {unknown[:5]}")
+        local = model.state_dict().keys()
+        state = {k: v for k, v in state.items() if k in local}
     if logical is not None and logical.sharded:
         try:
             state, saved_optim = logical.shard_model(state), logical.shard_optimizer(saved_optim)
@@ -235,7 +269,7 @@ def load_checkpoint(path: Path, *, model, optimizer, rank: int, logical=None) ->
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(path, f"model weights do not match the configured model: {exc}") from None
-    load_optimizer_state_by_name(model, optimizer, saved_optim, path)
+    load_optimizer_state_by_name(model, optimizer, saved_optim, path, partial=partial)
     trainer_state = _load(path / "trainer.pt")
     rng_file = path / f"rng_rank{rank}.pt"
     # A run resumed on more ranks than it was saved with has no RNG file for the new ranks; they keep their seed.

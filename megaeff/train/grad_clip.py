@@ -1,8 +1,9 @@
 """Gradient clipping by the global norm of the logical gradient, whatever the layout.
 
 A sharded parameter's (`tp_split` rows | cols | support) squared norm is a partial sum over the tp group; a
-replicated one is complete and identical on every tp rank, so it is counted once. Data-parallel replicas hold
-identical (already reduced) gradients and are not summed. The squares accumulate in float64 so that the norm
+replicated one is complete and identical on every tp rank, so it is counted once. Pipeline stages hold disjoint
+parameters, so their totals add up over pp. Data-parallel replicas hold identical (already reduced) gradients
+and are not summed. The squares accumulate in float64 so that the norm
 does not depend on how the layout splits the sum.
 """
 
@@ -29,7 +30,10 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims) -> float:
             replicated += sq
     if dims.tp > 1:
         sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
-    return float((sharded + replicated).sqrt())
+    total = sharded + replicated
+    if dims.pp > 1:
+        total = all_reduce(total.to(dims.device), dims.comm("pp")).cpu()
+    return float(total.sqrt())
 
 
 def clip_grad_norm_(params, max_norm: float, dims) -> float:

@@ -26,6 +26,8 @@ from megaeff.distributed.data_parallel import GradReducer
 from megaeff.distributed.dims import ParallelDims
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters
 from megaeff.distributed.parallelize import loss_sum, parallelize
+from megaeff.distributed.pipeline import PipelineRunner
+from megaeff.distributed.pipeline_schedule import bubble_fraction, build_schedule
 from megaeff.errors import DataError
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
@@ -93,11 +95,18 @@ class Trainer:
         self.tokens_per_call = t.micro_batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.tokens_per_call)
         self.method_summary = describe_method(model, self.tokens_per_call)
+        self.logical_keys = list(model.state_dict().keys())
         model = parallelize(model, dims, cfg.parallel)
         self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
         annotate_parameters(self.model)
         self.logical = LogicalState(self.model)
         self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
+        pc = cfg.parallel
+        self.pipeline = (
+            PipelineRunner(self.model, dims, self.model.pipeline_chunks, schedule=pc.pp_schedule, virtual=pc.pp_virtual,
+                           sequence_parallel=pc.sequence_parallel and dims.tp > 1)
+            if dims.pp > 1 else None
+        )
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
 
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
@@ -113,7 +122,8 @@ class Trainer:
         resume_dir = ckpt.find_resume_dir(self.run_dir, t.resume)
         if resume_dir is not None:
             state = ckpt.load_checkpoint(
-                resume_dir, model=self.model, optimizer=self.optimizer, rank=dims.rank, logical=self.logical
+                resume_dir, model=self.model, optimizer=self.optimizer, rank=dims.rank, logical=self.logical,
+                expected_keys=self.logical_keys if dims.pp > 1 else None,
             )
             self.step = int(state["step"])
             self.consumed_samples = int(state["consumed_samples"])
@@ -158,21 +168,42 @@ class Trainer:
             + ("; sequence parallel" if self.dims.tp > 1 and c.parallel.sequence_parallel else ""),
             self.grad_reducer.describe(),
         ]
+        if self.pipeline is not None:
+            m, pc = c.train.grad_accum, c.parallel
+            bubble = bubble_fraction(build_schedule(pc.pp_schedule, self.dims.pp, m, pc.pp_virtual), self.dims.pp, pc.pp_virtual)
+            lines.append(f"{self.pipeline.describe()}; {m} micro-batches per step, bubble {bubble:.3f} of compute by the "
+                         "schedule (tools/pipeline_schedule.py draws it; pp_idle_fraction in the metrics is measured)")
         if self.resumed_from is not None:
             lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.consumed_samples} samples consumed)")
         for line in lines:
             self.log.info(line)
 
-    def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         inputs = batch["inputs"]
         vocab = self.cfg.model.vocab_size
         if int(inputs.max()) >= vocab or int(inputs.min()) < 0:
             raise DataError("data", f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
                                     "the dataset was made with a larger tokenizer")
-        extra = {k: batch[k].to(self.device) for k in ("positions", "segment_ids") if k in batch}
+        return {k: batch[k].to(self.device) for k in ("inputs", "labels", "positions", "segment_ids") if k in batch}
+
+    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return loss_sum(logits, labels, self.dims)
+
+    def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of token losses of one batch (on a pipeline: on the last stage; 0 on the others)."""
+        if self.pipeline is not None:
+            return self.pipeline.forward_loss(batch, self._loss_fn, to_device=self._to_device, autocast=self._autocast)
+        b = self._to_device(batch)
         with self._autocast():
-            logits = self.model(inputs.to(self.device), **extra)
-        return loss_sum(logits, batch["labels"].to(self.device), self.dims)
+            logits = self.model(b["inputs"], positions=b.get("positions"), segment_ids=b.get("segment_ids"))
+        return self._loss_fn(logits, b["labels"])
+
+    def _reduce_loss(self, value: float) -> float:
+        """Token-loss sums live on the last pipeline stage (every tp rank there holds the same value): summed over
+        pp (the other stages add 0), then over dp."""
+        stats = self.dims.comm_stats
+        value = all_reduce_scalar(value, self.dims.group("pp"), "pp", stats, self.device)
+        return all_reduce_scalar(value, self.dims.group("dp"), "dp", stats, self.device)
 
     # ---------------------------------------------------------------- step
     def train_step(self) -> Dict[str, float]:
@@ -193,6 +224,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64)
         act_saved_bytes = 0
+        if self.pipeline is not None:
+            loss_sum = self.pipeline.train_step(batches, global_tokens, self._loss_fn, to_device=self._to_device,
+                                                autocast=self._autocast, reducer=self.grad_reducer)
+            batches = []  # consumed by the schedule
         for i, batch in enumerate(batches):
             # Bytes autograd keeps for backward (parameters excluded): what FP8 activations shrink.
             with SavedBytes(self.model) as saved:
@@ -203,7 +238,7 @@ class Trainer:
             loss_sum += loss.detach().double().cpu()
         self.grad_reducer.finish()  # gradients summed over dp x cp, partly during the last backward
         params = [p for p in self.model.parameters() if p.grad is not None]
-        loss_total = all_reduce_scalar(float(loss_sum), dp_group, "dp", stats, self.device)
+        loss_total = self._reduce_loss(float(loss_sum))
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(params, max_norm, self.dims)
@@ -234,9 +269,8 @@ class Trainer:
             nll += self._loss_sum(batch).double().cpu()
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()
-        group = self.dims.group("dp")
-        nll_total = all_reduce_scalar(float(nll), group, "dp", self.dims.comm_stats, self.device)
-        tok_total = int(all_reduce_scalar(tokens, group, "dp", self.dims.comm_stats, self.device))
+        nll_total = self._reduce_loss(float(nll))
+        tok_total = int(all_reduce_scalar(tokens, self.dims.group("dp"), "dp", self.dims.comm_stats, self.device))
         return {"val_loss": nll_total / tok_total, "val_ppl": perplexity(nll_total, tok_total), "val_tokens": tok_total}
 
     # ---------------------------------------------------------------- checkpoint
@@ -256,6 +290,9 @@ class Trainer:
             world_size=self.dims.world_size,
             keep_last=self.cfg.train.keep_last,
             logical=self.logical,
+            # One file pair per pipeline stage, from the stage's first tp/cp/dp rank.
+            shard=f".pp{self.dims.pp_rank}" if self.dims.pp > 1 else "",
+            writes_shard=self.dims.tp_rank == 0 and self.dims.cp_rank == 0 and self.dims.dp_rank == 0,
         )
 
     def _stop_reason(self, started: float) -> Optional[str]:
@@ -284,6 +321,7 @@ class Trainer:
             "lr": m["lr"],
             "grad_norm": m["grad_norm"],
             "act_saved_bytes": m["act_saved_bytes"],  # max over the step's micro-batches
+            **({"pp_idle_fraction": self.pipeline.idle_fraction} if self.pipeline is not None else {}),
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),

@@ -5,14 +5,13 @@ one error naming the field."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
-import torch
 
 from harness import free_port
-from helpers import PYTHON, cli_env
+from helpers import cli_env
+from runs import assert_same_run, records, train
 
 pytestmark = pytest.mark.slow
 
@@ -24,39 +23,6 @@ SINGLE = ["train.micro_batch_size=4", "train.grad_accum=2"]
 TP2_DP2 = ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.bucket_mb=0.02"]
 
 
-def train(run_dir, *args, nproc=1, expect=0):
-    launcher = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [PYTHON]
-    proc = subprocess.run([*launcher, "-m", "megaeff.train", *COMMON, *args, f"run_dir={run_dir}"],
-                          capture_output=True, text=True, env=cli_env(), timeout=300)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def records(run_dir, kind="train"):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
-def final_params(run_dir):
-    ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
-    return torch.load(ckpt / "model.pt", weights_only=True)
-
-
-def assert_same_run(ref_dir, run_dir):
-    ref, got = records(ref_dir), records(run_dir)
-    assert len(ref) == len(got) == STEPS
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-5)
-    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in ref], rel=1e-4)
-    ref_p, got_p = final_params(ref_dir), final_params(run_dir)
-    assert ref_p.keys() == got_p.keys()
-    for name in ref_p:
-        a, b = ref_p[name], got_p[name]
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        if a.is_floating_point():
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-        else:
-            assert torch.equal(a, b), name  # index checksums: the same logical supports
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The single-process reference of each method, run once for the module."""
@@ -66,7 +32,7 @@ def single(tmp_path_factory):
     def get(method):
         if method not in runs:
             runs[method] = root / method
-            train(runs[method], f"method={method}", *SINGLE)
+            train(runs[method], *COMMON, f"method={method}", *SINGLE)
         return runs[method]
 
     return get
@@ -74,9 +40,9 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["dense", "lost", "sltrain"])
 def test_tp2_dp2_matches_single_process(single, tmp_path, method):
-    out = train(tmp_path / "run", f"method={method}", "parallel=tp2_dp2", *TP2_DP2, nproc=4)
+    out = train(tmp_path / "run", *COMMON, f"method={method}", "parallel=tp2_dp2", *TP2_DP2, nproc=4)
     assert "layout: tp=2 cp=1 dp=2 pp=1" in out
-    assert_same_run(single(method), tmp_path / "run")
+    assert_same_run(single(method), tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[0]
     # Every gradient is reduced once per step over dp (in buckets), and the TP regions talk over tp.
     assert rec["comm_bytes/dp_cp/all_reduce"] == rec["mem_grads_bytes"]
@@ -84,9 +50,9 @@ def test_tp2_dp2_matches_single_process(single, tmp_path, method):
 
 
 def test_sequence_parallel_lowrank_matches_single_process(single, tmp_path):
-    out = train(tmp_path / "run", "method=lowrank", "parallel=tp2_dp2_sp", *TP2_DP2, nproc=4)
+    out = train(tmp_path / "run", *COMMON, "method=lowrank", "parallel=tp2_dp2_sp", *TP2_DP2, nproc=4)
     assert "sequence parallel" in out
-    assert_same_run(single("lowrank"), tmp_path / "run")
+    assert_same_run(single("lowrank"), tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[0]
     assert rec["comm_bytes/tp/all_gather"] > 0 and rec["comm_bytes/tp/reduce_scatter"] > 0
 
@@ -96,13 +62,13 @@ def test_checkpoints_move_between_layouts(single, tmp_path):
     uninterrupted single-process run (SLTrain: sparse values are split by the logical support)."""
     ref = single("sltrain")
     a = tmp_path / "tp_then_single"
-    train(a, "method=sltrain", "parallel=tp2_sp", *SINGLE, "train.exit_interval=5", nproc=2, expect=1)  # torchrun: 75 -> 1
-    train(a, "method=sltrain", *SINGLE)
+    train(a, *COMMON, "method=sltrain", "parallel=tp2_sp", *SINGLE, "train.exit_interval=5", nproc=2, expect=1)  # torchrun: 75 -> 1
+    train(a, *COMMON, "method=sltrain", *SINGLE)
     b = tmp_path / "single_then_tp"
-    train(b, "method=sltrain", *SINGLE, "train.exit_interval=5", expect=75)
-    train(b, "method=sltrain", "parallel=tp2", *SINGLE, nproc=2)
+    train(b, *COMMON, "method=sltrain", *SINGLE, "train.exit_interval=5", expect=75)
+    train(b, *COMMON, "method=sltrain", "parallel=tp2", *SINGLE, nproc=2)
     for run in (a, b):
-        assert_same_run(ref, run)
+        assert_same_run(ref, run, STEPS)
 
 
 def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
@@ -116,7 +82,7 @@ def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "--local_rank=3" in proc.stdout + proc.stderr
-    assert_same_run(single("lost"), run)
+    assert_same_run(single("lost"), run, STEPS)
 
 
 @pytest.mark.parametrize(
@@ -131,5 +97,5 @@ def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
     ],
 )
 def test_bad_layouts_fail_before_any_group_hangs(tmp_path, args, field):
-    out = train(tmp_path / "run", *args, nproc=2, expect=1)
+    out = train(tmp_path / "run", *COMMON, *args, nproc=2, expect=1)
     assert f"config field '{field}'" in out

@@ -29,6 +29,13 @@ class ModelConfig:
     init_std: float = 0.02
     # auto | sdpa | math | flash
     attention_backend: str = "auto"
+    # Mixture of experts in place of the SwiGLU MLP of every block when moe_experts > 0: a top-k router over
+    # moe_experts SwiGLU experts (hidden moe_ffn_dim, default ffn_dim), each built by the linear factory (any
+    # method); moe_aux_loss_coef weighs the load-balancing loss (0: none).
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_dim: Optional[int] = None
+    moe_aux_loss_coef: float = 0.0
 
 
 @dataclass
@@ -121,6 +128,25 @@ class ParallelConfig:
     pp_schedule: str = "1f1b"
     pp_virtual: int = 1
     pp_boundaries: List[int] = field(default_factory=list)
+    # Context parallelism (cp > 1): attention over sequence shards by ring | lightseq | ulysses; the sequence is
+    # cut zigzag (2 cp chunks, rank r holds r and 2cp-1-r: balanced causal work) or contiguous.
+    cp_impl: str = "ring"
+    cp_sharding: str = "zigzag"
+    # Data parallelism: allreduce (replicated parameters, bucketed gradient all-reduce) | fssdp (fully sharded
+    # sparse data parallelism: compact parameters, gradients and optimizer state sharded over dp x cp).
+    dp_impl: str = "allreduce"
+    # FSSDP: free gathered parameters after forward and gather again for backward (true) or keep them;
+    # gather dtype fp32 | bf16 | fp8 (per-group scales); gradient reduce-scatter dtype fp32 | bf16;
+    # heterogeneous sharding: tensors with fewer than fssdp_replicate_below elements are replicated within a
+    # node of fssdp_node_size ranks and sharded across nodes (0: never / the launcher's local world size).
+    fssdp_reshard_after_forward: bool = True
+    fssdp_gather_dtype: str = "fp32"
+    fssdp_reduce_dtype: str = "fp32"
+    fssdp_replicate_below: int = 0
+    fssdp_node_size: int = 0
+    # MoE experts over dp: fssdp (expert shards everywhere, experts materialized where the step's placement puts
+    # them) | ep (expert parallelism with a fixed placement).
+    expert_impl: str = "fssdp"
 
 
 @dataclass

@@ -251,3 +251,67 @@ def gather_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
 
 def split_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
     return split_along(x, cg, -1, "last dimension")
+
+
+# ---------------------------------------------------------------------------------------------------- p2p, all-to-all
+# Context parallelism (megaeff/distributed/context_parallel.py) moves blocks between chosen peers rather than
+# reducing over a group. Byte convention for these: a point-to-point transfer records, on the *sending* rank,
+# the bytes of each tensor it sends ("p2p_send"; the receiver records nothing, so a sum over ranks counts every
+# transfer once); an all-to-all records its input, the tensor this rank scatters, own block included
+# ("all_to_all"; (p-1)/p of it leaves the rank), the same "full logical tensor" rule as the collectives above.
+# Meta tensors carry shapes only: a dry run that traces memory and bytes (tools/bench/context_parallel.py)
+# records them and moves nothing.
+
+
+class P2PRequests:
+    """The in-flight transfers of one batch. A receive buffer may be read, and a send buffer reused, only after
+    `wait()`; the send tensors are kept alive here until then."""
+
+    def __init__(self, works: list, keep: list) -> None:
+        self._works, self._keep = works, keep
+
+    def wait(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._works, self._keep = [], []
+
+
+def batch_p2p(cg: CommGroup, sends=(), recvs=()) -> P2PRequests:
+    """Post every send and receive at once (`dist.batch_isend_irecv`) and return without waiting, so the caller
+    can compute while the transfers run. `sends` holds (tensor, peer) or (tensor, peer, tag), `recvs` (buffer,
+    peer) or (buffer, peer, tag); peers are ranks *within* `cg`. Both ends must post matching ops in the same
+    order; distinct tags keep transfers between one pair of ranks apart on gloo (NCCL matches by order)."""
+    ops, keep = [], []
+    for entry in sends:
+        t, peer, tag = (*entry, 0) if len(entry) == 2 else entry
+        t = t.contiguous()  # gloo and NCCL send flat memory; the copy stays alive until wait()
+        cg.record("p2p_send", _nbytes(t))
+        keep.append(t)
+        ops.append((dist.isend, t, peer, tag))
+    for entry in recvs:
+        buf, peer, tag = (*entry, 0) if len(entry) == 2 else entry
+        if not buf.is_contiguous():
+            raise ValueError("batch_p2p receives into contiguous buffers only")
+        ops.append((dist.irecv, buf, peer, tag))
+    if not ops or all(t.device.type == "meta" for _, t, _, _ in ops):
+        return P2PRequests([], keep)
+    if cg.size == 1:
+        raise ValueError(f"point-to-point transfer inside the {cg.name} group of one rank")
+    works = dist.batch_isend_irecv(
+        [dist.P2POp(op, t, group=cg.group, group_peer=peer, tag=tag) for op, t, peer, tag in ops]
+    )
+    return P2PRequests(list(works or []), keep)
+
+
+def all_to_all(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
+    """Dim 0 of `x` holds `cg.size` equal blocks; block j goes to rank j. Returns the blocks received, block j
+    from rank j (`dist.all_to_all_single`). Records the input (see the byte convention above)."""
+    if cg.size == 1:
+        return x
+    check_divisible(x.shape[0], cg, "all-to-all dimension 0")
+    x = x.contiguous()
+    cg.record("all_to_all", _nbytes(x))
+    out = torch.empty_like(x)
+    if x.device.type != "meta":
+        dist.all_to_all_single(out, x, group=cg.group)
+    return out

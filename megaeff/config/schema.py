@@ -198,6 +198,10 @@ class TrainConfig:
     plot: bool = True
     # CPU threads for intra-op parallelism; null leaves torch's default.
     threads: Optional[int] = None
+    # Recompute every block in backward instead of keeping its activations (torch.utils.checkpoint); under
+    # context parallelism LightSeq's rematerialization-aware form: attention's output and log-sum-exp are kept,
+    # so the recomputation never reruns the attention forward (or its communication).
+    activation_checkpointing: bool = False
 
 
 @dataclass

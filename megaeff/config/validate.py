@@ -93,6 +93,31 @@ def check_pipeline(cfg: Config, dims) -> None:
     split_layers(cfg.model.n_layers, dims.pp, p.pp_virtual, p.pp_boundaries)
 
 
+def check_context_parallel(cfg: Config, dims) -> None:
+    from megaeff.distributed.context_parallel import IMPLS
+    from megaeff.distributed.cp_lightseq import check_lightseq
+    from megaeff.distributed.cp_sharding import SHARDINGS, check_seq_len
+
+    p, m = cfg.parallel, cfg.model
+    _choice(p.cp_impl, "parallel.cp_impl", IMPLS)
+    _choice(p.cp_sharding, "parallel.cp_sharding", SHARDINGS)
+    if p.cp_impl == "lightseq":
+        check_lightseq(dims.cp, p.cp_sharding)
+    if cfg.data.reset_attention_mask:
+        raise ConfigError("data.reset_attention_mask", "per-document attention masks are not supported under context "
+                                                       f"parallelism (parallel.cp={dims.cp})")
+    check_seq_len(cfg.data.seq_len, dims.cp, p.cp_sharding)
+    if p.sequence_parallel and dims.tp > 1 and (cfg.data.seq_len // dims.cp) % dims.tp:
+        raise ConfigError("data.seq_len", f"{cfg.data.seq_len} / cp={dims.cp} is not divisible by tp={dims.tp} "
+                                          "(sequence parallelism shards each context-parallel shard again)")
+    if p.cp_impl == "ulysses":
+        # Ulysses splits the heads each tensor-parallel rank holds.
+        for field, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads or m.n_heads)):
+            if (heads // dims.tp) % dims.cp:
+                raise ConfigError(field, f"ulysses splits heads over cp: {heads} heads / tp={dims.tp} = "
+                                         f"{heads // dims.tp} per rank, not divisible by cp={dims.cp}")
+
+
 def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:
     """Raise ConfigError for the first inconsistency found; return None when the config is usable."""
     m = cfg.model
@@ -197,4 +222,6 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
         dims = ParallelDims.from_config(p, world_size)
         if dims.pp > 1:
             check_pipeline(cfg, dims)
+        if dims.cp > 1:
+            check_context_parallel(cfg, dims)
         check_tp_layout(cfg.model, dims.tp, seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel)

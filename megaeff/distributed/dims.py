@@ -11,7 +11,7 @@ whole world is `dist.group.WORLD`; a group of one rank is None, and every collec
 None, so single-rank axes cost nothing. `mesh()` builds a DeviceMesh over the same layout on demand, for the
 torch-native APIs (FSDP2, DTensor); nothing here depends on it.
 
-`IMPLEMENTED_AXES` gates what a *training config* may ask for (`from_config`): the trainer wires tp, dp and pp so far.
+`IMPLEMENTED_AXES` gates what a *training config* may ask for (`from_config`): every axis is wired.
 Layer-level code and tests build any layout with `from_config(..., implemented=AXES)` or the constructor.
 """
 
@@ -29,7 +29,7 @@ from megaeff.distributed.comm import CommGroup, CommStats
 from megaeff.errors import ConfigError
 
 AXES = ("tp", "cp", "dp", "pp")  # innermost first
-IMPLEMENTED_AXES = ("tp", "dp", "pp")
+IMPLEMENTED_AXES = AXES
 # Combined groups built alongside the axes: name -> the axes whose ranks it spans.
 COMBINED = {"dp_cp": ("cp", "dp"), "tp_cp": ("tp", "cp")}
 

@@ -3,8 +3,7 @@ parallel layout, always in the same order:
 
     pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing -> FSSDP
 
-The pipeline split (megaeff/distributed/pipeline.py) and tensor parallelism exist so far; each later step lands
-as its own function called from here.
+FSSDP lands as its own function called from here.
 It runs on the meta-built model, before materialization, so no rank ever allocates the whole model: every
 replaced module keeps its logical name and its `init_weights` draws the logical tensors from the seed and keeps
 this rank's shard (megaeff/models/init.py, megaeff/distributed/tp_base.py).
@@ -20,6 +19,8 @@ regions; the norm gains then see only this rank's tokens, so their gradient is a
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -93,14 +94,45 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
     return model
 
 
-def parallelize(model: nn.Module, dims, pcfg) -> nn.Module:
+def apply_context_parallel(model: nn.Module, dims, *, impl: str = "ring", sharding: str = "zigzag") -> nn.Module:
+    """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel.py); the caller feeds
+    every rank its shard of the tokens (`model.context_parallel.shard`) and their global positions."""
+    from megaeff.distributed.context_parallel import ContextParallelAttention
+
+    model.context_parallel = ContextParallelAttention(dims.comm("cp"), impl=impl, sharding=sharding, backend="math")
+    model.attention_backend = model.context_parallel
+    return model
+
+
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Each block recomputes its forward in backward. The block keeps its name (the forward is wrapped on the
+    instance, not the module replaced), so initialization and checkpoints are unchanged. Under context
+    parallelism the recomputation replays attention's kept output and log-sum-exp (LightSeq)."""
+    from torch.utils.checkpoint import checkpoint
+
+    cp = getattr(model, "context_parallel", None)
+    blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for block in blocks:
+        if cp is not None:
+            block.forward = functools.partial(cp.checkpoint, block.forward)
+        else:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
+def parallelize(model: nn.Module, dims, pcfg, *, activation_checkpointing: bool = False) -> nn.Module:
     """This rank's part of `model` (meta-built, logical) under the layout of `dims` and the `parallel` config.
-    With pp > 1 the result holds only this rank's stages and `pipeline_chunks` describes them."""
+    With pp > 1 the result holds only this rank's stages and `pipeline_chunks` describes them; with cp > 1
+    `context_parallel` shards the token tensors. Set `model.attention_backend` before: cp wraps it."""
     if dims.pp > 1:
         model.pipeline_chunks = stage_chunks(model.cfg.n_layers, dims, pcfg.pp_virtual, pcfg.pp_boundaries)
         prune_to_stages(model, model.pipeline_chunks)
     if dims.tp > 1:
         apply_tensor_parallel(model, dims, sequence_parallel=pcfg.sequence_parallel)
+    if dims.cp > 1:
+        apply_context_parallel(model, dims, impl=pcfg.cp_impl, sharding=pcfg.cp_sharding)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
     return model
 
 

@@ -18,7 +18,7 @@ Communication. An activation (or its gradient) of micro-batch i between virtual 
 the rank of s to the rank of s+1 (the same tp/cp/dp coordinates, pp differing), with a tag naming (kind, i, s),
 so messages match whatever order the two ranks run their schedules in. Shapes are agreed without handshakes:
 every rank holds the same micro-batch (pipeline peers share their dp rank), so the activation is
-[batch, seq (/ tp under sequence parallelism), dim] in float32 for everyone. Sends are asynchronous and waited
+[batch, seq / cp (/ tp under sequence parallelism), dim] in float32 for everyone. Sends are asynchronous and waited
 at the end of the step, so a rank only ever blocks on a receive, and a deadlock-free schedule (checked by
 `pipeline_schedule.simulate`) cannot hang. Time blocked in receives is the measured bubble (`idle_fraction`).
 """
@@ -109,7 +109,7 @@ class PipelineRunner:
         self.model, self.dims, self.chunks = model, dims, list(chunks)
         self.schedule, self.virtual = schedule, virtual
         self.n_stages = dims.pp * virtual
-        self.seq_divisor = dims.tp if sequence_parallel else 1
+        self.seq_divisor = (dims.tp if sequence_parallel else 1) * dims.cp
         self.cg = dims.comm("pp")
         self.stride = dims.tp * dims.cp * dims.dp  # global-rank distance between pipeline neighbours
         self.idle_s = 0.0

@@ -96,11 +96,12 @@ class Trainer:
         self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.tokens_per_call)
         self.method_summary = describe_method(model, self.tokens_per_call)
         self.logical_keys = list(model.state_dict().keys())
-        model = parallelize(model, dims, cfg.parallel)
+        model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
+        model = parallelize(model, dims, cfg.parallel, activation_checkpointing=t.activation_checkpointing)
         self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
         annotate_parameters(self.model)
         self.logical = LogicalState(self.model)
-        self.model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
+        self.cp_attention = getattr(self.model, "context_parallel", None)
         pc = cfg.parallel
         self.pipeline = (
             PipelineRunner(self.model, dims, self.model.pipeline_chunks, schedule=pc.pp_schedule, virtual=pc.pp_virtual,
@@ -184,7 +185,15 @@ class Trainer:
         if int(inputs.max()) >= vocab or int(inputs.min()) < 0:
             raise DataError("data", f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
                                     "the dataset was made with a larger tokenizer")
-        return {k: batch[k].to(self.device) for k in ("inputs", "labels", "positions", "segment_ids") if k in batch}
+        b = {k: batch[k].to(self.device) for k in ("inputs", "labels", "positions", "segment_ids") if k in batch}
+        if self.cp_attention is not None:
+            # This rank's tokens of every sequence, with their global positions for RoPE (labels were shifted
+            # before sharding, so each token keeps its own target).
+            B, T = b["inputs"].shape
+            if "positions" not in b:
+                b["positions"] = torch.arange(T, device=self.device).expand(B, T)
+            b = {k: self.cp_attention.shard(v) for k, v in b.items()}
+        return b
 
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return loss_sum(logits, labels, self.dims)
@@ -199,11 +208,12 @@ class Trainer:
         return self._loss_fn(logits, b["labels"])
 
     def _reduce_loss(self, value: float) -> float:
-        """Token-loss sums live on the last pipeline stage (every tp rank there holds the same value): summed over
-        pp (the other stages add 0), then over dp."""
+        """Token-loss sums live on the last pipeline stage (every tp rank there holds the same value), one part
+        per sequence shard: summed over pp (the other stages add 0), cp, then dp."""
         stats = self.dims.comm_stats
-        value = all_reduce_scalar(value, self.dims.group("pp"), "pp", stats, self.device)
-        return all_reduce_scalar(value, self.dims.group("dp"), "dp", stats, self.device)
+        for axis in ("pp", "cp", "dp"):
+            value = all_reduce_scalar(value, self.dims.group(axis), axis, stats, self.device)
+        return value
 
     # ---------------------------------------------------------------- step
     def train_step(self) -> Dict[str, float]:
@@ -222,6 +232,8 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: the global batch has no real tokens")
 
         self.optimizer.zero_grad(set_to_none=True)
+        if self.cp_attention is not None:
+            self.cp_attention.counter.reset()
         loss_sum = torch.zeros((), dtype=torch.float64)
         act_saved_bytes = 0
         if self.pipeline is not None:
@@ -322,6 +334,9 @@ class Trainer:
             "grad_norm": m["grad_norm"],
             "act_saved_bytes": m["act_saved_bytes"],  # max over the step's micro-batches
             **({"pp_idle_fraction": self.pipeline.idle_fraction} if self.pipeline is not None else {}),
+            # Attention forwards that computed, and those the checkpoint recomputation replayed (LightSeq).
+            **({f"cp_attention/{k}": v for k, v in self.cp_attention.counter.as_dict().items()}
+               if self.cp_attention is not None else {}),
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),

@@ -26,12 +26,13 @@ def test_from_config_explicit_degrees_and_rank():
     assert ParallelDims.from_config(ParallelConfig(), 4, rank=0).is_main
 
 
-def test_from_config_rejects_unimplemented_axes():
+def test_from_config_gates_axes():
+    """Training configs may use every axis; a build may still gate some (`implemented`), naming the field."""
+    dims = ParallelDims.from_config(ParallelConfig(tp=2, cp=2, dp=-1, pp=2), 16)
+    assert (dims.tp, dims.cp, dims.dp, dims.pp) == (2, 2, 2, 2)
     with pytest.raises(ConfigError) as exc:
-        ParallelDims.from_config(ParallelConfig(cp=2, dp=-1), 4)
+        ParallelDims.from_config(ParallelConfig(cp=2, dp=-1), 4, implemented=("tp", "dp", "pp"))
     assert exc.value.field == "parallel.cp"
-    dims = ParallelDims.from_config(ParallelConfig(tp=2, cp=1, dp=1, pp=1), 2)
-    assert (dims.tp, dims.dp) == (2, 1)
 
 
 def test_from_config_errors():

@@ -1,0 +1,301 @@
+"""Context parallelism (ring with zigzag and contiguous shards, LightSeq DistAttn, Ulysses) on gloo ranks.
+
+Four spawned ranks serve both layouts (cp=2 x dp=2 and cp=4). Every rank draws the whole q, k, v of its
+dp replica from a seed, keeps its sequence shard and runs context-parallel attention on it; this side computes
+single-process causal attention on the whole sequence and compares the shards: output, log-sum-exp and
+dq/dk/dv to 1e-10 in float64, grouped-query (Hq=4, Hkv=2) and odd (Hq=3, Hkv=1) heads. Also: the byte counters
+against closed forms written out here, LightSeq's per-rank block counts and balance, and rematerialization-aware
+checkpointing (gradients unchanged, no second attention forward). Bad inputs are checked in-process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import pool_fixture
+from megaeff.distributed.comm import CommGroup
+from megaeff.distributed.context_parallel import (
+    AttentionCounter,
+    ContextParallelAttention,
+    ContextParallelError,
+    comm_bytes,
+    lightseq_block_counts,
+    sequence_positions,
+    shard_sequence,
+    unshard_sequence,
+)
+from megaeff.layers.attention import MathAttention
+from megaeff.layers.rope import apply_rope, rope_tables
+
+pytestmark = pytest.mark.slow
+
+B, T, D, E = 2, 16, 4, 8  # batch, whole sequence, head dim, bytes per float64
+LAYOUTS = {2: dict(cp=2, dp=2), 4: dict(cp=4)}
+IMPLS = [("ring", "zigzag"), ("ring", "contiguous"), ("lightseq", "contiguous"), ("ulysses", "contiguous"),
+         ("ulysses", "zigzag")]
+SEQ_HEADS = [(4, 2), (3, 1)]  # GQA, and an odd head count (MQA)
+ULYSSES_HEADS = {2: (4, 2), 4: (8, 4)}
+TOL = dict(rtol=0, atol=1e-10)
+
+pool = pool_fixture(4)
+
+
+def heads_for(impl, cp):
+    return [ULYSSES_HEADS[cp]] if impl == "ulysses" else SEQ_HEADS
+
+
+def full_inputs(hq, hkv, replica):
+    gen = torch.Generator().manual_seed(100 * hq + 10 * hkv + replica)
+    q = torch.randn(B, hq, T, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, hkv, T, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, hkv, T, D, generator=gen, dtype=torch.float64)
+    g = torch.randn(B, hq, T, D, generator=gen, dtype=torch.float64)
+    return q, k, v, g
+
+
+def run_attention(attn, q, k, v, g, stats):
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    stats.reset()
+    out, lse = attn.forward_with_lse(q, k, v)
+    fwd = stats.snapshot()
+    stats.reset()
+    out.backward(g)
+    return dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad, fwd=fwd, bwd=stats.snapshot())
+
+
+# ----------------------------------------------------------------------------- rank functions
+def _attention(dims):
+    cg = dims.comm("cp")
+    res = {}
+    for impl, sharding in IMPLS:
+        for hq, hkv in heads_for(impl, dims.cp):
+            counter = AttentionCounter()
+            attn = ContextParallelAttention(cg, impl, sharding, counter=counter)
+            q, k, v, g = (attn.shard(t, dim=2) for t in full_inputs(hq, hkv, dims.dp_rank))
+            r = run_attention(attn, q, k, v, g, dims.comm_stats)
+            r["counter"] = counter.as_dict()
+            r["gathered"] = attn.gather(q, dim=2)
+            res[(impl, sharding, hq, hkv)] = r
+    return dict(res=res, cp_rank=dims.cp_rank, dp_rank=dims.dp_rank)
+
+
+class Layer(torch.nn.Module):
+    """Projections around context-parallel attention: the segment a trainer checkpoints."""
+
+    def __init__(self, attn, dim=8, hq=4, hkv=2):
+        super().__init__()
+        gen = torch.Generator().manual_seed(7)
+        self.attn, self.hq, self.hkv = attn, hq, hkv
+        self.wq = torch.nn.Parameter(torch.randn(dim, hq * D, generator=gen, dtype=torch.float64) / 3)
+        self.wkv = torch.nn.Parameter(torch.randn(dim, 2 * hkv * D, generator=gen, dtype=torch.float64) / 3)
+        self.wo = torch.nn.Parameter(torch.randn(hq * D, dim, generator=gen, dtype=torch.float64) / 3)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = (x @ self.wq).view(b, t, self.hq, D).transpose(1, 2)
+        k, v = (x @ self.wkv).view(b, t, 2, self.hkv, D).permute(2, 0, 3, 1, 4)
+        return torch.tanh(self.attn(q, k, v).transpose(1, 2).reshape(b, t, -1) @ self.wo)
+
+
+def _remat(dims, impl, hq, hkv):
+    from torch.utils.checkpoint import checkpoint
+
+    cg = dims.comm("cp")
+    x_full = torch.randn(B, T, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = {}
+    for mode in ("plain", "checkpoint", "remat"):
+        counter = AttentionCounter()
+        attn = ContextParallelAttention(cg, impl, counter=counter)
+        layer = Layer(attn, hq=hq, hkv=hkv)
+        x = attn.shard(x_full).requires_grad_(True)
+        dims.comm_stats.reset()
+        if mode == "plain":
+            y = layer(x)
+        elif mode == "checkpoint":
+            y = checkpoint(layer, x, use_reentrant=False)
+        else:
+            y = attn.checkpoint(layer, x)
+        fwd = counter.as_dict()
+        (y * y).sum().backward()
+        out[mode] = dict(fwd=fwd, total=counter.as_dict(), bytes=dims.comm_stats.snapshot(), dx=x.grad,
+                         grads={n: p.grad for n, p in layer.named_parameters()})
+    return out
+
+
+# ----------------------------------------------------------------------------- reference and fixtures
+@pytest.fixture(scope="module")
+def results(pool):
+    cache = {}
+
+    def get(key, fn, *args):
+        if key not in cache:
+            cache[key] = pool.run(fn, *args, layout=LAYOUTS[key[0]])
+        return cache[key]
+
+    return get
+
+
+def reference(hq, hkv, replica):
+    q, k, v, g = (t.clone().requires_grad_(True) for t in full_inputs(hq, hkv, replica))
+    out, lse = MathAttention().forward_with_lse(q, k, v, causal=True)
+    out.backward(g.detach())
+    return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
+
+
+def assert_close(a, b, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.allclose(a, b, **TOL), f"{what}: max abs diff {(a - b).abs().max().item():.3e}"
+
+
+def expected_bytes(impl, cp, cp_rank, hq, hkv):
+    """(forward, backward) "cp/*" counters of one forward_with_lse + backward, float64 (e = a = 8), written
+    out from the schedules: Tl local tokens, kv = one K/V pair of this rank's size."""
+    Tl = T // cp
+    kv = 2 * B * hkv * Tl * D * E
+    rows = B * hq * Tl
+    if impl == "ring":  # P-1 K/V hops forward; P-1 again and P partial dK/dV hops backward
+        return {"cp/p2p_send": (cp - 1) * kv}, {"cp/p2p_send": (cp - 1) * kv + cp * kv}
+    if impl == "ulysses":  # payloads: q,k,v + out (+ the lse of forward_with_lse); dO + dq,dk,dv
+        a2a = B * Tl * D * E * (2 * hq + 2 * hkv)
+        return {"cp/all_to_all": a2a + rows * E}, {"cp/all_to_all": a2a}
+    # LightSeq, by hand from the schedule: K/V blocks sent, query chunks sent to helpers, blocks computed
+    # for others, remote K/V blocks used (cp=2: rank 0 sends its K/V to rank 1 and that is all).
+    n_kv, n_q, n_help, n_loc = {2: ([1, 0], [0, 0], [0, 0], [0, 1]),
+                                4: ([2, 2, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 2, 2])}[cp]
+    i = cp_rank
+    fwd = n_kv[i] * kv + n_q[i] * rows * D * E + n_help[i] * rows * (D + 1) * E
+    bwd = n_kv[i] * kv + n_q[i] * rows * (2 * D + 2) * E + n_help[i] * rows * D * E + n_loc[i] * kv
+    return {"cp/p2p_send": fwd} if fwd else {}, {"cp/p2p_send": bwd} if bwd else {}
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("impl,sharding", IMPLS, ids=[f"{i}-{s}" for i, s in IMPLS])
+def test_matches_full_causal_attention(results, impl, sharding, cp):
+    ranks = results((cp, "attn"), _attention)
+    refs = {}
+    for rank, res in enumerate(ranks):
+        i, rep = res["cp_rank"], res["dp_rank"]
+        for hq, hkv in heads_for(impl, cp):
+            r = res["res"][(impl, sharding, hq, hkv)]
+            ref = refs.setdefault((hq, hkv, rep), reference(hq, hkv, rep))
+            where = f"{impl}/{sharding} cp={cp} rank {rank} Hq={hq} Hkv={hkv}"
+            for name in ("out", "dq", "dk", "dv"):
+                assert_close(r[name], shard_sequence(ref[name], cp, i, sharding, dim=2), f"{where} {name}")
+            assert_close(r["lse"], shard_sequence(ref["lse"], cp, i, sharding, dim=2), f"{where} lse")
+            assert torch.equal(r["gathered"], full_inputs(hq, hkv, rep)[0]), f"{where} gather of the shards"
+            fwd, bwd = expected_bytes(impl, cp, i, hq, hkv)
+            assert (r["fwd"], r["bwd"]) == (fwd, bwd), f"{where} bytes"
+            cf, cb = comm_bytes(impl, B=B, T=T, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=E, rank=i)
+            lse_a2a = B * hq * (T // cp) * E if impl == "ulysses" else 0
+            assert (sum(fwd.values()) - lse_a2a, sum(bwd.values())) == (cf, cb), f"{where} comm_bytes"
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_block_counts_and_balance(results, cp):
+    ranks = sorted((res for res in results((cp, "attn"), _attention) if res["dp_rank"] == 0), key=lambda res: res["cp_rank"])
+    counters = {(impl, sharding): [res["res"][(impl, sharding, *SEQ_HEADS[0])]["counter"] for res in ranks]
+                for impl, sharding in IMPLS[:3]}
+    ls = counters[("lightseq", "contiguous")]
+    blocks = [c["forward_blocks"] for c in ls]
+    assert blocks == lightseq_block_counts(cp) == [cp // 2] * (cp // 2) + [cp // 2 + 1] * (cp // 2)
+    assert max(blocks) - min(blocks) <= 1
+    assert sum(blocks) == cp * (cp + 1) // 2  # every causal block of the grid exactly once
+    assert [c["backward_blocks"] for c in ls] == blocks
+    ring = [c["forward_blocks"] for c in counters[("ring", "contiguous")]]
+    assert ring == [r + 1 for r in range(cp)]  # the plain ring's imbalance LightSeq removes
+    zig = counters[("ring", "zigzag")]
+    assert len({c["forward_work"] for c in zig}) == 1 and all(c["forward_blocks"] == 2 * cp + 1 for c in zig)
+    total = B * SEQ_HEADS[0][0] * T * (T + 1) // 2  # visible score entries of the whole causal attention
+    for scheme in counters.values():
+        assert sum(c["forward_work"] for c in scheme) == total
+
+
+@pytest.mark.parametrize("impl", ["lightseq", "ring", "ulysses"])
+def test_rematerialization_aware_checkpointing(pool, impl):
+    hq, hkv = (8, 4) if impl == "ulysses" else (4, 2)
+    for rank, res in enumerate(pool.run(_remat, impl, hq, hkv, layout=LAYOUTS[4])):
+        plain, ckpt, remat = res["plain"], res["checkpoint"], res["remat"]
+        for other in (ckpt, remat):
+            assert_close(other["dx"], plain["dx"], f"rank {rank} input grad")
+            for name, g in plain["grads"].items():
+                assert_close(other["grads"][name], g, f"rank {rank} grad of {name}")
+        blocks = plain["total"]["forward_blocks"]
+        assert plain["total"]["forward_calls"] == 1 and blocks > 0
+        # Standard checkpointing recomputes the attention forward in backward; the remat-aware one does not.
+        assert (ckpt["total"]["forward_calls"], ckpt["total"]["forward_blocks"]) == (2, 2 * blocks)
+        assert remat["fwd"]["forward_calls"] == 1
+        assert remat["total"] == dict(plain["total"], replays=1)
+        if impl == "ulysses":  # the replay repeats the q, k, v all-to-all (not the attention)
+            qkv = B * (T // 4) * D * E * (hq + 2 * hkv)
+            assert remat["bytes"] == {"cp/all_to_all": plain["bytes"]["cp/all_to_all"] + qkv}
+        else:
+            assert remat["bytes"] == plain["bytes"]  # nothing is sent twice either
+
+
+def test_positions_rope_and_unshard():
+    cos, sin = rope_tables(D, T, 10000.0)
+    x = torch.randn(B, T, 3, D, dtype=torch.float64)
+    for cp in (1, 2, 4):
+        for sharding in ("contiguous", "zigzag"):
+            shards = [shard_sequence(x, cp, r, sharding) for r in range(cp)]
+            assert torch.equal(unshard_sequence(shards, sharding), x)
+            rotated = apply_rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+            for r in range(cp):
+                pos = sequence_positions(T, cp, r, sharding, batch=B)
+                assert pos.shape == (B, T // cp)
+                local = apply_rope(shards[r].transpose(1, 2), cos, sin, pos).transpose(1, 2)
+                assert torch.equal(local, shard_sequence(rotated, cp, r, sharding))
+    assert sequence_positions(16, 4, 1, "zigzag").tolist() == [2, 3, 12, 13]
+    assert sequence_positions(16, 4, 1, "contiguous").tolist() == [4, 5, 6, 7]
+
+
+def _cg(size, rank=0):
+    return CommGroup("cp", None, None, size, rank)
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match=r"sequence length 12 is not divisible by 8 \(zigzag sharding over cp=4"):
+        shard_sequence(torch.zeros(1, 12), 4, 0, "zigzag")
+    with pytest.raises(ContextParallelError) as exc:
+        sequence_positions(10, 4, 0, "contiguous")
+    assert exc.value.field == "data.seq_len"
+    z = torch.zeros(1, 3, 4, D)
+    with pytest.raises(ContextParallelError, match=r"query heads \(Hq=3\) must be divisible by cp=2") as exc:
+        ContextParallelAttention(_cg(2), "ulysses")(z, z[:, :1], z[:, :1])
+    assert exc.value.field == "model.n_heads"
+    z = torch.zeros(1, 4, 4, D)
+    with pytest.raises(ContextParallelError, match=r"key/value heads \(Hkv=2\) must be divisible by cp=4"):
+        ContextParallelAttention(_cg(4), "ulysses")(z, z[:, :2], z[:, :2])
+    with pytest.raises(ValueError, match="not divisible by 4 .zigzag"):  # T = 3 local x cp 2 = 6
+        ContextParallelAttention(_cg(2), "ring")(z[:, :, :3], z[:, :2, :3], z[:, :2, :3])
+    with pytest.raises(ContextParallelError, match="per-document attention masks are not supported") as exc:
+        ContextParallelAttention(_cg(2), "ring")(z, z, z, segment_ids=torch.zeros(1, 4))
+    assert exc.value.field == "data.reset_attention_mask"
+    with pytest.raises(ContextParallelError, match="lightseq balances contiguous shards"):
+        ContextParallelAttention(_cg(2), "lightseq", "zigzag")
+    with pytest.raises(ContextParallelError, match="even cp degree, got cp=3"):
+        ContextParallelAttention(_cg(3), "lightseq")
+    with pytest.raises(ContextParallelError, match="unknown context-parallel impl 'star'"):
+        ContextParallelAttention(_cg(2), "star")
+    with pytest.raises(ContextParallelError, match="'flash' has no block kernel"):
+        ContextParallelAttention(_cg(2), "ring", backend="flash")
+    assert ContextParallelAttention(_cg(4), "ring").name == "ring/zigzag over cp=4"
+
+
+@pytest.mark.parametrize("impl,cp", [("ring", 8), ("lightseq", 8), ("ulysses", 4)])
+def test_meta_dry_run_records_the_closed_form(impl, cp):
+    """On meta tensors (the benchmark's dry runs) nothing is sent, every byte is still recorded, per rank, and
+    the bf16 element sizes with fp32 partial sums follow the same closed forms."""
+    from megaeff.distributed.comm import CommStats
+
+    hq, hkv, seq = 8, 4, 64
+    for rank in range(cp):
+        stats = CommStats()
+        attn = ContextParallelAttention(CommGroup("cp", None, stats, cp, rank), impl)
+        q, k, v = (torch.empty(B, h, seq // cp, D, device="meta", dtype=torch.bfloat16).requires_grad_(True)
+                   for h in (hq, hkv, hkv))
+        attn(q, k, v).backward(torch.empty(B, hq, seq // cp, D, device="meta", dtype=torch.bfloat16))
+        assert stats.total() == sum(comm_bytes(impl, B=B, T=seq, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=2, rank=rank))
+        assert stats.total() > 0

@@ -15,7 +15,10 @@ its output: the loss is `vocab_parallel_cross_entropy` on the vocab-sharded logi
 
 Sequence parallelism keeps the residual stream and the norms sharded along the sequence between the TP
 regions; the norm gains then see only this rank's tokens, so their gradient is all-reduced over tp in backward
-(`SequenceParallelRMSNorm`, Megatron's `sequence_parallel` gradient all-reduce done inside autograd).
+(`SequenceParallelRMSNorm`, Megatron's `sequence_parallel` gradient all-reduce done inside autograd). Where the
+column layers enter their region with the input itself (dense, SLTrain), the attention and MLP inputs are
+gathered once for q, k, v (gate, up) as in Megatron, not once per projection; lowrank and LOST gather their
+rank-sized intermediates per projection instead, which is the smaller volume.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaeff.data.sampler import IGNORE_INDEX
-from megaeff.distributed.comm import CommGroup, copy_to_region
+from megaeff.distributed.comm import CommGroup, copy_to_region, gather_seq
 from megaeff.distributed.pipeline import prune_to_stages, stage_chunks
 from megaeff.distributed.tensor_parallel import (
     VocabParallelEmbedding,
@@ -58,6 +61,15 @@ class SequenceParallelRMSNorm(RMSNorm):
         return self.ops.rmsnorm(x, copy_to_region(self.weight, self.cg), self.eps)
 
 
+def _share_input_gather(module: nn.Module, projections, cg: CommGroup) -> None:
+    layers = [getattr(module, name) for name in projections]
+    if not all(layer.gathers_input for layer in layers):
+        return
+    for layer in layers:
+        layer.input_gathered = True
+    module.register_forward_pre_hook(lambda _, args: (gather_seq(args[0], cg, 1), *args[1:]))
+
+
 def _swap(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -79,6 +91,8 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
         block.attention.n_heads //= tp
         block.attention.n_kv_heads //= tp
         if sp:
+            _share_input_gather(block.attention, ("q", "k", "v"), cg)
+            _share_input_gather(block.mlp, ("gate", "up"), cg)
             block.attention_norm = SequenceParallelRMSNorm.replacing(block.attention_norm, cg)
             block.mlp_norm = SequenceParallelRMSNorm.replacing(block.mlp_norm, cg)
     with torch.device(model.rope_cos.device):

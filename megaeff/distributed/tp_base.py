@@ -53,6 +53,10 @@ LOGICAL_ARGS = {
 class TPLinear(nn.Module):
     method = ""
     SPLITS: Dict[str, Dict[str, str]] = {}
+    # Whether the column form's region entry is the layer input itself (dense, SLTrain) rather than a compact
+    # intermediate (lowrank, LOST). Layers of the first kind that read one input (q, k, v) can share one
+    # sequence-parallel all-gather done by the caller (`input_gathered`, set by parallelize).
+    gathers_input = False
 
     def __init__(self, logical: nn.Module, dims, style: str, *, sequence_parallel: bool = False,
                  gather_output: bool = False, seq_dim: int = 1):
@@ -63,6 +67,7 @@ class TPLinear(nn.Module):
             raise ValueError("gather_output applies to column-parallel layers only")
         self.cg: CommGroup = dims.comm("tp")
         self.style, self.sequence_parallel, self.gather_output, self.seq_dim = style, bool(sequence_parallel), gather_output, seq_dim
+        self.input_gathered = False
         self.in_features, self.out_features = logical.in_features, logical.out_features
         self.name = getattr(logical, "name", None)
         self.ops = resolve(getattr(logical, "ops", None))
@@ -168,7 +173,10 @@ class TPLinear(nn.Module):
 
     # ------------------------------------------------------------------ region boundaries
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Column input: the sequence shards gathered (SP), or the replicated input whose gradient is summed."""
+        """Column input: the sequence shards gathered (SP), or the replicated input whose gradient is summed; as it
+        is when the caller already gathered it (its gather's backward reduce-scatters the summed gradient)."""
+        if self.input_gathered:
+            return x
         return gather_seq(x, self.cg, self.seq_dim) if self.sequence_parallel else copy_to_region(x, self.cg)
 
     def leave(self, y: torch.Tensor) -> torch.Tensor:
@@ -196,6 +204,7 @@ class DenseTP(TPLinear):
 
     method = "dense"
     SPLITS = {"weight": {"column": "rows", "row": "cols"}}
+    gathers_input = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style == "column":

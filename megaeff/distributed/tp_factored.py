@@ -52,6 +52,7 @@ class SLTrainTP(TPLinear):
     with their positions re-based to the local slice, so no index is ever sent."""
 
     method = "sltrain"
+    gathers_input = True
     SPLITS = {
         "A": {"column": "replicated", "row": "cols"},
         "B": {"column": "rows", "row": "replicated"},

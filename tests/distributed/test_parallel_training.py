@@ -57,6 +57,19 @@ def test_sequence_parallel_lowrank_matches_single_process(single, tmp_path):
     assert rec["comm_bytes/tp/all_gather"] > 0 and rec["comm_bytes/tp/reduce_scatter"] > 0
 
 
+def test_sequence_parallel_bytes_are_megatrons(tmp_path):
+    """Dense tp2 + SP: per block the attention and MLP inputs are all-gathered once (shared by q/k/v and
+    gate/up) and o/down reduce-scattered, plus the embedding's reduce-scatter and the head's all-gather: 2L+1
+    all-gathers of the full B x T x h activation forward, and their conjugates backward."""
+    train(tmp_path / "run", *COMMON, "method=dense", "parallel=tp2_sp", "train.steps=1", "optim.warmup_steps=0", "train.ckpt_interval=0",
+          "train.micro_batch_size=4", "train.grad_accum=1", nproc=2)
+    rec = records(tmp_path / "run")[0]
+    activation = 4 * 32 * 32 * 4  # smoke: batch 4 x seq 32 x dim 32, fp32
+    per_direction = (2 * 2 + 1) * activation  # 2 layers
+    assert rec["comm_bytes/tp/all_gather"] == 2 * per_direction
+    assert rec["comm_bytes/tp/reduce_scatter"] == 2 * per_direction
+
+
 def test_checkpoints_move_between_layouts(single, tmp_path):
     """Steps 1-5 under tp2 (sequence parallel), 6-10 in one process, and the reverse: both equal the
     uninterrupted single-process run (SLTrain: sparse values are split by the logical support)."""

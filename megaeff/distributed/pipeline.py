@@ -15,8 +15,9 @@ be taught; every transfer must pass through our byte accounting; and gradient re
 backward of each chunk (megaeff/distributed/data_parallel.py). The executor is a hundred lines.
 
 Communication. An activation (or its gradient) of micro-batch i between virtual stages s and s+1 travels from
-the rank of s to the rank of s+1 (the same tp/cp/dp coordinates, pp differing), with a tag naming (kind, i, s),
-so messages match whatever order the two ranks run their schedules in. Shapes are agreed without handshakes:
+the rank of s to the rank of s+1 (the same tp/cp/dp coordinates, pp differing) through comm.py's batched
+isend/irecv (counted as "pp/p2p_send"), with a tag naming (kind, i, s), so messages match whatever order the
+two ranks run their schedules in. Shapes are agreed without handshakes:
 every rank holds the same micro-batch (pipeline peers share their dp rank), so the activation is
 [batch, seq / cp (/ tp under sequence parallelism), dim] in float32 for everyone. Sends are asynchronous and waited
 at the end of the step, so a rank only ever blocks on a receive, and a deadlock-free schedule (checked by
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from megaeff.distributed.comm import batch_p2p
 from megaeff.distributed.pipeline_schedule import build_schedule
 from megaeff.errors import ConfigError
 
@@ -111,7 +112,6 @@ class PipelineRunner:
         self.n_stages = dims.pp * virtual
         self.seq_divisor = (dims.tp if sequence_parallel else 1) * dims.cp
         self.cg = dims.comm("pp")
-        self.stride = dims.tp * dims.cp * dims.dp  # global-rank distance between pipeline neighbours
         self.idle_s = 0.0
         self.step_s = 0.0
 
@@ -121,21 +121,17 @@ class PipelineRunner:
         return f"pipeline: {self.schedule} over pp={self.dims.pp}" + (f" x {self.virtual} chunks" if self.virtual > 1 else "") + f"; this rank {mine}"
 
     # ---------------------------------------------------------------- p2p
-    def _peer(self, stage: int) -> int:
-        return self.dims.rank + (stage % self.dims.pp - self.dims.pp_rank) * self.stride
-
     def _tag(self, kind: str, microbatch: int, stage: int) -> int:
         return ((0 if kind == "F" else 1) * self.n_stages + stage) * 1_000_003 + microbatch
 
+    # The peer of virtual stage s is pipeline rank s % pp: its index in this rank's pp group.
     def _send(self, tensor: torch.Tensor, stage: int, tag: int, pending: List) -> None:
-        payload = tensor.detach().contiguous()
-        self.cg.record("p2p_send", payload.numel() * payload.element_size())
-        pending.append((dist.isend(payload, self._peer(stage), tag=tag), payload))
+        pending.append(batch_p2p(self.cg, sends=[(tensor.detach(), stage % self.dims.pp, tag)]))
 
     def _recv(self, shape, stage: int, tag: int) -> torch.Tensor:
         buf = torch.empty(shape, dtype=torch.float32, device=self.dims.device)
         t0 = time.perf_counter()
-        dist.recv(buf, self._peer(stage), tag=tag)
+        batch_p2p(self.cg, recvs=[(buf, stage % self.dims.pp, tag)]).wait()
         self.idle_s += time.perf_counter() - t0
         return buf
 
@@ -186,8 +182,8 @@ class PipelineRunner:
                     torch.autograd.backward(out, grad)
                 if not chunk.first:
                     self._send(x.grad, chunk.stage - 1, self._tag("B", act.microbatch, chunk.stage - 1), pending)
-        for work, _ in pending:
-            work.wait()
+        for request in pending:
+            request.wait()
         self.step_s = time.perf_counter() - t_start
         return loss_sum
 
@@ -205,8 +201,8 @@ class PipelineRunner:
                     total += loss_fn(out, inputs["labels"]).double().cpu()
             if not chunk.last:
                 self._send(out, chunk.stage + 1, self._tag("F", 0, chunk.stage + 1), pending)
-        for work, _ in pending:
-            work.wait()
+        for request in pending:
+            request.wait()
         return total
 
     @property

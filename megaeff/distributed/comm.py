@@ -315,3 +315,57 @@ def all_to_all(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
     if x.device.type != "meta":
         dist.all_to_all_single(out, x, group=cg.group)
     return out
+
+
+def all_to_all_uneven(x: torch.Tensor, cg: CommGroup, send_splits, recv_splits, kind: str = "all_to_all") -> torch.Tensor:
+    """Dim 0 of `x` is cut into blocks of `send_splits[j]` rows, block j to rank j; returns the blocks received,
+    `recv_splits[j]` rows from rank j, in rank order (`dist.all_to_all_single` with uneven splits). The caller
+    must pass splits that agree across ranks (my recv_splits[j] is rank j's send_splits[me]); MoE dispatch derives
+    both from one table every rank holds. Records the input under `kind` (own block included, as `all_to_all`),
+    so the sparse all-gather and reduce-scatter of expert FSSDP are counted apart from the token exchange."""
+    if cg.size == 1:
+        return x
+    send_splits, recv_splits = [int(s) for s in send_splits], [int(s) for s in recv_splits]
+    if sum(send_splits) != x.shape[0]:
+        raise ValueError(f"send splits {send_splits} do not add up to the {x.shape[0]} rows to send")
+    x = x.contiguous()
+    cg.record(kind, _nbytes(x))
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    if x.device.type != "meta":
+        dist.all_to_all_single(out, x, recv_splits, send_splits, group=cg.group)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- flat, async
+# Fully sharded data parallelism (megaeff/distributed/fssdp.py) packs many tensors into one flat buffer per
+# collective and overlaps the collective with compute, so these take caller-owned flat buffers and may return
+# the pending Work instead of waiting. Same byte convention as above; nothing is recorded for a group of one,
+# and meta buffers are recorded without moving anything (dry runs that count bytes).
+
+
+def all_gather_flat(out: torch.Tensor, x: torch.Tensor, cg: CommGroup, async_op: bool = False):
+    """Flat `x` (this rank's slot) from every rank into flat `out` (cg.size slots, in group-rank order). Returns
+    the Work to wait on when `async_op`, else None. Records `out` (the gathered payload)."""
+    if out.numel() != cg.size * x.numel() or out.dtype != x.dtype:
+        raise ValueError(f"all_gather_flat: {out.numel()} {out.dtype} output for {cg.size} slots of {x.numel()} {x.dtype}")
+    if cg.size == 1:
+        out.copy_(x)
+        return None
+    cg.record("all_gather", _nbytes(out))
+    if out.device.type == "meta":
+        return None
+    return _ALL_GATHER(out, x, group=cg.group, async_op=async_op)
+
+
+def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, cg: CommGroup, async_op: bool = False):
+    """Sum flat `x` (cg.size slots, slot q for rank q) over the group; this rank's summed slot lands in `out`.
+    Returns the Work to wait on when `async_op`, else None. Records `x` (the payload before scattering)."""
+    if x.numel() != cg.size * out.numel() or out.dtype != x.dtype:
+        raise ValueError(f"reduce_scatter_flat: {out.numel()} {out.dtype} output for {cg.size} slots of {x.numel()} {x.dtype}")
+    if cg.size == 1:
+        out.copy_(x)
+        return None
+    cg.record("reduce_scatter", _nbytes(x))
+    if out.device.type == "meta":
+        return None
+    return _REDUCE_SCATTER(out, x, op=dist.ReduceOp.SUM, group=cg.group, async_op=async_op)

@@ -74,7 +74,12 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops=act)
         self.attention = Attention(cfg, method, f"{prefix}.attention", act)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops=act)
-        self.mlp = SwiGLU(cfg, method, f"{prefix}.mlp", act)
+        if getattr(cfg, "moe_experts", 0) > 0:
+            from megaeff.models.moe import MoE  # only MoE models need it
+
+            self.mlp = MoE(cfg, method, f"{prefix}.mlp", act)
+        else:
+            self.mlp = SwiGLU(cfg, method, f"{prefix}.mlp", act)
 
     def forward(self, x, cos, sin, backend, positions=None, segment_ids=None):
         x = x + self.attention(self.attention_norm(x), cos, sin, backend, positions, segment_ids)

@@ -144,9 +144,11 @@ class ParallelConfig:
     fssdp_reduce_dtype: str = "fp32"
     fssdp_replicate_below: int = 0
     fssdp_node_size: int = 0
-    # MoE experts over dp: fssdp (expert shards everywhere, experts materialized where the step's placement puts
-    # them) | ep (expert parallelism with a fixed placement).
-    expert_impl: str = "fssdp"
+    # MoE experts over dp: replicated (every rank holds every expert; gradients reduced with the rest) in the
+    # trainer today; fssdp (expert shards everywhere, experts materialized where the step's load-proportional
+    # placement puts them) and ep (fixed placement) exist as layers (megaeff/distributed/expert_parallel.py),
+    # not yet wired into the trainer.
+    expert_impl: str = "replicated"
 
 
 @dataclass

@@ -33,7 +33,8 @@ def _choice(value, field: str, choices) -> None:
 def layer_shapes(m) -> list:
     """(out, in) of every distinct projection shape the factory builds for model config `m`."""
     kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
-    return [(m.dim, m.dim), (kv_dim, m.dim), (m.ffn_dim, m.dim), (m.dim, m.ffn_dim)]
+    ffn = (m.moe_ffn_dim or m.ffn_dim) if m.moe_experts else m.ffn_dim  # MoE experts replace the MLP
+    return [(m.dim, m.dim), (kv_dim, m.dim), (ffn, m.dim), (m.dim, ffn)]
 
 
 def _validate_method(cfg: Config) -> None:
@@ -158,6 +159,21 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
     if o.min_fp8_numel < 0:
         raise ConfigError("optim.min_fp8_numel", f"must be >= 0, got {o.min_fp8_numel}")
 
+    m = cfg.model
+    if m.moe_experts < 0:
+        raise ConfigError("model.moe_experts", f"must be >= 0 (0: dense MLP), got {m.moe_experts}")
+    if m.moe_experts:
+        if not 1 <= m.moe_top_k <= m.moe_experts:
+            raise ConfigError("model.moe_top_k", f"must be in 1..model.moe_experts={m.moe_experts}, got {m.moe_top_k}")
+        if m.moe_ffn_dim is not None:
+            _positive(m.moe_ffn_dim, "model.moe_ffn_dim")
+        if m.moe_aux_loss_coef < 0:
+            raise ConfigError("model.moe_aux_loss_coef", f"must be >= 0, got {m.moe_aux_loss_coef}")
+        _choice(cfg.parallel.expert_impl, "parallel.expert_impl", ("replicated", "fssdp", "ep"))
+        if cfg.parallel.expert_impl != "replicated":
+            raise ConfigError("parallel.expert_impl", f"{cfg.parallel.expert_impl!r} experts are tested as layers "
+                              "(megaeff/distributed/expert_parallel.py) but not wired into the trainer yet; use replicated")
+
     pr = cfg.precision
     _choice(pr.name, "precision.name", PRECISIONS)
     if pr.act_group_size < 1 or 128 % pr.act_group_size:
@@ -224,4 +240,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
             check_pipeline(cfg, dims)
         if dims.cp > 1:
             check_context_parallel(cfg, dims)
+        if cfg.model.moe_experts and (dims.tp > 1 or dims.pp > 1 or dims.cp > 1):
+            raise ConfigError("model.moe_experts", "MoE models train with data parallelism only in this build "
+                                                   f"(got tp={dims.tp} cp={dims.cp} pp={dims.pp})")
         check_tp_layout(cfg.model, dims.tp, seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel)

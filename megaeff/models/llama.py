@@ -142,9 +142,16 @@ def count_params(model: nn.Module) -> int:
 def flops_per_token(model: "Llama", seq_len: int, tokens_per_call: Optional[int] = None) -> float:
     """Training FLOPs per token: 6 per multiply-add of the projections (whatever their parameterization, e.g. the
     factors of a low-rank layer) and of the output head, plus the attention score and value products,
-    12 * layers * dim * seq_len (PaLM appendix B). Embedding lookups cost nothing."""
-    from megaeff.layers.linear import linear_macs_per_token
+    12 * layers * dim * seq_len (PaLM appendix B). Embedding lookups cost nothing. In an MoE model a token runs
+    top_k of the experts (and the router)."""
+    from megaeff.layers.linear import method_layers
 
     cfg = model.cfg
-    macs = linear_macs_per_token(model, tokens_per_call) + cfg.vocab_size * cfg.dim
+    experts = getattr(cfg, "moe_experts", 0)
+    macs = cfg.vocab_size * cfg.dim
+    for name, layer in method_layers(model):
+        share = cfg.moe_top_k / experts if experts and ".experts." in name else 1.0
+        macs += share * layer.macs_per_token(tokens_per_call)
+    if experts:
+        macs += cfg.n_layers * cfg.dim * experts
     return 6.0 * macs + 12.0 * cfg.n_layers * cfg.dim * seq_len

@@ -33,6 +33,7 @@ from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama, count_params, flops_per_token
+from megaeff.models.moe import moe_aux_loss
 from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
 from megaeff.precision.fp8_activations import activation_ops
@@ -236,6 +237,7 @@ class Trainer:
             self.cp_attention.counter.reset()
         loss_sum = torch.zeros((), dtype=torch.float64)
         act_saved_bytes = 0
+        aux_total = 0.0
         if self.pipeline is not None:
             loss_sum = self.pipeline.train_step(batches, global_tokens, self._loss_fn, to_device=self._to_device,
                                                 autocast=self._autocast, reducer=self.grad_reducer)
@@ -246,7 +248,14 @@ class Trainer:
                 loss = self._loss_sum(batch)
             act_saved_bytes = max(act_saved_bytes, saved.bytes)
             self.grad_reducer.prepare(final=i == len(batches) - 1)
-            (loss / global_tokens).backward()
+            objective = loss / global_tokens
+            aux = moe_aux_loss(self.model)
+            if aux is not None:
+                # The mean balance loss over every micro-batch of the global batch (gradients are summed over
+                # micro-batches and dp x cp ranks).
+                objective = objective + aux / (len(batches) * self.dims.size("dp_cp"))
+                aux_total += float(aux.detach())
+            objective.backward()
             loss_sum += loss.detach().double().cpu()
         self.grad_reducer.finish()  # gradients summed over dp x cp, partly during the last backward
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -260,8 +269,11 @@ class Trainer:
         self.step += 1
         self.consumed_samples += self.global_batch_size
         loss_mean = loss_total / global_tokens
-        return {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens,
-                "act_saved_bytes": act_saved_bytes}
+        out = {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens,
+               "act_saved_bytes": act_saved_bytes}
+        if self.cfg.model.moe_experts:
+            out["moe_aux_loss"] = aux_total / max(len(batches), 1)  # this rank's mean over its micro-batches
+        return out
 
     # ---------------------------------------------------------------- eval
     @torch.no_grad()
@@ -333,6 +345,7 @@ class Trainer:
             "lr": m["lr"],
             "grad_norm": m["grad_norm"],
             "act_saved_bytes": m["act_saved_bytes"],  # max over the step's micro-batches
+            **({"moe_aux_loss": m["moe_aux_loss"]} if "moe_aux_loss" in m else {}),
             **({"pp_idle_fraction": self.pipeline.idle_fraction} if self.pipeline is not None else {}),
             # Attention forwards that computed, and those the checkpoint recomputation replayed (LightSeq).
             **({f"cp_attention/{k}": v for k, v in self.cp_attention.counter.as_dict().items()}

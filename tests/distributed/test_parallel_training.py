@@ -70,6 +70,16 @@ def test_sequence_parallel_bytes_are_megatrons(tmp_path):
     assert rec["comm_bytes/tp/reduce_scatter"] == 2 * per_direction
 
 
+def test_moe_data_parallel_matches_accumulation(tmp_path):
+    """An MoE model (4 experts, top-2, balance loss on) over dp=2 equals one process accumulating the same
+    micro-batches: the balance loss is a per-micro-batch mean, so the split must be the same, not the batch."""
+    args = [*COMMON, "model.moe_experts=4", "model.moe_aux_loss_coef=0.01", "train.micro_batch_size=2"]
+    train(tmp_path / "single", *args, "train.grad_accum=2")
+    train(tmp_path / "dp2", *args, "train.grad_accum=1", "parallel=dp2", nproc=2)
+    assert_same_run(tmp_path / "single", tmp_path / "dp2", STEPS)
+    assert all(r["moe_aux_loss"] > 0 for r in records(tmp_path / "dp2"))
+
+
 def test_checkpoints_move_between_layouts(single, tmp_path):
     """Steps 1-5 under tp2 (sequence parallel), 6-10 in one process, and the reverse: both equal the
     uninterrupted single-process run (SLTrain: sparse values are split by the logical support)."""

@@ -224,3 +224,25 @@ def test_two_wild_degrees_in_parallel_dims():
     with pytest.raises(ConfigError) as exc:
         ParallelDims.from_config(ParallelConfig(tp=-1, cp=1, dp=-1, pp=1), world_size=4)
     assert exc.value.field == "parallel.dp"
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["model.moe_experts=-1"], "model.moe_experts"),
+        (["model.moe_experts=4", "model.moe_top_k=5"], "model.moe_top_k"),
+        (["model.moe_experts=4", "model.moe_aux_loss_coef=-0.1"], "model.moe_aux_loss_coef"),
+        (["model.moe_experts=4", "parallel.expert_impl=ep"], "parallel.expert_impl"),
+        (["model.moe_experts=4", "parallel.expert_impl=star"], "parallel.expert_impl"),
+    ],
+)
+def test_moe_config_errors_name_the_field(compose_cfg, overrides, field):
+    with pytest.raises(ConfigError) as exc:
+        validate_config(compose_cfg(overrides), world_size=1)
+    assert exc.value.field == field
+
+
+def test_moe_trains_with_data_parallelism_only(compose_cfg):
+    with pytest.raises(ConfigError) as exc:
+        validate_config(compose_cfg(["model.moe_experts=4", "parallel=tp2"]), world_size=2)
+    assert exc.value.field == "model.moe_experts"

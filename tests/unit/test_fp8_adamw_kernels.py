@@ -11,34 +11,24 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from megaeff.kernels import fp8_adamw_cpp, fp8_adamw_cuda
 from megaeff.kernels.fp8_adamw import select_backend
-from megaeff.optim.coat_adamw import CoatAdamW, initial_meta
-from megaeff.optim.fp8_adamw_ref import Fp8Entry, StepScalars, reference_update
+from megaeff.optim.coat_adamw import CoatAdamW
+from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update
 from megaeff.precision.fp8 import FORMATS, get_format, to_fp8
 from megaeff.precision.group_quant import GroupLayout, _pow, _root, dequantize_groups, quantize_groups
+
+from fp8_adamw_cases import STATE, bits, entries, ieee_sqrt, new_state
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")
 STEPS = 22
 SHAPES = [(128, 384), (64, 352), (3, 4, 130), (40, 48), (1000,)]
-STATE = ("param", "m_codes", "m_meta", "v_codes", "v_meta")
-
-_torch_sqrt = torch.sqrt
-
-
-def ieee_sqrt(x, *args, **kwargs):
-    """torch.sqrt with a correctly rounded FP32 result (numpy's, which is the hardware instruction)."""
-    if args or kwargs or not torch.is_tensor(x) or x.dtype != torch.float32 or x.device.type != "cpu":
-        return _torch_sqrt(x, *args, **kwargs)
-    return torch.from_numpy(np.sqrt(x.detach().contiguous().numpy())).reshape(x.shape)
 
 
 @pytest.fixture
@@ -57,13 +47,6 @@ def cpp():
 def ptr(t: torch.Tensor) -> int:
     assert t.is_contiguous()
     return t.data_ptr()
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Bit patterns of FP8 and FP32 tensors, so that -0.0 != +0.0 (other dtypes as they are)."""
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
 
 
 # ----------------------------------------------------------------------------------------------------- nvcc
@@ -179,26 +162,6 @@ def gradient(shape, step: int, seed: int) -> torch.Tensor:
     g[4] = torch.where(torch.rand(w, generator=gen) < 0.5, 0.0, g[4])
     g[5] = float(torch.rand(1, generator=gen)) * torch.sign(torch.randn(w, generator=gen))
     return lay.from_groups(g).reshape(shape)
-
-
-def new_state(shape, m_fmt, v_fmt, seed: int) -> Dict[str, torch.Tensor]:
-    n = GroupLayout.for_shape(shape).n_groups
-    return {
-        "param": torch.randn(shape, generator=torch.Generator().manual_seed(seed)),
-        "m_codes": torch.zeros(shape, dtype=m_fmt.dtype),
-        "m_meta": initial_meta(n, "cpu"),
-        "v_codes": torch.zeros(shape, dtype=v_fmt.dtype),
-        "v_meta": initial_meta(n, "cpu"),
-    }
-
-
-def entries(states, grads, s: StepScalars, m_fmt, v_fmt, expand) -> List[Fp8Entry]:
-    return [
-        Fp8Entry(
-            grad=g, layout=GroupLayout.for_shape(g.shape), scalars=s, m_fmt=m_fmt, v_fmt=v_fmt, expand=expand, **st
-        )
-        for st, g in zip(states, grads)
-    ]
 
 
 def assert_same_state(ref, got, step: int) -> None:

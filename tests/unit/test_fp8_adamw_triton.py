@@ -13,9 +13,6 @@ rounds correctly.
 
 from __future__ import annotations
 
-from typing import Dict, List
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,35 +21,22 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 from megaeff.kernels import fp8_adamw_triton  # noqa: E402
 from megaeff.kernels.fp8_adamw import select_backend  # noqa: E402
-from megaeff.optim.coat_adamw import CoatAdamW, initial_meta  # noqa: E402
-from megaeff.optim.fp8_adamw_ref import Fp8Entry, StepScalars, reference_update  # noqa: E402
+from megaeff.optim.coat_adamw import CoatAdamW  # noqa: E402
+from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update  # noqa: E402
 from megaeff.precision.fp8 import get_format  # noqa: E402
 from megaeff.precision.group_quant import GroupLayout  # noqa: E402
+
+from fp8_adamw_cases import STATE, bits, entries, ieee_sqrt, new_state  # noqa: E402
 
 STEPS = 20
 # 128-multiple rows, ragged rows, a 3-D tensor with ragged rows, 2-row groups (last dim 48 < 128), a 1-D vector.
 SHAPES = [(1, 384), (1, 352), (1, 2, 130), (6, 48), (300,)]
-STATE = ("param", "m_codes", "m_meta", "v_codes", "v_meta")
-
-_torch_sqrt = torch.sqrt
-
-
-def ieee_sqrt(x, *args, **kwargs):
-    if args or kwargs or not torch.is_tensor(x) or x.dtype != torch.float32 or x.device.type != "cpu":
-        return _torch_sqrt(x, *args, **kwargs)
-    return torch.from_numpy(np.sqrt(x.detach().contiguous().numpy())).reshape(x.shape)
 
 
 @pytest.fixture
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.float32:
-        return t.view(torch.int32)
-    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def special_group(kind: int, w: int, gen: torch.Generator, fixed: torch.Generator) -> torch.Tensor:
@@ -84,28 +68,6 @@ def gradient(shape, step: int, seed: int) -> torch.Tensor:
     return lay.from_groups(g).reshape(shape)
 
 
-def new_state(shape, m_fmt, v_fmt, seed: int) -> Dict[str, torch.Tensor]:
-    n = GroupLayout.for_shape(shape).n_groups
-    return {
-        "param": torch.randn(shape, generator=torch.Generator().manual_seed(seed)),
-        "m_codes": torch.zeros(shape, dtype=m_fmt.dtype),
-        "m_meta": initial_meta(n, "cpu"),
-        "v_codes": torch.zeros(shape, dtype=v_fmt.dtype),
-        "v_meta": initial_meta(n, "cpu"),
-    }
-
-
-def entries(states, grads, s: StepScalars, m_fmt, v_fmt, expand) -> List[Fp8Entry]:
-    return [
-        Fp8Entry(
-            grad=g, layout=GroupLayout.for_shape(g.shape), scalars=s, m_fmt=m_fmt, v_fmt=v_fmt, expand=expand, **st
-        )
-        for st, g in zip(states, grads)
-    ]
-
-
-# m is E4M3 throughout (the optimizer's only first-moment format in practice); v in both formats, expansion on
-# and off, weight decay on and off: three runs cover every value of each.
 @pytest.mark.parametrize(
     "v_format,expand,weight_decay", [("e4m3", True, 0.1), ("e5m2", True, 0.0), ("e5m2", False, 0.1)]
 )

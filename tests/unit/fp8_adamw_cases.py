@@ -1,0 +1,51 @@
+"""What the FP8 AdamW kernel tests share (C++, CUDA and Triton against the torch reference): an IEEE FP32 sqrt
+for the reference, bit views, fresh optimizer states and the entries every backend takes."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from megaeff.optim.coat_adamw import initial_meta
+from megaeff.optim.fp8_adamw_ref import Fp8Entry, StepScalars
+from megaeff.precision.group_quant import GroupLayout
+
+STATE = ("param", "m_codes", "m_meta", "v_codes", "v_meta")
+_torch_sqrt = torch.sqrt
+
+
+def ieee_sqrt(x, *args, **kwargs):
+    """torch.sqrt with a correctly rounded FP32 result (numpy's, which is the hardware instruction): the
+    kernels round their square roots, torch's CPU vector path may not."""
+    if args or kwargs or not torch.is_tensor(x) or x.dtype != torch.float32 or x.device.type != "cpu":
+        return _torch_sqrt(x, *args, **kwargs)
+    return torch.from_numpy(np.sqrt(x.detach().contiguous().numpy())).reshape(x.shape)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns of FP8 and FP32 tensors, so that -0.0 != +0.0 (other dtypes as they are)."""
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def new_state(shape, m_fmt, v_fmt, seed: int) -> Dict[str, torch.Tensor]:
+    n = GroupLayout.for_shape(shape).n_groups
+    return {
+        "param": torch.randn(shape, generator=torch.Generator().manual_seed(seed)),
+        "m_codes": torch.zeros(shape, dtype=m_fmt.dtype),
+        "m_meta": initial_meta(n, "cpu"),
+        "v_codes": torch.zeros(shape, dtype=v_fmt.dtype),
+        "v_meta": initial_meta(n, "cpu"),
+    }
+
+
+def entries(states, grads, s: StepScalars, m_fmt, v_fmt, expand) -> List[Fp8Entry]:
+    return [
+        Fp8Entry(
+            grad=g, layout=GroupLayout.for_shape(g.shape), scalars=s, m_fmt=m_fmt, v_fmt=v_fmt, expand=expand, **st
+        )
+        for st, g in zip(states, grads)
+    ]

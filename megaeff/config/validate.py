@@ -229,6 +229,16 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
     for k, v in degrees.items():
         if v != -1 and v < 1:
             raise ConfigError(f"parallel.{k}", f"must be >= 1 or -1, got {v}")
+    _choice(p.dp_impl, "parallel.dp_impl", ("allreduce", "fssdp"))
+    if p.dp_impl == "fssdp":
+        _choice(p.fssdp_gather_dtype, "parallel.fssdp_gather_dtype", ("fp32", "bf16", "fp8"))
+        _choice(p.fssdp_reduce_dtype, "parallel.fssdp_reduce_dtype", ("fp32", "bf16"))
+        for key in ("fssdp_replicate_below", "fssdp_node_size"):
+            if getattr(p, key) < 0:
+                raise ConfigError(f"parallel.{key}", f"must be >= 0, got {getattr(p, key)}")
+        if t.activation_checkpointing:
+            raise ConfigError("train.activation_checkpointing", "is not supported with parallel.dp_impl=fssdp yet "
+                              "(FSSDP already frees gathered weights after forward: fssdp_reshard_after_forward)")
     if p.bucket_mb <= 0:
         raise ConfigError("parallel.bucket_mb", f"must be > 0, got {p.bucket_mb}")
     if world_size is not None:

@@ -3,8 +3,10 @@
 A sharded parameter's (`tp_split` rows | cols | support) squared norm is a partial sum over the tp group; a
 replicated one is complete and identical on every tp rank, so it is counted once. Pipeline stages hold disjoint
 parameters, so their totals add up over pp. Data-parallel replicas hold identical (already reduced) gradients
-and are not summed. The squares accumulate in float64 so that the norm
-does not depend on how the layout splits the sum.
+and are not summed; under FSSDP (`dp_sharded`) every rank holds a different part of each gradient, so the
+squares are summed over dp x cp, each weighted by 1 / `fssdp_replicas` (the dp x cp ranks holding the same
+values: 1 for a shard, more for a replicated norm). The squares accumulate in float64 so that the norm does not
+depend on how the layout splits the sum.
 """
 
 from __future__ import annotations
@@ -17,17 +19,18 @@ from megaeff.distributed.comm import all_reduce
 from megaeff.distributed.logical_state import SHARDED
 
 
-def global_grad_norm(params: Iterable[torch.Tensor], dims) -> float:
-    sharded = torch.zeros((), dtype=torch.float64)
-    replicated = torch.zeros((), dtype=torch.float64)
+def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool = False) -> float:
+    acc = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]
     for p in params:
         if p.grad is None:
             continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "tp_split", "replicated") in SHARDED:
-            sharded += sq
-        else:
-            replicated += sq
+        if dp_sharded:
+            sq = sq / getattr(p, "fssdp_replicas", 1)
+        acc[0 if getattr(p, "tp_split", "replicated") in SHARDED else 1] += sq
+    if dp_sharded and dims.size("dp_cp") > 1:
+        acc = all_reduce(acc.to(dims.device), dims.comm("dp_cp")).cpu()
+    sharded, replicated = acc[0], acc[1]
     if dims.tp > 1:
         sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
     total = sharded + replicated
@@ -36,11 +39,11 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims) -> float:
     return float(total.sqrt())
 
 
-def clip_grad_norm_(params, max_norm: float, dims) -> float:
+def clip_grad_norm_(params, max_norm: float, dims, *, dp_sharded: bool = False) -> float:
     """Scale gradients so that the global norm is at most `max_norm` (torch's rule: coefficient
     max_norm / (norm + 1e-6), clamped to 1); returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]
-    norm = global_grad_norm(params, dims)
+    norm = global_grad_norm(params, dims, dp_sharded=dp_sharded)
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for p in params:

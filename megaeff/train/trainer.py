@@ -23,6 +23,7 @@ from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_scalar
 from megaeff.distributed.data_parallel import GradReducer
+from megaeff.distributed.fssdp import FSSDP
 from megaeff.distributed.dims import ParallelDims
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters
 from megaeff.distributed.parallelize import loss_sum, parallelize
@@ -111,10 +112,19 @@ class Trainer:
         )
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
 
+        self.dp_sharded = pc.dp_impl == "fssdp" and dims.size("dp_cp") > 1
+        if self.dp_sharded:
+            # FSSDP replaces the gradient reducer and the logical view: the model's parameters become this rank's
+            # shards (the optimizer is built on them), and checkpoints gather them back to logical tensors.
+            self.grad_reducer = self.logical = FSSDP(
+                self.model, dims, reshard_after_forward=pc.fssdp_reshard_after_forward, gather_dtype=pc.fssdp_gather_dtype,
+                reduce_dtype=pc.fssdp_reduce_dtype, replicate_below=pc.fssdp_replicate_below, node_size=pc.fssdp_node_size,
+            )
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
-        self.grad_reducer = GradReducer(
-            list(self.model.named_parameters()), dims, bucket_mb=cfg.parallel.bucket_mb, overlap=cfg.parallel.overlap_grad_reduce
-        )
+        if not self.dp_sharded:
+            self.grad_reducer = GradReducer(
+                list(self.model.named_parameters()), dims, bucket_mb=pc.bucket_mb, overlap=pc.overlap_grad_reduce
+            )
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
@@ -262,7 +272,7 @@ class Trainer:
         loss_total = self._reduce_loss(float(loss_sum))
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(params, max_norm, self.dims)
+        grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.dp_sharded)
         lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
         self.optimizer.step()
         self.scheduler.step()

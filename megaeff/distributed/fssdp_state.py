@@ -1,0 +1,200 @@
+"""Layout-independent state under FSSDP: tensors keyed by logical parameter name, gathered from and cut into
+this rank's shards, composed with tensor parallelism.
+
+`FSSDP` (megaeff/distributed/fssdp.py) inherits this, so it offers the interface of
+`megaeff.distributed.logical_state.LogicalState` (`sharded`, `gather`, `shard`, `gather_model`, `shard_model`,
+`gather_optimizer`, `shard_optimizer`) and can be passed as `logical=` to the checkpoint functions unchanged:
+the model's `state_dict()` and `named_parameters()` hold the shards under their logical names, so the files hold
+exactly what a single-process run writes.
+
+Two steps each way. Gather: the FSSDP shards of a parameter (or of a tensor shaped like it: gradient, AdamW
+moments, COAT FP8 codes; or the rows of a COAT `*_meta` [n_groups, 3] tensor) are concatenated along dim 0 in
+group-rank order into the tensor this layout computes with; then, for a tensor-parallel parameter, its tp
+shards are gathered as `LogicalState` does. Shard: the reverse, with no communication. Scalars and the state of
+replicated parameters pass through. These run at checkpoints, not per step: every tensor of a call travels in one
+padded all-gather per shard group (as bytes, so FP8 codes cross gloo too).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from megaeff.distributed.comm import CommGroup, all_gather
+from megaeff.distributed.fssdp_layout import TensorShard
+from megaeff.precision.group_quant import META_FIELDS
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    # gloo has no FP8 dtypes: one-byte floats (COAT codes) travel as their bytes.
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def gather_rows_many(items: List[Tuple[torch.Tensor, List[int]]], cg: CommGroup) -> List[torch.Tensor]:
+    """For each (t, sizes): every member's `t` (member q holds `sizes[q]` rows) concatenated along dim 0, in
+    group-rank order. All of them travel as bytes in one all-gather, each slot padded to its largest member."""
+    if not items:
+        return []
+    slots, offsets, off = [], [], 0
+    for t, sizes in items:
+        row = math.prod(t.shape[1:]) * t.element_size()
+        slot = -(-max(sizes) * row // 8) * 8  # 8-byte aligned: every dtype views back in place
+        offsets.append(off)
+        slots.append((row, slot))
+        off += slot
+    send = torch.zeros(off, dtype=torch.uint8, device=items[0][0].device)
+    for (t, _), o in zip(items, offsets):
+        raw = t.contiguous().view(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+        send[o : o + raw.numel()] = raw
+    recv = all_gather(send, cg, 0).view(cg.size, off)
+    out = []
+    for (t, sizes), o, (row, _) in zip(items, offsets, slots):
+        pieces = [recv[q, o : o + n * row].clone().view(t.dtype).view(n, *t.shape[1:]) for q, n in enumerate(sizes)]
+        out.append(torch.cat(pieces, dim=0))
+    return out
+
+
+class LogicalStateMixin:
+    """Needs `specs` (name -> TensorShard of the sharded parameters), `shard_cgs` (name -> the CommGroup it is
+    sharded over), `tp_layouts` (name -> (owner module, local name, split)) of tensor-parallel parameters,
+    `full_shapes` and `logical_shapes` (name -> shape, recorded before sharding) and `model`."""
+
+    specs: Dict[str, TensorShard]
+    shard_cgs: Dict[str, CommGroup]
+    tp_layouts: Dict[str, tuple]
+    full_shapes: Dict[str, tuple]
+    logical_shapes: Dict[str, tuple]
+
+    @property
+    def sharded(self) -> bool:
+        return bool(self.specs) or bool(self.tp_layouts)
+
+    @staticmethod
+    def _is_meta(key: str) -> bool:
+        return key.endswith("_meta")
+
+    def _unsupported(self, name: str, key: str, tensor: torch.Tensor, what: str) -> ValueError:
+        return ValueError(f"{name}: state {key!r} {tuple(tensor.shape)} of a {what} parameter has no layout-independent form")
+
+    # ------------------------------------------------------------------ FSSDP step
+    def _fs_plan(self, name: str, t, key: str) -> Optional[List[int]]:
+        """Row counts of every member for a shard-shaped `t` of `name` (None: nothing to gather)."""
+        spec = self.specs.get(name)
+        if spec is None or not torch.is_tensor(t) or t.dim() == 0:
+            return None
+        meta_shape = (spec.group_counts[spec.me], META_FIELDS)
+        if self._is_meta(key) and tuple(t.shape) == meta_shape:
+            return list(spec.group_counts)
+        if not self._is_meta(key) and tuple(t.shape) == spec.shape:
+            return [b - a for a, b in spec.bounds]
+        if not key and tuple(t.shape) == meta_shape:  # unnamed metadata rows
+            return list(spec.group_counts)
+        raise self._unsupported(name, key, t, "FSSDP-sharded")
+
+    def _gather_all(self, entries: List[Tuple[str, str, object]]) -> List[object]:
+        """(name, key, value) -> logical values: one all-gather per shard group for the FSSDP step, then the
+        tensor-parallel step tensor by tensor."""
+        out = [v for _, _, v in entries]
+        by_group: Dict[str, list] = {}
+        for i, (name, key, v) in enumerate(entries):
+            sizes = self._fs_plan(name, v, key)
+            if sizes is not None:
+                by_group.setdefault(self.shard_cgs[name].name, []).append((i, v, sizes, self.shard_cgs[name]))
+        for group in by_group.values():
+            gathered = gather_rows_many([(v, sizes) for _, v, sizes, _ in group], group[0][3])
+            for (i, _, _, _), g in zip(group, gathered):
+                out[i] = g
+        return [self._tp_gather(name, v, key) for (name, key, _), v in zip(entries, out)]
+
+    def _fs_shard(self, name: str, t: torch.Tensor, key: str) -> torch.Tensor:
+        spec = self.specs.get(name)
+        if spec is None or not torch.is_tensor(t) or t.dim() == 0:
+            return t
+        meta_shape = (sum(spec.group_counts), META_FIELDS)
+        if self._is_meta(key) and tuple(t.shape) == meta_shape or not key and tuple(t.shape) == meta_shape != spec.full_shape:
+            g0, g1 = spec.group_range()
+            return t[g0:g1].clone()
+        if not self._is_meta(key) and tuple(t.shape) == spec.full_shape:
+            return spec.cut(t).clone()
+        raise self._unsupported(name, key, t, "FSSDP-sharded")
+
+    # ------------------------------------------------------------------ tensor-parallel step (LogicalState's rule)
+    def _tp_gather(self, name: str, t: torch.Tensor, key: str) -> torch.Tensor:
+        lay = self.tp_layouts.get(name)
+        if lay is None or not torch.is_tensor(t) or t.dim() == 0:
+            return t
+        owner, local, spec = lay
+        if tuple(t.shape) == self.full_shapes[name] and not self._is_meta(key):
+            out = owner.gather(local, _as_bytes(t))
+            return out.view(t.dtype) if out.dtype != t.dtype else out
+        if self._is_meta(key) and spec == "rows":
+            return all_gather(t, owner.cg, 0)
+        raise self._unsupported(name, key, t, f"{spec}-split")
+
+    def _tp_shard(self, name: str, t: torch.Tensor, key: str) -> torch.Tensor:
+        lay = self.tp_layouts.get(name)
+        if lay is None or not torch.is_tensor(t) or t.dim() == 0:
+            return t
+        owner, local, spec = lay
+        if tuple(t.shape) == self.logical_shapes[name] and not self._is_meta(key):
+            return owner.shard_logical(local, t).clone()
+        if self._is_meta(key) and spec == "rows":
+            return t.chunk(owner.cg.size, 0)[owner.cg.rank].clone()
+        raise self._unsupported(name, key, t, f"{spec}-split")
+
+    # ------------------------------------------------------------------ LogicalState's interface
+    def gather(self, name: str, tensor: torch.Tensor, key: str = "") -> torch.Tensor:
+        """The logical (single-process) tensor of `name`'s shard-shaped `tensor`; `key` names optimizer state
+        (`*_meta`: COAT metadata rows). A collective over the shard group (and tp)."""
+        return self._gather_all([(name, key, tensor)])[0]
+
+    def shard(self, name: str, tensor: torch.Tensor, key: str = "") -> torch.Tensor:
+        """This rank's part of a logical tensor of `name` (no communication)."""
+        return self._fs_shard(name, self._tp_shard(name, tensor, key), key)
+
+    gather_like = gather
+    shard_like = shard
+
+    def gather_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return dict(zip(state, self._gather_all([(k, "", v) for k, v in state.items()])))
+
+    def shard_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: self.shard(k, v) for k, v in state.items()}
+
+    def gather_optimizer(self, saved: Dict) -> Dict:
+        entries = [(n, k, v) for n, st in saved["state"].items() for k, v in st.items()]
+        values = iter(self._gather_all(entries))
+        return {**saved, "state": {n: {k: next(values) for k in st} for n, st in saved["state"].items()}}
+
+    def shard_optimizer(self, saved: Dict) -> Dict:
+        """Every tensor a copy: the optimizer keeps what it is given and updates it in place (`step` += 1), so a
+        tensor passed through (a scalar, a replicated parameter's state) must not stay shared with `saved`."""
+        def own(n, k, v):
+            out = self.shard(n, v, k)
+            return out.clone() if out is v and torch.is_tensor(v) else out
+
+        return {**saved, "state": {n: {k: own(n, k, v) for k, v in st.items()} for n, st in saved["state"].items()}}
+
+    # ------------------------------------------------------------------ whole model / optimizer
+    def logical_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The single-process model's state dict, on every rank (a collective)."""
+        return self.gather_model({k: v.detach() for k, v in self.model.state_dict().items()})
+
+    def load_logical_state_dict(self, state: Dict[str, torch.Tensor], strict: bool = True):
+        """Load a single-process state dict: every rank keeps its shards (no communication)."""
+        return self.model.load_state_dict(self.shard_model(state), strict=strict)
+
+    def logical_optimizer_state(self, optimizer: torch.optim.Optimizer) -> Dict:
+        """The optimizer state keyed by logical name, every tensor logical (the checkpoint's optimizer.pt form)."""
+        from megaeff.train.checkpoint import optimizer_state_by_name
+
+        return self.gather_optimizer(optimizer_state_by_name(self.model, optimizer))
+
+    def load_logical_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: Dict, path: Optional[str] = None) -> None:
+        from pathlib import Path
+
+        from megaeff.train.checkpoint import load_optimizer_state_by_name
+
+        load_optimizer_state_by_name(self.model, optimizer, self.shard_optimizer(saved), Path(path or "<fssdp>"))

@@ -144,10 +144,9 @@ class ParallelConfig:
     fssdp_reduce_dtype: str = "fp32"
     fssdp_replicate_below: int = 0
     fssdp_node_size: int = 0
-    # MoE experts over dp: replicated (every rank holds every expert; gradients reduced with the rest) in the
-    # trainer today; fssdp (expert shards everywhere, experts materialized where the step's load-proportional
-    # placement puts them) and ep (fixed placement) exist as layers (megaeff/distributed/expert_parallel.py),
-    # not yet wired into the trainer.
+    # MoE experts over dp x cp: replicated (every rank holds every expert; gradients reduced with the rest),
+    # fssdp (each expert's parameters and optimizer state sharded over all ranks, experts materialized each step
+    # where the load-proportional placement puts them), or ep (expert e on rank e % dp: fixed placement).
     expert_impl: str = "replicated"
 
 

@@ -169,10 +169,17 @@ def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_voc
             _positive(m.moe_ffn_dim, "model.moe_ffn_dim")
         if m.moe_aux_loss_coef < 0:
             raise ConfigError("model.moe_aux_loss_coef", f"must be >= 0, got {m.moe_aux_loss_coef}")
+        from megaeff.optim.builder import uses_fp8_states
+
         _choice(cfg.parallel.expert_impl, "parallel.expert_impl", ("replicated", "fssdp", "ep"))
-        if cfg.parallel.expert_impl != "replicated":
-            raise ConfigError("parallel.expert_impl", f"{cfg.parallel.expert_impl!r} experts are tested as layers "
-                              "(megaeff/distributed/expert_parallel.py) but not wired into the trainer yet; use replicated")
+        if cfg.parallel.expert_impl != "replicated" and uses_fp8_states(cfg.optim, cfg.precision):
+            raise ConfigError("parallel.expert_impl", f"{cfg.parallel.expert_impl} keeps each expert as one flat vector, "
+                              "whose FP8 groups would straddle its tensors; use optim=adamw or expert_impl=replicated")
+        if cfg.parallel.expert_impl != "replicated" and cfg.method.name == "sltrain" and cfg.optim.weight_decay > 0:
+            # One flat parameter per layer's experts gets one weight decay; SLTrain's sparse values are 1-D and
+            # are not decayed in the single-process model.
+            raise ConfigError("parallel.expert_impl", f"{cfg.parallel.expert_impl} experts with method=sltrain would "
+                              "decay the sparse values; set optim.weight_decay=0 or expert_impl=replicated")
 
     pr = cfg.precision
     _choice(pr.name, "precision.name", PRECISIONS)

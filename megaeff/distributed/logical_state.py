@@ -46,6 +46,25 @@ def annotate_parameters(model: nn.Module) -> None:
         p.logical_shape = tuple(lay.owner.logical_shape(lay.local_name)) if lay is not None else tuple(p.shape)
 
 
+def expert_owners(model: nn.Module) -> Dict[str, nn.Module]:
+    """Flat expert parameters (megaeff/distributed/expert_parallel.py) by full name -> the module that owns them."""
+    out = {}
+    for path, module in model.named_modules():
+        if hasattr(module, "gather_logical") and hasattr(module, "flat_param_name"):
+            out[f"{path}.{module.flat_param_name}"] = module
+    return out
+
+
+def _expert_buffers(owner: nn.Module) -> Dict[str, torch.Tensor]:
+    """The experts' persistent buffers (index checksums) under their logical names: the single-process model
+    holds them in its state dict, the distributed experts keep them in per-expert templates."""
+    out = {}
+    for e, template in enumerate(owner._templates):
+        params = dict(template.named_parameters())  # meta placeholders: the values live in the flat parameter
+        out.update({f"{owner.prefix}.experts.{e}.{k}": v for k, v in template.state_dict().items() if k not in params})
+    return out
+
+
 class LogicalState:
     """Converts tensors keyed by parameter name between shards and logical tensors.
 
@@ -56,10 +75,11 @@ class LogicalState:
     def __init__(self, model: nn.Module):
         self.layouts = param_layouts(model)
         self.params = dict(model.named_parameters())
+        self.experts = expert_owners(model)
 
     @property
     def sharded(self) -> bool:
-        return any(lay.spec in SHARDED for lay in self.layouts.values())
+        return bool(self.experts) or any(lay.spec in SHARDED for lay in self.layouts.values())
 
     def _layout(self, name: str):
         lay = self.layouts.get(name)
@@ -92,16 +112,76 @@ class LogicalState:
         raise self._unsupported(name, key, lay, tensor)
 
     def gather_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: self.gather(k, v) for k, v in state.items()}
+        out = {}
+        for k, v in state.items():
+            owner = self.experts.get(k)
+            if owner is None:
+                out[k] = self.gather(k, v)
+            else:
+                out.update(owner.gather_logical(v))
+                out.update(_expert_buffers(owner))
+        return out
 
     def shard_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: self.shard(k, v) for k, v in state.items()}
+        state = dict(state)
+        out = {}
+        for flat, owner in self.experts.items():
+            for k, v in _expert_buffers(owner).items():
+                saved = state.pop(k, None)
+                if saved is not None and not torch.equal(saved, v):
+                    raise ValueError(f"{k}: the checkpoint's experts were built from another seed or shape")
+            names = owner.logical_names()
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise ValueError(f"no tensors for {missing[:3]} (the experts of {flat})")
+            out[flat] = owner.shard_logical({n: state.pop(n) for n in names})
+        out.update({k: self.shard(k, v) for k, v in state.items()})
+        return out
+
+    def _state_by_logical(self, name: str, st: Dict) -> Dict[str, Dict]:
+        """One parameter's optimizer state, split into the logical tensors it covers (experts: one per tensor)."""
+        owner = self.experts.get(name)
+        if owner is None:
+            return {name: {k: self.gather(name, v, k) for k, v in st.items()}}
+        parts = {k: owner.gather_logical(v) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
+        scalars = {k: v for k, v in st.items() if k not in parts}
+        # Each logical tensor gets its own copy of the scalars (AdamW's `step` is a tensor it increments in place;
+        # shared, it would count once per expert tensor after a load).
+        return {
+            n: {**{k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}, **{k: part[n] for k, part in parts.items()}}
+            for n in owner.logical_names()
+        }
 
     def gather_optimizer(self, saved: Dict) -> Dict:
-        return {**saved, "state": {n: {k: self.gather(n, v, k) for k, v in st.items()} for n, st in saved["state"].items()}}
+        state = {}
+        for n, st in saved["state"].items():
+            state.update(self._state_by_logical(n, st))
+        hparams = [dict(g, names=[m for n in g["names"] for m in (self.experts[n].logical_names() if n in self.experts else [n])])
+                   for g in saved["hparams"]]
+        return {**saved, "hparams": hparams, "state": state}
 
     def shard_optimizer(self, saved: Dict) -> Dict:
-        return {**saved, "state": {n: {k: self.shard(n, v, k) for k, v in st.items()} for n, st in saved["state"].items()}}
+        state = dict(saved["state"])
+        out = {}
+        for flat, owner in self.experts.items():
+            names = owner.logical_names()
+            if names[0] not in state:
+                continue  # no state yet for these experts (a checkpoint saved before the first step)
+            pieces = [state.pop(n) for n in names]
+            keys = [k for k, v in pieces[0].items() if torch.is_tensor(v) and v.dim() > 0]
+            out[flat] = {**{k: v for k, v in pieces[0].items() if k not in keys},
+                         **{k: owner.shard_logical({n: p[k] for n, p in zip(names, pieces)}) for k in keys}}
+        out.update({n: {k: self.shard(n, v, k) for k, v in st.items()} for n, st in state.items()})
+        logical = {n: flat for flat, owner in self.experts.items() for n in owner.logical_names()}
+        hparams = []
+        for g in saved["hparams"]:
+            names = []
+            for n in g["names"]:
+                n = logical.get(n, n)
+                if n not in names:
+                    names.append(n)
+            hparams.append(dict(g, names=names))
+        return {**saved, "hparams": hparams, "state": out}
 
 
 def fp8_group_problem(p: torch.Tensor, group_size: int = 128) -> str:

@@ -20,17 +20,21 @@ from megaeff.distributed.logical_state import SHARDED
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool = False) -> float:
-    acc = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]
+    local = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]: complete on this dp rank
+    spread = torch.zeros(2, dtype=torch.float64)  # the same, for tensors whose parts are spread over dp x cp
+    has_spread = dp_sharded  # decided from the parameters, never from values: every rank must agree to reduce
     for p in params:
+        # Expert shards (expert FSSDP / expert parallelism) are distinct on every dp x cp rank, as FSSDP's are.
+        on_dp = dp_sharded or bool(getattr(p, "expert_sharded", False))
+        has_spread = has_spread or on_dp
         if p.grad is None:
             continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
-        if dp_sharded:
-            sq = sq / getattr(p, "fssdp_replicas", 1)
-        acc[0 if getattr(p, "tp_split", "replicated") in SHARDED else 1] += sq
-    if dp_sharded and dims.size("dp_cp") > 1:
-        acc = all_reduce(acc.to(dims.device), dims.comm("dp_cp")).cpu()
-    sharded, replicated = acc[0], acc[1]
+        acc = spread if on_dp else local
+        acc[0 if getattr(p, "tp_split", "replicated") in SHARDED else 1] += sq / getattr(p, "fssdp_replicas", 1) if on_dp else sq
+    if has_spread and dims.size("dp_cp") > 1:
+        spread = all_reduce(spread.to(dims.device), dims.comm("dp_cp")).cpu()
+    sharded, replicated = local[0] + spread[0], local[1] + spread[1]
     if dims.tp > 1:
         sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
     total = sharded + replicated

@@ -23,6 +23,7 @@ from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_scalar
 from megaeff.distributed.data_parallel import GradReducer
+from megaeff.distributed.expert_parallel import parallelize_experts
 from megaeff.distributed.fssdp import FSSDP
 from megaeff.distributed.dims import ParallelDims
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters
@@ -112,6 +113,13 @@ class Trainer:
         )
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
 
+        # MoE experts sharded over dp x cp (expert FSSDP) or placed on fixed ranks (ep): their flat parameters are
+        # reduced by their own exchange, not by the data-parallel reducer.
+        self.experts_distributed = bool(cfg.model.moe_experts) and pc.expert_impl != "replicated" and dims.size("dp_cp") > 1
+        if self.experts_distributed:
+            parallelize_experts(self.model, dims, pc.expert_impl)
+            self.logical = LogicalState(self.model)
+        own_exchange = [p for p in self.model.parameters() if getattr(p, "expert_sharded", False)]
         self.dp_sharded = pc.dp_impl == "fssdp" and dims.size("dp_cp") > 1
         if self.dp_sharded:
             # FSSDP replaces the gradient reducer and the logical view: the model's parameters become this rank's
@@ -119,12 +127,12 @@ class Trainer:
             self.grad_reducer = self.logical = FSSDP(
                 self.model, dims, reshard_after_forward=pc.fssdp_reshard_after_forward, gather_dtype=pc.fssdp_gather_dtype,
                 reduce_dtype=pc.fssdp_reduce_dtype, replicate_below=pc.fssdp_replicate_below, node_size=pc.fssdp_node_size,
+                ignored_params=own_exchange,
             )
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
         if not self.dp_sharded:
-            self.grad_reducer = GradReducer(
-                list(self.model.named_parameters()), dims, bucket_mb=pc.bucket_mb, overlap=pc.overlap_grad_reduce
-            )
+            reduced = [(n, p) for n, p in self.model.named_parameters() if not getattr(p, "expert_sharded", False)]
+            self.grad_reducer = GradReducer(reduced, dims, bucket_mb=pc.bucket_mb, overlap=pc.overlap_grad_reduce)
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
@@ -262,8 +270,9 @@ class Trainer:
             aux = moe_aux_loss(self.model)
             if aux is not None:
                 # The mean balance loss over every micro-batch of the global batch (gradients are summed over
-                # micro-batches and dp x cp ranks).
-                objective = objective + aux / (len(batches) * self.dims.size("dp_cp"))
+                # micro-batches and dp x cp ranks; distributed experts already return this rank's share).
+                aux = aux / (len(batches) * (1 if self.experts_distributed else self.dims.size("dp_cp")))
+                objective = objective + aux
                 aux_total += float(aux.detach())
             objective.backward()
             loss_sum += loss.detach().double().cpu()
@@ -281,8 +290,8 @@ class Trainer:
         loss_mean = loss_total / global_tokens
         out = {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens,
                "act_saved_bytes": act_saved_bytes}
-        if self.cfg.model.moe_experts:
-            out["moe_aux_loss"] = aux_total / max(len(batches), 1)  # this rank's mean over its micro-batches
+        if self.cfg.model.moe_experts:  # the balance loss of the step, summed over its micro-batches and ranks
+            out["moe_aux_loss"] = all_reduce_scalar(aux_total, self.dims.group("dp_cp"), "dp_cp", self.dims.comm_stats, self.device)
         return out
 
     # ---------------------------------------------------------------- eval

@@ -80,6 +80,21 @@ def test_moe_data_parallel_matches_accumulation(tmp_path):
     assert all(r["moe_aux_loss"] > 0 for r in records(tmp_path / "dp2"))
 
 
+@pytest.mark.parametrize("impl", ["fssdp", "ep"])
+def test_distributed_experts_match_single_process(tmp_path, impl):
+    """Expert FSSDP and fixed expert parallelism over dp=2: the router loads are all-reduced, so each micro-batch's
+    balance loss is that of the tokens of every rank, as one process running the dp x micro batch. Steps 1-5
+    distributed, then a resume in one process (replicated experts) from the expert checkpoint: the same run."""
+    args = [*COMMON, "method=lost", "model.moe_experts=4", "model.moe_aux_loss_coef=0.01", "train.grad_accum=1"]
+    train(tmp_path / "single", *args, "train.micro_batch_size=4")
+    run = tmp_path / "run"
+    out = train(run, *args, "train.micro_batch_size=2", "parallel=dp2", f"parallel.expert_impl={impl}",
+                "train.exit_interval=5", nproc=2, expect=1)  # torchrun reports the requeue exit 75 as 1
+    assert "checkpoint saved at step 5" in out
+    train(run, *args, "train.micro_batch_size=4")
+    assert_same_run(tmp_path / "single", run, STEPS)
+
+
 def test_checkpoints_move_between_layouts(single, tmp_path):
     """Steps 1-5 under tp2 (sequence parallel), 6-10 in one process, and the reverse: both equal the
     uninterrupted single-process run (SLTrain: sparse values are split by the logical support)."""

@@ -233,7 +233,8 @@ def test_two_wild_degrees_in_parallel_dims():
         (["model.moe_experts=4", "model.moe_top_k=5"], "model.moe_top_k"),
         (["model.moe_experts=4", "model.moe_aux_loss_coef=-0.1"], "model.moe_aux_loss_coef"),
         (["model.moe_experts=4", "parallel.expert_impl=ep", "optim=coat_adamw"], "parallel.expert_impl"),
-        (["model.moe_experts=4", "parallel.expert_impl=fssdp", "method=sltrain", "method.rank=8"], "parallel.expert_impl"),
+        (["model.moe_experts=4", "parallel.expert_impl=fssdp", "method=sltrain", "method.rank=8", "optim.weight_decay=0.1"],
+         "parallel.expert_impl"),
         (["model.moe_experts=4", "parallel.expert_impl=star"], "parallel.expert_impl"),
     ],
 )

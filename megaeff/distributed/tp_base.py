@@ -111,7 +111,7 @@ class TPLinear(nn.Module):
             return tensor.chunk(p, 0)[r]
         if spec == "cols":
             return tensor.chunk(p, 1)[r]
-        raise NotImplementedError(f"{type(self).__name__} must shard {name} ({spec})")
+        raise ValueError(f"{type(self).__name__}: no rule to shard {name} ({spec}); the subclass that declares it must")
 
     def load_logical(self, logical: nn.Module) -> None:
         """Take this rank's shard of every parameter (and derived buffers) of `logical`."""

@@ -32,17 +32,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from tools.bench.common import init_gloo_rank, run_gloo_ranks  # noqa: E402
 
 LAYOUTS = [
     # (row label, model, layout, options)
@@ -119,7 +118,6 @@ def _worker(rank: int, args, port: int, results) -> None:
 
     from megaeff.config.schema import OptimConfig
     from megaeff.distributed.data_parallel import GradReducer
-    from megaeff.distributed.dims import ParallelDims
     from megaeff.distributed.fssdp import FSSDP
     from megaeff.train.grad_clip import clip_grad_norm_
     from megaeff.distributed.logical_state import annotate_parameters
@@ -127,11 +125,7 @@ def _worker(rank: int, args, port: int, results) -> None:
     from megaeff.models.llama import build_llama
     from megaeff.optim.builder import build_optimizer
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, args.dp, rank == 0, timeout=timedelta(seconds=900))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=args.dp, timeout=timedelta(seconds=900))
-    dims = ParallelDims(1, 1, args.dp, 1, world_size=args.dp, rank=rank)
-    dims.build_groups()
+    dims = init_gloo_rank(rank, args.dp, port, timeout_s=900)
     mcfg, methods = load_configs()
     mcfg.max_seq_len = max(args.seq, 16)
     masters = {}
@@ -263,20 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2, help="steps per layout; the last one is reported")
     ap.add_argument("--out", type=Path, default=Path("bench_fssdp.json"))
     args = ap.parse_args(argv)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args, port, results)) for r in range(args.dp)]
-    for p in procs:
-        p.start()
-    per_rank = [None] * args.dp
-    for _ in range(args.dp):
-        rank, out = results.get(timeout=3600)
-        per_rank[rank] = out
-    for p in procs:
-        p.join(timeout=60)
+    per_rank = run_gloo_ranks(_worker, args, args.dp)
     rows = summarize(per_rank)
     print(f"llama_60m, dp={args.dp}, {args.batch} x {args.seq} tokens per rank per step, fp32 master weights; "
           "MB = 1e6 bytes per rank (memory: the largest rank; bytes: mean over ranks) for the last step")

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from tools.bench.common import init_gloo_rank, run_gloo_ranks  # noqa: E402
 
 HOT = 0
 
@@ -63,16 +62,11 @@ def _worker(rank: int, args, port: int, results) -> None:
     import torch.distributed as dist
 
     from megaeff.config.schema import MethodConfig, ModelConfig
-    from megaeff.distributed.dims import ParallelDims
     from megaeff.distributed.expert_parallel import ExpertFSSDP, ExpertParallel
     from megaeff.models.init import init_weights
     from megaeff.models.moe import MoE
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, args.dp, rank == 0, timeout=timedelta(seconds=300))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=args.dp, timeout=timedelta(seconds=300))
-    dims = ParallelDims(1, 1, args.dp, 1, world_size=args.dp, rank=rank)
-    dims.build_groups()
+    dims = init_gloo_rank(rank, args.dp, port, timeout_s=300)
     cfg = ModelConfig(dim=args.dim, n_heads=1, moe_experts=args.experts, moe_top_k=args.top_k, moe_ffn_dim=args.hidden)
     n_local = args.tokens
     out = []
@@ -165,20 +159,7 @@ def main(argv=None) -> int:
     share = -(-args.experts // args.dp)
     args.slots = args.slots or sorted({share, min(args.experts, share + 1)})
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args, port, results)) for r in range(args.dp)]
-    for p in procs:
-        p.start()
-    per_rank = [None] * args.dp
-    for _ in range(args.dp):
-        rank, out = results.get(timeout=1800)
-        per_rank[rank] = out
-    for p in procs:
-        p.join(timeout=60)
+    per_rank = run_gloo_ranks(_worker, args, args.dp)
     rows = summarize(per_rank, args)
     print(f"dp={args.dp}, {args.experts} experts, top-{args.top_k}, dim {args.dim}, hidden {args.hidden}, "
           f"{args.tokens} tokens/rank/step, fp32, {args.steps} steps (MB = 1e6 bytes per rank per step)")

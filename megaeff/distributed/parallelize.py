@@ -3,7 +3,8 @@ parallel layout, always in the same order:
 
     pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing -> FSSDP
 
-FSSDP lands as its own function called from here.
+The last step, FSSDP (and distributed MoE experts), shards real tensors, so the trainer applies it to the
+materialized model (megaeff/distributed/fssdp.py, expert_parallel.py); everything before runs here.
 It runs on the meta-built model, before materialization, so no rank ever allocates the whole model: every
 replaced module keeps its logical name and its `init_weights` draws the logical tensors from the seed and keeps
 this rank's shard (megaeff/models/init.py, megaeff/distributed/tp_base.py).

@@ -70,7 +70,7 @@ class SLTrainTP(TPLinear):
         self.logical_nnz = 0
 
     def _support_mask(self, index: torch.Tensor) -> torch.Tensor:
-        n, p, r = self.in_features, self.cg.size, self.cg.rank
+        n, r = self.in_features, self.cg.rank
         idx = index.to(torch.int64)
         if self.style == "column":
             rows = idx // n

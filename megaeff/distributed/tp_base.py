@@ -133,7 +133,8 @@ class TPLinear(nn.Module):
         getattr(self, name).tp_split = self.SPLITS[name][self.style]
 
     def _load_buffers(self, logical: nn.Module) -> None:
-        pass
+        """Derived buffers of this rank's shard (SLTrain's local support, LOST's channel masks); none for dense
+        and lowrank."""
 
     # ------------------------------------------------------------------ logical views (tests, export)
     def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

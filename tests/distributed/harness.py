@@ -36,7 +36,7 @@ class RankError(AssertionError):
 
 
 class RankTimeout(AssertionError):
-    pass
+    """A rank did not answer in time (a hang: e.g. a collective the others never joined)."""
 
 
 def free_port() -> int:

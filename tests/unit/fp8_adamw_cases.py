@@ -42,6 +42,17 @@ def new_state(shape, m_fmt, v_fmt, seed: int) -> Dict[str, torch.Tensor]:
     }
 
 
+def fit_regression(model, opt, steps: int, batch: int) -> None:
+    """`steps` optimizer steps of a squared-error regression on seeded random data (the same for every backend)."""
+    n_in, n_out = model[0].in_features, model[-1].out_features
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(batch, n_in, generator=gen), torch.randn(batch, n_out, generator=gen)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+
+
 def entries(states, grads, s: StepScalars, m_fmt, v_fmt, expand) -> List[Fp8Entry]:
     return [
         Fp8Entry(

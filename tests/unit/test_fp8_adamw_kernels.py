@@ -23,7 +23,7 @@ from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update
 from megaeff.precision.fp8 import FORMATS, get_format, to_fp8
 from megaeff.precision.group_quant import GroupLayout, _pow, _root, dequantize_groups, quantize_groups
 
-from fp8_adamw_cases import STATE, bits, entries, ieee_sqrt, new_state
+from fp8_adamw_cases import STATE, bits, entries, fit_regression, ieee_sqrt, new_state
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -223,12 +223,7 @@ def tiny_net() -> nn.Module:
 def train(backend: str, steps: int = 6, **kw) -> nn.Module:
     model = tiny_net()
     opt = CoatAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend, **kw)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(32, 256, generator=gen), torch.randn(32, 64, generator=gen)
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
+    fit_regression(model, opt, steps, batch=32)
     return model, opt
 
 

@@ -26,7 +26,7 @@ from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update  # noqa: E
 from megaeff.precision.fp8 import get_format  # noqa: E402
 from megaeff.precision.group_quant import GroupLayout  # noqa: E402
 
-from fp8_adamw_cases import STATE, bits, entries, ieee_sqrt, new_state  # noqa: E402
+from fp8_adamw_cases import STATE, bits, entries, fit_regression, ieee_sqrt, new_state  # noqa: E402
 
 STEPS = 20
 # 128-multiple rows, ragged rows, a 3-D tensor with ragged rows, 2-row groups (last dim 48 < 128), a 1-D vector.
@@ -157,12 +157,7 @@ def train(backend: str, steps: int = 5) -> tuple:
     opt = CoatAdamW(
         model.parameters(), lr=1e-2, weight_decay=0.1, second_moment="e5m2", min_fp8_numel=100, backend=backend
     )
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 3, generator=gen)
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
+    fit_regression(model, opt, steps, batch=8)
     return model, opt
 
 

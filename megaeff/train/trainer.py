@@ -63,6 +63,12 @@ def perplexity(total_nll: float, total_tokens: int) -> float:
     return math.exp(total_nll / total_tokens)
 
 
+def padding_batch(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A batch shaped like `batch` whose every label is ignored: it runs the forward's collectives and counts
+    neither loss nor tokens."""
+    return {**batch, "labels": torch.full_like(batch["labels"], IGNORE_INDEX)}
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
@@ -306,9 +312,16 @@ class Trainer:
         nll = torch.zeros((), dtype=torch.float64)
         tokens = 0
         # Batches are dealt round-robin over dp ranks, then the sums are reduced: the result is independent of dp.
-        for b in range(self.dims.dp_rank, n_batches, self.dims.dp):
-            lo = b * t.eval_batch_size
-            batch = valid.batch(range(lo, min(lo + t.eval_batch_size, len(valid))))
+        # Every rank runs the same number of forwards, because a forward may hold dp collectives (FSSDP gathers,
+        # the sparse embedding's all-to-all, expert exchanges): a rank whose share ran out runs a padding batch
+        # whose labels are all ignored, so it adds no loss and no tokens.
+        dp = self.dims.dp
+        for b in range(self.dims.dp_rank, math.ceil(n_batches / dp) * dp, dp):
+            if b < n_batches:
+                lo = b * t.eval_batch_size
+                batch = valid.batch(range(lo, min(lo + t.eval_batch_size, len(valid))))
+            else:
+                batch = padding_batch(valid.batch(range(1)))
             nll += self._loss_sum(batch).double().cpu()
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
         self.model.train()

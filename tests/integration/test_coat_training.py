@@ -30,8 +30,14 @@ def train(run_dir: Path, *overrides):
 def test_coat_loss_within_one_percent_of_fp32_with_less_memory(tmp_path):
     fp32_loss, fp32 = train(tmp_path / "fp32", "precision=fp32")
     coat_loss, coat = train(tmp_path / "coat", "precision=coat")
+    # Measured val loss: FP32 2.5485, COAT 2.5580 (0.37% off); COAT without Adam's bias correction 2.5807 (1.26%,
+    # fails), an untrained model ln(257) = 5.55. The per-step tracking bound is derived in tests/unit/test_coat_adamw.py.
     assert abs(coat_loss - fp32_loss) / fp32_loss < 0.01, (coat_loss, fp32_loss)
-    # FP8 moments: ~2.2 bytes per parameter instead of 8.
+    # FP8 moments: 2 bytes of codes + 24 bytes of metadata per 128-wide group + an int64 step per matrix, FP32 moments
+    # for the 9 norm gains; exactly 1,916,600 B against FP32 AdamW's 8 B per parameter + a float step per tensor
+    # (6,972,572 B): 3.638x. Metadata per 64-wide group would give 3.35x, BF16 first moments 2.50x.
     assert fp32["mem_optim_bytes"] / coat["mem_optim_bytes"] > 3.5
-    # Activations saved for backward: FP8 linear inputs, norms and SwiGLU products; attention stays FP32.
-    assert fp32["act_saved_bytes"] / coat["act_saved_bytes"] > 2.0
+    # Activations saved for backward: FP8 linear inputs, norms and SwiGLU products; attention stays FP32. The same
+    # tiny LLaMA as tests/unit/test_fp8_activations.py, and the same 2.517x (measured 46,813,188 / 18,600,004 B);
+    # its 10% slack. Codes kept two bytes wide would give 1.83x, which the old `> 2.0` rejected too, with less room.
+    assert fp32["act_saved_bytes"] / coat["act_saved_bytes"] > 0.9 * 2.517

@@ -122,13 +122,29 @@ def test_scheduler_state_dict_round_trip():
 
 
 def test_scheduler_drives_optimizer_updates():
-    """The LR the scheduler sets is the one AdamW uses: at multiplier 0 the weights do not move."""
+    """The LR the scheduler sets is the one AdamW uses: at multiplier 0 the weights do not move, at the next step
+    (multiplier 1/2) they move by exactly lr/2 per element (a no-op optimizer passed the first check alone)."""
     model = nn.Linear(3, 3, bias=False)
     opt, _ = _optim(model)
     for g in opt.param_groups:
         g["weight_decay"] = 0.0
-    LRScheduler(opt, 10, 2, 0.1)
+    sched = LRScheduler(opt, 10, 2, 0.1)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
     before = model.weight.detach().clone()
-    model(torch.randn(2, 3)).sum().backward()
-    opt.step()
+    step()
     assert torch.equal(model.weight.detach(), before)
+    sched.step()
+    step()
+    # Twice the same gradient g: AdamW's bias-corrected moments are m = g and v = g^2 (betas 0.9, 0.95), so the
+    # step is lr * 1/2 * g / (|g| + eps) = 5e-3 sign(g); |g| >= 0.1 here, so eps moves it by < 1e-7 relative, and
+    # the FP32 roundings of weights below 1 by < 2 * 2^-24 / 5e-3 = 2.4e-5: rtol 1e-4. Multiplier 1 (an off-by-one
+    # schedule) or 0 (no update) would be 100% off.
+    g = model.weight.grad
+    assert g.abs().min() > 0.1 and model.weight.abs().max() < 1
+    torch.testing.assert_close(before - model.weight.detach(), 5e-3 * g.sign(), rtol=1e-4, atol=0)

@@ -1,11 +1,11 @@
-"""What the FP8 AdamW kernel tests share (C++, CUDA and Triton against the torch reference): an IEEE FP32 sqrt
-for the reference, bit views, fresh optimizer states and the entries every backend takes."""
+"""What the FP8 AdamW kernel tests share (C++, CUDA and Triton against the torch reference as shipped, which is
+correctly rounded by itself: no patched torch.sqrt): bit views, fresh optimizer states and the entries every
+backend takes."""
 
 from __future__ import annotations
 
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 from megaeff.optim.coat_adamw import initial_meta
@@ -13,15 +13,6 @@ from megaeff.optim.fp8_adamw_ref import Fp8Entry, StepScalars
 from megaeff.precision.group_quant import GroupLayout
 
 STATE = ("param", "m_codes", "m_meta", "v_codes", "v_meta")
-_torch_sqrt = torch.sqrt
-
-
-def ieee_sqrt(x, *args, **kwargs):
-    """torch.sqrt with a correctly rounded FP32 result (numpy's, which is the hardware instruction): the
-    kernels round their square roots, torch's CPU vector path may not."""
-    if args or kwargs or not torch.is_tensor(x) or x.dtype != torch.float32 or x.device.type != "cpu":
-        return _torch_sqrt(x, *args, **kwargs)
-    return torch.from_numpy(np.sqrt(x.detach().contiguous().numpy())).reshape(x.shape)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

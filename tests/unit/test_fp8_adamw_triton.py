@@ -6,9 +6,9 @@ its kernel for either mode itself, so setting the variable per test is enough wh
 The interpreter costs about 15 ms per group and launch, hence the small shapes: every group kind of the spec is
 still there (full, ragged, multi-row, 1-D), and the special groups are spread over the tensors.
 
-As in test_fp8_adamw_kernels.py, the reference runs with a correctly rounded FP32 square root: torch 2.13's CPU
-`torch.sqrt` on float32 is 1 ulp off now and then, while the contract (and numpy, which the interpreter uses)
-rounds correctly.
+The reference is the one that ships, unpatched: its square roots (`group_quant.sqrt_rn`) are correctly rounded,
+like the kernel's tl.sqrt_rn (numpy's sqrt in the interpreter, sqrt.rn.f32 on a GPU). On a CUDA device the
+update test also runs the compiled kernel against the CPU reference (skipped without one).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update  # noqa: E
 from megaeff.precision.fp8 import get_format  # noqa: E402
 from megaeff.precision.group_quant import GroupLayout  # noqa: E402
 
-from fp8_adamw_cases import STATE, bits, entries, fit_regression, ieee_sqrt, new_state  # noqa: E402
+from fp8_adamw_cases import STATE, bits, entries, fit_regression, new_state  # noqa: E402
 
 STEPS = 20
 # 128-multiple rows, ragged rows, a 3-D tensor with ragged rows, 2-row groups (last dim 48 < 128), a 1-D vector.
@@ -36,7 +36,18 @@ SHAPES = [(1, 384), (1, 352), (1, 2, 130), (6, 48), (300,)]
 @pytest.fixture
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(torch, "sqrt", ieee_sqrt)
+
+
+@pytest.fixture(params=["interpreter", "cuda"])
+def device(request, monkeypatch):
+    """Where the kernel runs: CPU tensors in the interpreter, or CUDA tensors compiled (skipped without a GPU)."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"
 
 
 def special_group(kind: int, w: int, gen: torch.Generator, fixed: torch.Generator) -> torch.Tensor:
@@ -71,20 +82,21 @@ def gradient(shape, step: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "v_format,expand,weight_decay", [("e4m3", True, 0.1), ("e5m2", True, 0.0), ("e5m2", False, 0.1)]
 )
-def test_update_matches_reference(interpreter, v_format, expand, weight_decay):
+def test_update_matches_reference(device, v_format, expand, weight_decay):
     m_fmt, v_fmt = get_format("e4m3"), get_format(v_format)
     ref = [new_state(shape, m_fmt, v_fmt, seed) for seed, shape in enumerate(SHAPES)]
-    got = [{k: t.clone() for k, t in st.items()} for st in ref]
+    got = [{k: t.clone().to(device) for k, t in st.items()} for st in ref]
     for step in range(1, STEPS + 1):
         s = StepScalars.compute(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=weight_decay, step=step)
         grads = [gradient(shape, step, seed) for seed, shape in enumerate(SHAPES)]
         reference_update(entries(ref, grads, s, m_fmt, v_fmt, expand))
-        fp8_adamw_triton.update(entries(got, grads, s, m_fmt, v_fmt, expand))
+        fp8_adamw_triton.update(entries(got, [g.to(device) for g in grads], s, m_fmt, v_fmt, expand))
         for i, (a, b) in enumerate(zip(ref, got)):
             for key in STATE:
-                x, y = bits(a[key]), bits(b[key])
+                x, y = bits(a[key]), bits(b[key].cpu())
                 assert torch.equal(x, y), f"step {step}, {SHAPES[i]}: {key} differs in {int((x != y).sum())} places"
     # The special groups did what they are there for.
+    got = [{k: t.cpu() for k, t in st.items()} for st in got]
     v_meta = torch.cat([st["v_meta"] for st in got])
     assert (v_meta[:, 0] == 0).any() and (v_meta[:, 0] == 2.0**-8).any()
     if expand:

@@ -12,15 +12,10 @@ PYTHON = sys.executable
 
 
 def compose(overrides=()):
-    """Compose the real Hydra config (the same files users run) without the CLI."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """Compose the real Hydra config (the same files users run) without the CLI: typed and validated."""
+    from megaeff.config import compose as compose_config
 
-    from megaeff.config.schema import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=list(overrides)))
+    return compose_config(overrides, config_dir=str(CONF))
 
 
 def cli_env(**extra):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -26,32 +25,18 @@ from megaeff.errors import EXIT_USAGE, MegaeffError
 METHOD_PREFIXES = ("lowrank", "sltrain", "lost")
 
 
-def conf_dir() -> Path:
-    if os.environ.get("MEGAEFF_CONF_DIR"):
-        return Path(os.environ["MEGAEFF_CONF_DIR"]).resolve()
-    pkg = Path(__file__).resolve().parent.parent
-    for candidate in (pkg.parent / "conf", pkg / "_conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise MegaeffError("cannot find the config directory (conf/); set MEGAEFF_CONF_DIR")
-
-
 def compose(model: str, method: str, sets: Sequence[str] = ()):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """The typed config `megaeff-train model=... method=...` would run, validated (megaeff.config.compose)."""
+    from megaeff.config import compose as compose_config
 
-    from megaeff.config.schema import register_configs, to_config
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return to_config(hydra_compose("config", overrides=[f"model={model}", f"method={method}", *sets]))
+    return compose_config([f"model={model}", f"method={method}", *sets])
 
 
 def default_methods(model: str) -> List[str]:
     """dense, then for each method its preset for this size (llama_60m -> sltrain_60m) or the generic one."""
-    options = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    from megaeff.config import conf_dir
+
+    options = {p.stem for p in (Path(conf_dir()) / "method").glob("*.yaml")}
     size = model.split("_", 1)[1] if model.startswith("llama_") else None
     return ["dense"] + [f"{m}_{size}" if f"{m}_{size}" in options else m for m in METHOD_PREFIXES]
 
@@ -59,13 +44,11 @@ def default_methods(model: str) -> List[str]:
 def estimate(model: str, method: str, sets: Sequence[str] = (), **dtypes) -> Dict:
     # Imported here so that --help does not pay for torch.
     from megaeff.config.schema import MethodConfig
-    from megaeff.config.validate import validate_config
     from megaeff.layers.linear import describe_method, method_layers
     from megaeff.models.llama import build_llama, count_params
     from megaeff.train.perf import estimate_state_memory
 
-    cfg = compose(model, method, sets)
-    validate_config(cfg)
+    cfg = compose(model, method, sets)  # validated
     net = build_llama(cfg.model, cfg.method, device="meta")
     dense = count_params(build_llama(cfg.model, MethodConfig(), device="meta"))
     row = {"model": model, "preset": method, "method": cfg.method.name}

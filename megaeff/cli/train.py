@@ -17,22 +17,12 @@ import hydra
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from megaeff.config.schema import register_configs, to_config
-from megaeff.config.validate import validate_config
+from megaeff.config import check_choice_overrides, conf_dir, register_configs, to_config, validate_world
 from megaeff.distributed.dims import ParallelDims, init_process_group, resolve_device
 from megaeff.distributed.launch_env import export_slurm_env, read_launch_env, strip_launcher_args
 from megaeff.errors import EXIT_PREEMPTED, EXIT_USAGE, MegaeffError
 
-
-def conf_dir() -> str:
-    """The repo's `conf/` in a source checkout, else the copy packaged as `megaeff/_conf` at build time."""
-    if os.environ.get("MEGAEFF_CONF_DIR"):
-        return os.path.abspath(os.environ["MEGAEFF_CONF_DIR"])
-    pkg = Path(__file__).resolve().parent.parent
-    for candidate in (pkg.parent / "conf", pkg / "_conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise SystemExit("megaeff: error: cannot find the config directory (conf/); set MEGAEFF_CONF_DIR")
+__all__ = ["conf_dir", "main", "run"]  # conf_dir: megaeff.config's, kept importable from here
 
 
 def _fail(exc: BaseException) -> None:
@@ -47,8 +37,8 @@ def run(cfg: DictConfig) -> int:
 
     launch = read_launch_env()
     try:
-        config = to_config(cfg)
-        validate_config(config, launch.world_size)
+        config = to_config(cfg)  # the section checks, once
+        validate_world(config, launch.world_size)  # once, before any process group of the run's layout
         device = resolve_device(config.train.device, launch.local_rank)
         dims = ParallelDims.from_config(config.parallel, launch.world_size, launch.rank, device)
         dims.build_groups()
@@ -82,7 +72,8 @@ def run(cfg: DictConfig) -> int:
 
 
 def check_overrides(argv) -> None:
-    """Hydra reports a malformed override without naming it; name it here, before any process group forms."""
+    """Hydra reports a malformed override, or a value outside a field's choices, in several lines of its own;
+    name it in one here, before any process group forms."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -94,6 +85,7 @@ def check_overrides(argv) -> None:
             parser.parse_override(arg)
         except HydraException as exc:  # the grammar raises its base class for some syntax errors
             raise ValueError(f"malformed override '{arg}': {str(exc).splitlines()[0]}") from None
+    check_choice_overrides(argv)
 
 
 def _agree_on_run_dir(overrides):
@@ -113,7 +105,8 @@ def main(argv=None) -> None:
             os.environ.setdefault("LOCAL_RANK", str(local_rank))
         launch = read_launch_env()
         export_slurm_env(launch)
-    except ValueError as exc:
+        config_path = conf_dir()
+    except (ValueError, MegaeffError) as exc:
         _fail(exc)
     if launch.is_distributed:
         init_process_group()
@@ -129,7 +122,7 @@ def main(argv=None) -> None:
     prog = sys.argv[0]
     sys.argv = [prog] + argv
     try:
-        hydra.main(version_base="1.3", config_path=conf_dir(), config_name="config")(task)()
+        hydra.main(version_base="1.3", config_path=config_path, config_name="config")(task)()
     finally:
         if launch.is_distributed and dist.is_initialized():
             dist.destroy_process_group()

@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
+from megaeff.config import check_tokenizer_vocab, to_plain, to_yaml
 from megaeff.config.schema import Config
-from megaeff.config.validate import validate_config
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_scalar
@@ -89,13 +88,13 @@ class Trainer:
             torch.set_num_threads(t.threads)
         seed_everything(t.seed, t.deterministic)
 
-        validate_config(cfg, dims.world_size)
+        # The config was validated once, by to_config and validate_world (the CLI); only the data is new here.
         self.device = dims.device
         barrier = torch.distributed.barrier if dims.world_size > 1 else (lambda: None)
         # Sized for the planned run (steps x global batch samples), as Megatron's train_samples.
         ctx = BuildContext(t.steps * self.global_batch_size, t.seed, dims.is_main, barrier)
         self.data = build_data(cfg.data, ctx)
-        validate_config(cfg, dims.world_size, self.data.tokenizer.vocab_size)
+        check_tokenizer_vocab(cfg.model, self.data.tokenizer.vocab_size)
 
         self.act_ops = activation_ops(cfg.precision)
         model = build_llama(cfg.model, cfg.method, device="meta", act=self.act_ops)
@@ -163,7 +162,7 @@ class Trainer:
             total_steps=t.steps,
             start_step=self.step,
             run_name=cfg.name,
-            config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            config=to_plain(cfg),
         )
         self._announce()
 
@@ -341,7 +340,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "scheduler": self.scheduler.state_dict(),
             },
-            config_yaml=OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+            config_yaml=to_yaml(self.cfg),
             rank=self.dims.rank,
             world_size=self.dims.world_size,
             keep_last=self.cfg.train.keep_last,

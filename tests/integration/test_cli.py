@@ -72,6 +72,24 @@ def test_bad_input_gives_one_clear_message(tmp_path, override, fragments):
     assert_clean_error(proc, *fragments)
 
 
+@pytest.mark.parametrize(
+    "overrides,field,choices",
+    [
+        (["parallel.cp_impl=bogus"], "parallel.cp_impl", "ring, lightseq, ulysses"),
+        (["precision=fp32", "optim.name=nope"], "optim.name", "adamw, coat_adamw"),
+        (["model.n_heads=3"], "model.dim", None),  # a cross-field check after composition
+    ],
+)
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path, overrides, field, choices):
+    """A value outside a field's choices (which Hydra would refuse in lines of its own) or a failed check: one line."""
+    proc = train("experiment=smoke", f"run_dir={tmp_path}", *overrides)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"megaeff: error: config field '{field}': "), lines
+    if choices:
+        assert lines[0].endswith(f"must be one of {choices}; got '{overrides[-1].split('=')[1]}'"), lines
+
+
 def test_corrupt_checkpoint_directory_is_reported(tmp_path):
     run = tmp_path / "run"
     assert train("experiment=smoke", f"run_dir={run}").returncode == 0

@@ -5,23 +5,20 @@ from __future__ import annotations
 from typing import Sequence
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from megaeff.config.schema import register_configs, to_config
+from megaeff.config import compose, compose_raw as _compose_raw
 
 from helpers import CONF as CONF_DIR
 
 
 def compose_raw(overrides: Sequence[str] = ()):
     """Compose conf/config.yaml with `overrides` and return the DictConfig (errors propagate)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return _compose_raw(overrides, config_dir=str(CONF_DIR))
 
 
 def compose_config(overrides: Sequence[str] = ()):
-    """Compose and convert to the typed `Config` dataclass tree."""
-    return to_config(compose_raw(overrides))  # same as helpers.compose, kept beside compose_raw
+    """Compose, convert to the typed `Config` dataclass tree and validate it (as helpers.compose)."""
+    return compose(overrides, config_dir=str(CONF_DIR))
 
 
 @pytest.fixture

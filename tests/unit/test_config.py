@@ -10,6 +10,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from megaeff.config import Choice, compose_raw
 from megaeff.config.schema import Config, DataConfig, ModelConfig, ParallelConfig
 from megaeff.config.validate import validate_config
 from megaeff.distributed.dims import ParallelDims
@@ -62,7 +63,7 @@ def test_default_config(compose_cfg):
 
 
 def test_overrides_are_typed(compose_cfg):
-    cfg = compose_cfg(["model.dim=64", "train.steps=7", "optim.lr=0.5", "model.n_kv_heads=2"])
+    cfg = compose_cfg(["model.dim=64", "train.steps=7", "optim.warmup_steps=5", "optim.lr=0.5", "model.n_kv_heads=2"])
     assert cfg.model.dim == 64 and cfg.train.steps == 7 and cfg.optim.lr == 0.5 and cfg.model.n_kv_heads == 2
     with pytest.raises((HydraException, OmegaConfBaseException)):
         compose_cfg(["train.steps=many"])
@@ -76,19 +77,13 @@ def test_unknown_key_fails_at_compose_time(compose_cfg):
 
 
 def _compose_from(conf_dir: Path, overrides):
-    from hydra import compose, initialize_config_dir
-
-    from megaeff.config.schema import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_raw(overrides, config_dir=str(conf_dir))
 
 
 @pytest.mark.parametrize(
     "text",
-    ["name: bad\ndim: 64\ndimm: 3\n", "name: bad\ndim: sixty-four\n"],
-    ids=["misspelled-key", "wrong-type"],
+    ["name: bad\ndim: 64\ndimm: 3\n", "name: bad\ndim: sixty-four\n", "name: bad\nattention_backend: xformers\n"],
+    ids=["misspelled-key", "wrong-type", "bad-choice"],
 )
 def test_bad_group_file_fails_at_compose_time(tmp_path, text):
     """A group file with a key outside the schema (or a value of the wrong type) fails when composed."""
@@ -121,8 +116,8 @@ def test_experiment_values_win_over_root_config(compose_cfg, experiment, steps, 
     assert cfg.name == experiment
     assert (cfg.train.steps, cfg.optim.warmup_steps) == (steps, warmup)
     # Command-line overrides still win over the experiment.
-    overridden = compose_cfg([f"experiment={experiment}", "name=mine", "train.steps=3"])
-    assert (overridden.name, overridden.train.steps) == ("mine", 3)
+    overridden = compose_cfg([f"experiment={experiment}", "name=mine", "train.steps=2000"])
+    assert (overridden.name, overridden.train.steps) == ("mine", 2000)
 
 
 # ----------------------------------------------------------------------------- every file composes
@@ -248,3 +243,172 @@ def test_moe_trains_with_data_parallelism_only(compose_cfg):
     with pytest.raises(ConfigError) as exc:
         validate_config(compose_cfg(["model.moe_experts=4", "parallel=tp2"]), world_size=2)
     assert exc.value.field == "model.moe_experts"
+
+
+# ----------------------------------------------------------------------------- choices (enums)
+def _choice_fields():
+    """(dotted key, Choice enum) of every choice field in the schema."""
+    out = []
+    for section in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(section.type):
+            for f in dataclasses.fields(section.type):
+                if isinstance(f.type, type) and issubclass(f.type, Choice):
+                    out.append((f"{section.name}.{f.name}", f.type))
+    return out
+
+
+def test_choices_behave_like_their_strings():
+    import json
+    import pickle
+
+    from megaeff.config.choices import PpSchedule
+
+    s = PpSchedule("1f1b")
+    assert s is PpSchedule["1f1b"] and s == "1f1b" and s != "gpipe" and s in ("gpipe", "1f1b")
+    assert hash(s) == hash("1f1b") and {"1f1b": 1}[s] == 1 and {s: 2}["1f1b"] == 2
+    assert (str(s), f"{s}", f"{s:>6}", "%s" % s, repr(s)) == ("1f1b", "1f1b", "  1f1b", "1f1b", "'1f1b'")
+    assert type(str(s)) is str and json.dumps({"s": s}) == '{"s": "1f1b"}'
+    assert pickle.loads(pickle.dumps(s)) is s
+    assert len(_choice_fields()) >= 22  # every choice field of the schema is an enum
+
+
+def _registries():
+    from megaeff.data.builder import DATASETS
+    from megaeff.data.tokenizer import TOKENIZERS
+    from megaeff.distributed import context_parallel, cp_sharding, expert_parallel, fssdp_layout, pipeline
+    from megaeff.kernels.fp8_adamw import PROBES
+    from megaeff.layers import linear, lost, sltrain
+    from megaeff.precision.fp8 import FORMATS
+
+    return {
+        "method.name": linear.LINEAR_METHODS, "method.sltrain_path": sltrain.PATHS, "method.lost_act": lost.ACTIVATIONS,
+        "method.lost_sparse_init": lost.SPARSE_INITS, "optim.first_moment": FORMATS, "optim.second_moment": FORMATS,
+        "optim.fp8_backend": ("auto", *PROBES), "parallel.pp_schedule": pipeline.SCHEDULES,
+        "parallel.cp_impl": context_parallel.IMPLS, "parallel.cp_sharding": cp_sharding.SHARDINGS,
+        "parallel.fssdp_gather_dtype": fssdp_layout.GATHER_DTYPES, "parallel.fssdp_reduce_dtype": fssdp_layout.REDUCE_DTYPES,
+        "parallel.expert_impl": ("replicated", *expert_parallel.IMPLS), "data.name": DATASETS, "data.tokenizer": TOKENIZERS,
+    }
+
+
+def test_choices_match_the_implementation_registries():
+    """The schema imports no implementation package; its enums must still offer exactly what the code runs."""
+    choices = dict(_choice_fields())
+    for key, registry in _registries().items():
+        assert set(choices[key].values()) == set(registry), key
+
+
+@pytest.mark.parametrize("key,enum", _choice_fields(), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_choice_fails_at_compose_time_naming_the_field(key, enum, compose_cfg):
+    with pytest.raises(ConfigError) as exc:
+        compose_cfg([f"{key}=bogus"])
+    assert exc.value.field == key and ", ".join(enum.values()) in str(exc.value)
+    # Hydra itself (a group file, or a caller that skips the pre-check) refuses it too.
+    with pytest.raises((HydraException, OmegaConfBaseException)):
+        _hydra_compose([f"{key}=bogus"])
+
+
+def _hydra_compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from megaeff.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def test_saved_config_is_plain(tmp_path, compose_cfg):
+    """Checkpoints and W&B get builtin types: torch.load(weights_only=True) refuses Enum objects."""
+    import pickle
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from megaeff.config import to_config, to_plain, to_yaml
+    from megaeff.train import checkpoint as ckpt
+
+    cfg = compose_cfg(["parallel.pp_schedule=interleaved", "method=lost", "optim=coat_adamw"])
+    plain = to_plain(cfg)
+    leaves = [v for section in plain.values() for v in (section.values() if isinstance(section, dict) else [section])]
+    assert plain["parallel"]["pp_schedule"] == "interleaved" and plain["method"]["lost_act"] == "silu"
+    assert {type(v) for v in leaves} <= {str, int, float, bool, list, type(None)}  # no Choice (a str subclass)
+    torch.save(plain, tmp_path / "plain.pt")
+    assert torch.load(tmp_path / "plain.pt", weights_only=True) == plain
+    torch.save(OmegaConf.to_container(OmegaConf.structured(cfg)), tmp_path / "enums.pt")  # why to_plain exists
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "enums.pt", weights_only=True)
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    path = ckpt.save_checkpoint(tmp_path / "ckpt", 1, model=model, optimizer=opt, trainer_state={"step": 1, "config": plain},
+                                config_yaml=to_yaml(cfg), rank=0, world_size=1, keep_last=1)
+    ckpt.verify_checkpoint(path)
+    assert ckpt._load(path / "trainer.pt")["config"] == plain
+    reloaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / "config.yaml"))
+    assert to_config(reloaded) == cfg
+
+
+# ----------------------------------------------------------------------------- validation runs once
+def test_trainer_does_not_validate_again(tmp_path, monkeypatch):
+    """to_config runs the section checks once; the trainer only adds the tokenizer/vocabulary check."""
+    from megaeff.config import parallel as parallel_cfg
+    from megaeff.config import schema
+    from megaeff.train import trainer as trainer_mod
+
+    calls = {"sections": 0, "world": 0, "vocab": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(schema, "validate_model", counting("sections", schema.validate_model))
+    monkeypatch.setattr(parallel_cfg, "resolve_degrees", counting("world", parallel_cfg.resolve_degrees))
+    monkeypatch.setattr(trainer_mod, "check_tokenizer_vocab", counting("vocab", trainer_mod.check_tokenizer_vocab))
+    from helpers import compose
+
+    cfg = compose(["experiment=smoke", f"run_dir={tmp_path}", "train.plot=false", "train.threads=1"])
+    assert calls == {"sections": 1, "world": 0, "vocab": 0}
+    trainer_mod.Trainer(cfg, ParallelDims.from_config(cfg.parallel, 1), tmp_path).close()
+    assert calls == {"sections": 1, "world": 0, "vocab": 1}
+
+
+# ----------------------------------------------------------------------------- world checks = implementations
+@pytest.mark.parametrize("world", [1, 2, 4, 6, 8])
+def test_world_checks_agree_with_the_implementations(world):
+    """validate_world re-expresses megaeff.distributed's rules; both accept or refuse with the same field."""
+    from megaeff.config.parallel import resolve_degrees
+    from megaeff.distributed import dims as dims_mod
+    from megaeff.distributed.cp_sharding import check_seq_len
+    from megaeff.distributed.pipeline import split_layers
+
+    def verdict(fn, *args):
+        try:
+            fn(*args)
+        except ConfigError as exc:
+            return exc.field, str(exc)
+        return None
+
+    for degrees in ({"tp": 2, "cp": 1, "dp": -1, "pp": 1}, {"tp": 1, "cp": 3, "dp": 1, "pp": -1}, {"tp": 2, "cp": 2, "dp": 2, "pp": 1}):
+        assert verdict(resolve_degrees, degrees, world) == verdict(dims_mod.resolve_degrees, degrees, world)
+    for n_layers, virtual, bounds in ((8, 1, []), (6, 2, []), (7, 1, [3]), (8, 2, [2, 4, 6]), (8, 1, [9])):
+        cfg = valid_config(model=dict(n_layers=n_layers), parallel=dict(pp=world, dp=1, pp_virtual=virtual,
+                           pp_boundaries=bounds, pp_schedule="interleaved"), train=dict(grad_accum=world * 2))
+        ours = verdict(validate_config, cfg, world)
+        theirs = verdict(split_layers, n_layers, world, virtual, bounds) if world > 1 else None
+        assert ours == theirs, (n_layers, virtual, bounds)
+    for seq_len, sharding in ((64, "zigzag"), (36, "zigzag"), (60, "contiguous")):
+        cfg = valid_config(data=dict(seq_len=seq_len), parallel=dict(cp=world, dp=1, cp_sharding=sharding))
+        theirs = verdict(check_seq_len, seq_len, world, sharding) if world > 1 else None
+        assert verdict(validate_config, cfg, world) == theirs, (seq_len, sharding)
+
+
+def test_config_package_imports_no_implementation():
+    """megaeff.config stands alone (megaeff.errors aside): the implementations import it, never the reverse."""
+    import subprocess
+    import sys
+
+    code = "import sys, megaeff.config; print(sorted(m for m in sys.modules if m.startswith('megaeff')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert {m for m in eval(out) if not m.startswith("megaeff.config")} == {"megaeff", "megaeff.errors"}

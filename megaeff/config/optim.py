@@ -1,0 +1,97 @@
+"""`optim` and `precision`: the optimizer, its schedule, and the numeric formats of training."""
+
+from dataclasses import dataclass, field
+from typing import List
+
+from megaeff.config.choices import (
+    Fp8Backend,
+    Fp8Format,
+    LrSchedule,
+    OptimImpl,
+    Optimizer,
+    Precision,
+    require_choice,
+    require_positive,
+)
+from megaeff.errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    name: Optimizer = Optimizer["adamw"]
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # auto picks fused on CUDA, foreach elsewhere.
+    impl: OptimImpl = OptimImpl["auto"]
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    # Cosine decays to lr * min_lr_ratio at the last step, then stays there.
+    min_lr_ratio: float = 0.1
+    # cosine | constant
+    schedule: LrSchedule = LrSchedule["cosine"]
+    # FP8 AdamW (COAT; used when name=coat_adamw or precision.fp8_optimizer_states=true):
+    # moment formats e4m3 | e5m2 (second moment only), Dynamic Range Expansion on/off,
+    # logical tensors smaller than min_fp8_numel keep FP32 moments,
+    # kernel backend auto | cuda | triton | cpp | torch (auto: best available; the run log names it).
+    first_moment: Fp8Format = Fp8Format["e4m3"]
+    second_moment: Fp8Format = Fp8Format["e4m3"]
+    expand: bool = True
+    min_fp8_numel: int = 4096
+    fp8_backend: Fp8Backend = Fp8Backend["auto"]
+
+
+def validate_optim(o: OptimConfig, train_steps: int) -> None:
+    require_positive(o.lr, "optim.lr")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if o.warmup_steps < 0:
+        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.warmup_steps > train_steps:
+        raise ConfigError("optim.warmup_steps", f"{o.warmup_steps} exceeds train.steps={train_steps}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if o.grad_clip < 0:
+        raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    require_choice(o.schedule, "optim.schedule", LrSchedule)
+    require_choice(o.impl, "optim.impl", OptimImpl)
+    require_choice(o.name, "optim.name", Optimizer)
+    require_choice(o.first_moment, "optim.first_moment", Fp8Format)
+    require_choice(o.second_moment, "optim.second_moment", Fp8Format)
+    require_choice(o.fp8_backend, "optim.fp8_backend", Fp8Backend)
+    if o.min_fp8_numel < 0:
+        raise ConfigError("optim.min_fp8_numel", f"must be >= 0, got {o.min_fp8_numel}")
+
+
+@dataclass
+class PrecisionConfig:
+    # fp32 | bf16 (bf16 autocast, fp32 master weights and optimizer states) | coat (the FP8 switches below on)
+    name: Precision = Precision["fp32"]
+    # bf16 autocast for what stays high precision (always on for name=bf16).
+    autocast_bf16: bool = False
+    # COAT parts, each on its own: FP8 AdamW moments; activations saved for backward in FP8 (linear inputs
+    # per-tensor E4M3, non-linear inputs in 1 x act_group_size groups, gradients E5M2); FP8 GEMMs (torch._scaled_mm)
+    # in dense linear layers.
+    fp8_optimizer_states: bool = False
+    fp8_activations: bool = False
+    fp8_gemm: bool = False
+    act_group_size: int = 16
+
+
+def validate_precision(pr: PrecisionConfig) -> None:
+    require_choice(pr.name, "precision.name", Precision)
+    if pr.act_group_size < 1 or 128 % pr.act_group_size:
+        raise ConfigError("precision.act_group_size", f"must divide 128 (COAT uses 16), got {pr.act_group_size}")
+    if pr.name != "coat":
+        for flag in ("fp8_optimizer_states", "fp8_activations", "fp8_gemm"):
+            if getattr(pr, flag):
+                raise ConfigError(f"precision.{flag}", f"needs precision=coat (got precision={pr.name}); "
+                                  "the FP8 parts are switched on and off inside precision=coat")
+
+
+def uses_fp8_states(o: OptimConfig, pr: PrecisionConfig) -> bool:
+    """Whether the run keeps FP8 AdamW moments (megaeff.optim.builder.uses_fp8_states decides the same)."""
+    return o.name == "coat_adamw" or bool(pr.fp8_optimizer_states)

@@ -1,0 +1,72 @@
+"""`train` and `logging`: the loop, its checkpoints and what it reports."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megaeff.config.choices import LoggingBackend, WandbMode, require_choice, require_positive
+from megaeff.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    seed: int = 1234
+    device: str = "auto"
+    log_interval: int = 10
+    eval_interval: int = 100
+    # Cap on evaluation batches; null evaluates the whole validation split.
+    eval_max_batches: Optional[int] = None
+    eval_batch_size: int = 16
+    ckpt_interval: int = 100
+    keep_last: int = 3
+    # none | auto | <path to a checkpoint directory>
+    resume: str = "auto"
+    # Save and exit cleanly once this much wall time has passed (Slurm time limits); null disables.
+    max_duration_minutes: Optional[float] = None
+    # Save and exit at every multiple of this step (Megatron's --exit-interval: split a run into jobs); 0 disables.
+    exit_interval: int = 0
+    deterministic: bool = True
+    # Plot the loss curve into the run directory at the end of the run.
+    plot: bool = True
+    # CPU threads for intra-op parallelism; null leaves torch's default.
+    threads: Optional[int] = None
+    # Recompute every block in backward instead of keeping its activations (torch.utils.checkpoint); under
+    # context parallelism LightSeq's rematerialization-aware form: attention's output and log-sum-exp are kept,
+    # so the recomputation never reruns the attention forward (or its communication).
+    activation_checkpointing: bool = False
+
+
+def validate_train(t: TrainConfig) -> None:
+    for name in ("steps", "micro_batch_size", "grad_accum", "log_interval", "eval_batch_size", "keep_last"):
+        require_positive(getattr(t, name), f"train.{name}")
+    for name in ("eval_interval", "ckpt_interval", "exit_interval"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}", "must be >= 0 (0 disables)")
+    if t.eval_max_batches is not None:
+        require_positive(t.eval_max_batches, "train.eval_max_batches")
+    if t.max_duration_minutes is not None:
+        require_positive(t.max_duration_minutes, "train.max_duration_minutes")
+    if t.threads is not None:
+        require_positive(t.threads, "train.threads")
+
+
+@dataclass
+class LoggingConfig:
+    # console+jsonl always; wandb additionally when backend=wandb.
+    backend: LoggingBackend = LoggingBackend["jsonl"]
+    progress: bool = True
+    wandb_project: str = "megaeff"
+    wandb_entity: Optional[str] = None
+    # offline unless the user asks for online explicitly.
+    wandb_mode: WandbMode = WandbMode["offline"]
+    # Peak FLOP/s per device for MFU; null looks the device up (estimated on CPU).
+    peak_tflops: Optional[float] = None
+
+
+def validate_logging(lg: LoggingConfig) -> None:
+    require_choice(lg.backend, "logging.backend", LoggingBackend)
+    require_choice(lg.wandb_mode, "logging.wandb_mode", WandbMode)
+    if lg.peak_tflops is not None:
+        require_positive(lg.peak_tflops, "logging.peak_tflops")

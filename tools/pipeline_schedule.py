@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from megaeff.distributed.pipeline_schedule import (
+from megaeff.distributed.pipeline.schedule import (
     SCHEDULES,
     build_schedule,
     format_report,

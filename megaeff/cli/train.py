@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from megaeff.config import check_choice_overrides, conf_dir, register_configs, to_config, validate_world
 from megaeff.distributed.dims import ParallelDims, init_process_group, resolve_device
-from megaeff.distributed.launch_env import export_slurm_env, read_launch_env, strip_launcher_args
+from megaeff.distributed.launch import export_slurm_env, read_launch_env, strip_launcher_args
 from megaeff.errors import EXIT_PREEMPTED, EXIT_USAGE, MegaeffError
 
 __all__ = ["conf_dir", "main", "run"]  # conf_dir: megaeff.config's, kept importable from here

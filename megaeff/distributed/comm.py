@@ -254,7 +254,7 @@ def split_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- p2p, all-to-all
-# Context parallelism (megaeff/distributed/context_parallel.py) moves blocks between chosen peers rather than
+# Context parallelism (megaeff/distributed/context_parallel/attention.py) moves blocks between chosen peers rather than
 # reducing over a group. Byte convention for these: a point-to-point transfer records, on the *sending* rank,
 # the bytes of each tensor it sends ("p2p_send"; the receiver records nothing, so a sum over ranks counts every
 # transfer once); an all-to-all records its input, the tensor this rank scatters, own block included
@@ -337,7 +337,7 @@ def all_to_all_uneven(x: torch.Tensor, cg: CommGroup, send_splits, recv_splits, 
 
 
 # ---------------------------------------------------------------------------------------------------- flat, async
-# Fully sharded data parallelism (megaeff/distributed/fssdp.py) packs many tensors into one flat buffer per
+# Fully sharded data parallelism (megaeff/distributed/fssdp/engine.py) packs many tensors into one flat buffer per
 # collective and overlaps the collective with compute, so these take caller-owned flat buffers and may return
 # the pending Work instead of waiting. Same byte convention as above; nothing is recorded for a group of one,
 # and meta buffers are recorded without moving anything (dry runs that count bytes).

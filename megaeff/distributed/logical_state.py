@@ -47,7 +47,7 @@ def annotate_parameters(model: nn.Module) -> None:
 
 
 def expert_owners(model: nn.Module) -> Dict[str, nn.Module]:
-    """Flat expert parameters (megaeff/distributed/expert_parallel.py) by full name -> the module that owns them."""
+    """Flat expert parameters (megaeff/distributed/expert_parallel/experts.py) by full name -> the module that owns them."""
     out = {}
     for path, module in model.named_modules():
         if hasattr(module, "gather_logical") and hasattr(module, "flat_param_name"):

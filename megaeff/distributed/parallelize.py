@@ -4,10 +4,10 @@ parallel layout, always in the same order:
     pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing -> FSSDP
 
 The last step, FSSDP (and distributed MoE experts), shards real tensors, so the trainer applies it to the
-materialized model (megaeff/distributed/fssdp.py, expert_parallel.py); everything before runs here.
+materialized model (megaeff/distributed/fssdp/engine.py, expert_parallel.py); everything before runs here.
 It runs on the meta-built model, before materialization, so no rank ever allocates the whole model: every
 replaced module keeps its logical name and its `init_weights` draws the logical tensors from the seed and keeps
-this rank's shard (megaeff/models/init.py, megaeff/distributed/tp_base.py).
+this rank's shard (megaeff/models/init.py, megaeff/distributed/tensor_parallel/base.py).
 
 Tensor parallelism of a block (Megatron's): q, k, v, gate and up column-parallel, o and down row-parallel, so
 attention runs on n_heads/tp local heads (kv heads likewise) and the MLP on ffn/tp local features, with one
@@ -32,8 +32,8 @@ from torch import nn
 
 from megaeff.data.sampler import IGNORE_INDEX
 from megaeff.distributed.comm import CommGroup, copy_to_region, gather_seq
-from megaeff.distributed.pipeline import prune_to_stages, stage_chunks
-from megaeff.distributed.tensor_parallel import (
+from megaeff.distributed.pipeline.runner import prune_to_stages, stage_chunks
+from megaeff.distributed.tensor_parallel.layers import (
     VocabParallelEmbedding,
     check_tp_layout,
     parallel_linear,
@@ -110,9 +110,9 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
 
 
 def apply_context_parallel(model: nn.Module, dims, *, impl: str = "ring", sharding: str = "zigzag") -> nn.Module:
-    """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel.py); the caller feeds
+    """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel/attention.py); the caller feeds
     every rank its shard of the tokens (`model.context_parallel.shard`) and their global positions."""
-    from megaeff.distributed.context_parallel import ContextParallelAttention
+    from megaeff.distributed.context_parallel.attention import ContextParallelAttention
 
     model.context_parallel = ContextParallelAttention(dims.comm("cp"), impl=impl, sharding=sharding, backend="math")
     model.attention_backend = model.context_parallel

@@ -1,4 +1,4 @@
-"""Backends of the FP8 AdamW update, one contract (megaeff/optim/fp8_adamw_ref.py), and the dispatcher.
+"""Backends of the FP8 AdamW update, one contract (megaeff/kernels/fp8_adamw_ref.py), and the dispatcher.
 
 Preference on CUDA: the csrc extension (multi-tensor, one launch for all groups of all parameters) > Triton >
 the torch reference. On CPU: the torch reference, then the C++ kernel (OpenMP, compiled on first use): the
@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from megaeff.optim.fp8_adamw_ref import Fp8Entry, reference_update
+from megaeff.kernels.fp8_adamw_ref import Fp8Entry, reference_update
 
 UpdateFn = Callable[[List[Fp8Entry]], None]
 

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from megaeff.optim.fp8_adamw_ref import Fp8Entry
+from megaeff.kernels.fp8_adamw_ref import Fp8Entry
 
 FLAGS = ("-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
 SOURCE = "fp8_adamw_cpu.cpp"

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from megaeff.optim.fp8_adamw_ref import Fp8Entry
+from megaeff.kernels.fp8_adamw_ref import Fp8Entry
 
 EXTENSION = "megaeff._fp8_adamw_cuda"
 SOURCES = ("csrc/fp8_adamw_binding.cpp", "csrc/fp8_adamw.cu")  # relative to the repository root

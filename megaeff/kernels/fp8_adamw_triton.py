@@ -1,4 +1,4 @@
-"""Triton backend of the FP8 AdamW update (contract: megaeff/optim/fp8_adamw_ref.py): one program per group.
+"""Triton backend of the FP8 AdamW update (contract: megaeff/kernels/fp8_adamw_ref.py): one program per group.
 
 Each program loads its group of param, grad and both moments' codes, runs the whole update and writes
 everything back in place. The two moments travel side by side as the columns of [BLOCK, 2] tensors (tl.join),
@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from megaeff.optim.fp8_adamw_ref import Fp8Entry
+from megaeff.kernels.fp8_adamw_ref import Fp8Entry
 from megaeff.precision.group_quant import CONSTANT_SCALE, GROUP_SIZE, K_MAX, META_FIELDS
 
 E5M2 = {"e4m3": 0, "e5m2": 1}  # format name -> the kernel's *_E5 flag

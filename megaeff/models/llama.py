@@ -115,7 +115,7 @@ class Llama(nn.Module):
         x = self.run_layers(self.tok_embeddings(tokens), self.layers, positions, segment_ids)
         return self.head(x)
 
-    # The pieces a pipeline stage runs (megaeff/distributed/pipeline.py): a stage may hold the embedding, some
+    # The pieces a pipeline stage runs (megaeff/distributed/pipeline/runner.py): a stage may hold the embedding, some
     # blocks (kept under their logical names in a ModuleDict) and the head.
     def run_layers(self, x, layers, positions=None, segment_ids=None):
         for layer in layers.values() if isinstance(layers, nn.ModuleDict) else layers:

@@ -26,7 +26,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from megaeff.kernels.fp8_adamw import Backend, select_backend
-from megaeff.optim.fp8_adamw_ref import Fp8Entry, StepScalars, adamw_math
+from megaeff.kernels.fp8_adamw_ref import Fp8Entry, StepScalars, adamw_math
 from megaeff.precision.fp8 import get_format
 from megaeff.precision.group_quant import META_FIELDS, GroupLayout
 

@@ -21,14 +21,14 @@ from megaeff.config.schema import Config
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_scalar
-from megaeff.distributed.data_parallel import GradReducer
-from megaeff.distributed.expert_parallel import parallelize_experts
-from megaeff.distributed.fssdp import FSSDP
+from megaeff.distributed.data_parallel.bucketed import GradReducer
+from megaeff.distributed.expert_parallel.experts import parallelize_experts
+from megaeff.distributed.fssdp.engine import FSSDP
 from megaeff.distributed.dims import ParallelDims
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters
 from megaeff.distributed.parallelize import loss_sum, parallelize
-from megaeff.distributed.pipeline import PipelineRunner
-from megaeff.distributed.pipeline_schedule import bubble_fraction, build_schedule
+from megaeff.distributed.pipeline.runner import PipelineRunner
+from megaeff.distributed.pipeline.schedule import bubble_fraction, build_schedule
 from megaeff.errors import DataError
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
@@ -40,7 +40,7 @@ from megaeff.optim.schedule import LRScheduler
 from megaeff.precision.fp8_activations import activation_ops
 from megaeff.precision.saved_bytes import SavedBytes
 from megaeff.train import checkpoint as ckpt
-from megaeff.train.grad_clip import clip_grad_norm_
+from megaeff.distributed.grad_norm import clip_grad_norm_
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
 from megaeff.train.signals import StopRequest

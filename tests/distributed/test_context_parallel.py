@@ -15,7 +15,7 @@ import torch
 
 from harness import pool_fixture
 from megaeff.distributed.comm import CommGroup
-from megaeff.distributed.context_parallel import (
+from megaeff.distributed.context_parallel.attention import (
     AttentionCounter,
     ContextParallelAttention,
     ContextParallelError,

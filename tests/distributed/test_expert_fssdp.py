@@ -1,4 +1,4 @@
-"""Expert FSSDP and fixed expert parallelism (megaeff/distributed/expert_parallel.py) against the single-process MoE.
+"""Expert FSSDP and fixed expert parallelism (megaeff/distributed/expert_parallel/experts.py) against the single-process MoE.
 
 The placement and the dispatch table are pure functions, checked here without processes. Then, on 4 gloo ranks
 (dp=4, or tp=2 x dp=2: two independent dp groups of 2), every rank builds the same float64 MoE from the seed and
@@ -19,7 +19,7 @@ import torch
 from harness import pool_fixture
 from megaeff.config.schema import MethodConfig, ModelConfig
 from megaeff.distributed.comm import all_reduce
-from megaeff.distributed.expert_parallel import IMPLS, StepPlan, fixed_placement, plan_placement, replica_rows
+from megaeff.distributed.expert_parallel.experts import IMPLS, StepPlan, fixed_placement, plan_placement, replica_rows
 from megaeff.models.init import init_weights
 from megaeff.models.moe import MoE
 

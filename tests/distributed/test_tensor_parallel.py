@@ -4,7 +4,7 @@ Four spawned ranks serve both layouts (tp=2 x dp=2 and tp=4). Each rank builds t
 seed, runs it as the reference, runs its TP shard on the matching input shard, and returns both; the tests
 compare on this side: outputs, input gradients and every compact parameter's gradient gathered to its logical
 shape equal the single-process ones to 1e-10 (float64), and the byte counters equal the closed forms of
-megaeff/distributed/tensor_parallel.py. Bad layouts are checked in-process (they fail before any collective).
+megaeff/distributed/tensor_parallel/layers.py. Bad layouts are checked in-process (they fail before any collective).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from harness import pool_fixture
 from megaeff.config.schema import MethodConfig, ModelConfig, ParallelConfig
 from megaeff.distributed.dims import AXES, ParallelDims
-from megaeff.distributed.tensor_parallel import (
+from megaeff.distributed.tensor_parallel.layers import (
     TP_CLASSES,
     VocabParallelEmbedding,
     check_tp_layout,

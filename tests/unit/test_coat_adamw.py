@@ -12,7 +12,7 @@ from torch import nn
 from megaeff.kernels.fp8_adamw import select_backend
 from megaeff.optim import coat_adamw
 from megaeff.optim.coat_adamw import CoatAdamW
-from megaeff.optim.fp8_adamw_ref import StepScalars, f32
+from megaeff.kernels.fp8_adamw_ref import StepScalars, f32
 
 
 def tiny_net(seed: int = 0) -> nn.Module:

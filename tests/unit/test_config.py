@@ -380,8 +380,8 @@ def test_world_checks_agree_with_the_implementations(world):
     """validate_world re-expresses megaeff.distributed's rules; both accept or refuse with the same field."""
     from megaeff.config.parallel import resolve_degrees
     from megaeff.distributed import dims as dims_mod
-    from megaeff.distributed.cp_sharding import check_seq_len
-    from megaeff.distributed.pipeline import split_layers
+    from megaeff.distributed.context_parallel.sharding import check_seq_len
+    from megaeff.distributed.pipeline.runner import split_layers
 
     def verdict(fn, *args):
         try:

@@ -8,7 +8,7 @@ import torch
 from megaeff.config.schema import ParallelConfig
 from megaeff.distributed.comm import CommStats, all_reduce_, all_reduce_scalar
 from megaeff.distributed.dims import ParallelDims
-from megaeff.distributed.launch_env import LaunchEnv, export_slurm_env, read_launch_env, strip_launcher_args
+from megaeff.distributed.launch import LaunchEnv, export_slurm_env, read_launch_env, strip_launcher_args
 from megaeff.errors import ConfigError
 
 

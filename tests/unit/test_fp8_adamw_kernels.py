@@ -1,5 +1,5 @@
 """FP8 AdamW kernels (csrc/): nvcc builds every .cu, the C++ kernel and the CUDA kernel match the torch reference
-bit for bit (megaeff/optim/fp8_adamw_ref.py), CoatAdamW gives the same run on the C++ backend as on the torch one.
+bit for bit (megaeff/kernels/fp8_adamw_ref.py), CoatAdamW gives the same run on the C++ backend as on the torch one.
 
 The reference is the one that ships, unpatched: its square roots are `group_quant.sqrt_rn`, correctly rounded by
 construction (tests/unit/test_fp8_group_quant.py checks it exactly), like sqrtf in the C++ kernel and
@@ -21,7 +21,7 @@ from torch import nn
 from megaeff.kernels import fp8_adamw_cpp, fp8_adamw_cuda
 from megaeff.kernels.fp8_adamw import select_backend
 from megaeff.optim.coat_adamw import CoatAdamW
-from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update
+from megaeff.kernels.fp8_adamw_ref import StepScalars, reference_update
 from megaeff.precision.fp8 import FORMATS, get_format, to_fp8
 from megaeff.precision.group_quant import GroupLayout, _pow, _root, dequantize_groups, quantize_groups
 

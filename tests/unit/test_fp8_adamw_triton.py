@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from megaeff.kernels import fp8_adamw_triton  # noqa: E402
 from megaeff.kernels.fp8_adamw import select_backend  # noqa: E402
 from megaeff.optim.coat_adamw import CoatAdamW  # noqa: E402
-from megaeff.optim.fp8_adamw_ref import StepScalars, reference_update  # noqa: E402
+from megaeff.kernels.fp8_adamw_ref import StepScalars, reference_update  # noqa: E402
 from megaeff.precision.fp8 import get_format  # noqa: E402
 from megaeff.precision.group_quant import GroupLayout  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 
 from megaeff.config.schema import MethodConfig, ModelConfig, PrecisionConfig
 from megaeff.distributed.dims import ParallelDims
-from megaeff.distributed.expert_parallel import ExpertFSSDP, ExpertParallel
+from megaeff.distributed.expert_parallel.experts import ExpertFSSDP, ExpertParallel
 from megaeff.models.init import init_weights, materialize
 from megaeff.models.llama import build_llama
 from megaeff.models.moe import MoE, moe_aux_loss, moe_loads, route_tokens

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megaeff.distributed.pipeline_schedule import (
+from megaeff.distributed.pipeline.schedule import (
     Action,
     PipelineDeadlockError,
     bubble_fraction,

@@ -7,7 +7,7 @@ Shapes are LLaMA-7B's attention (hidden 4096, 32 query heads of 128; 32 or 8 key
 1. Bytes per layer per rank. Real runs: `cp` gloo processes (spawned here) run one attention forward + backward
    of bf16 activations (fp32 accumulation, as on GPU) at the `--real-seqs` lengths and report the
    `dims.comm_stats` counters; the other lengths are dry runs of the same code on meta tensors (shapes only,
-   bytes recorded, nothing sent). Both stand next to the closed forms of megaeff/distributed/context_parallel.py
+   bytes recorded, nothing sent). Both stand next to the closed forms of megaeff/distributed/context_parallel/attention.py
    and Megatron TP+SP's (2 all-gathers + 2 reduce-scatters of the N x h activations forward, their conjugates
    plus the re-gather of the inputs for the weight gradients backward: 10 (P-1)/P N h e leave each rank).
    "Sent" = bytes that leave the rank: p2p sends in full, (P-1)/P of an all-to-all or ring collective payload.
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from megaeff.distributed.comm import CommGroup, CommStats  # noqa: E402
-from megaeff.distributed.context_parallel import AttentionCounter, ContextParallelAttention, comm_bytes  # noqa: E402
+from megaeff.distributed.context_parallel.attention import AttentionCounter, ContextParallelAttention, comm_bytes  # noqa: E402
 from megaeff.layers.rope import apply_rope, rope_tables  # noqa: E402
 
 HIDDEN, HEADS, HEAD_DIM = 4096, 32, 128

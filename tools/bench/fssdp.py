@@ -15,12 +15,12 @@ and reports the last one, per rank:
 - other: all-to-all bytes (the token ids of FSSDP's sparse embedding lookup).
 
 Layouts:
-- `dp allreduce`: replicated model, GradReducer (megaeff/distributed/data_parallel.py), dense and LOST;
+- `dp allreduce`: replicated model, GradReducer (megaeff/distributed/data_parallel/bucketed.py), dense and LOST;
 - `fsdp2`: torch's `fully_shard` (FSDP2) on every Block and the root, reshard_after_forward on (its default;
   the root is never resharded after forward), run side by side on the same gloo ranks; its collectives are
   counted by wrapping `torch.distributed.all_gather_single` / `reduce_scatter_single` / `all_reduce` with the
   same payload rule; dense (the anchor) and LOST (FSDP2 of the compact tensors, for reference);
-- `fssdp`: megaeff/distributed/fssdp.py on the LOST model, gathers in fp32 / bf16 / fp8, resharded after forward,
+- `fssdp`: megaeff/distributed/fssdp/engine.py on the LOST model, gathers in fp32 / bf16 / fp8, resharded after forward,
   plus one row without resharding and one with COAT (FP8 moments) as the optimizer.
 
 The sparse embedding gathers only the rows of a rank's distinct tokens, so its bytes grow with the tokens per
@@ -117,9 +117,9 @@ def _worker(rank: int, args, port: int, results) -> None:
     import torch.nn.functional as F
 
     from megaeff.config.schema import OptimConfig
-    from megaeff.distributed.data_parallel import GradReducer
-    from megaeff.distributed.fssdp import FSSDP
-    from megaeff.train.grad_clip import clip_grad_norm_
+    from megaeff.distributed.data_parallel.bucketed import GradReducer
+    from megaeff.distributed.fssdp.engine import FSSDP
+    from megaeff.distributed.grad_norm import clip_grad_norm_
     from megaeff.distributed.logical_state import annotate_parameters
     from megaeff.models.init import materialize
     from megaeff.models.llama import build_llama
@@ -183,7 +183,7 @@ def _worker(rank: int, args, port: int, results) -> None:
                 elif layout == "fsdp2":
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 else:
-                    from megaeff.train.grad_clip import clip_grad_norm_ as dp_clip
+                    from megaeff.distributed.grad_norm import clip_grad_norm_ as dp_clip
 
                     dp_clip(list(model.parameters()), 1.0, dims)
                 opt.step()

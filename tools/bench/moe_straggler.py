@@ -62,7 +62,7 @@ def _worker(rank: int, args, port: int, results) -> None:
     import torch.distributed as dist
 
     from megaeff.config.schema import MethodConfig, ModelConfig
-    from megaeff.distributed.expert_parallel import ExpertFSSDP, ExpertParallel
+    from megaeff.distributed.expert_parallel.experts import ExpertFSSDP, ExpertParallel
     from megaeff.models.init import init_weights
     from megaeff.models.moe import MoE
 

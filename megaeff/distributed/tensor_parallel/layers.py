@@ -25,7 +25,7 @@ on every rank; "grad AR" is the all-reduce of a replicated parameter's token-par
 | lost    | row    | A cols (x_I by owner) | B, W_s, I    | AR T (r+k) / -            | RS T(r+k) / AG T(r+k) + grad AR m(r+k) |
 
 (AR all-reduce, AG all-gather, RS reduce-scatter; S = SLTrain's sparse values, split by the logical support;
-I = LOST's channel set, W_s its m x k block.) Why each layout is what it is: megaeff/distributed/tp_factored.py.
+I = LOST's channel set, W_s its m x k block.) Why each layout is what it is: megaeff/distributed/tensor_parallel/factored.py.
 For comparison Megatron's dense pair moves AR T n + AR T m per layer pair; lowrank and LOST move rank-sized
 intermediates instead (r, k << n, m), SLTrain the dense activations plus one factor gradient.
 
@@ -40,9 +40,9 @@ from typing import Optional
 
 from torch import nn
 
-from megaeff.distributed.tp_base import STYLES, DenseTP, TPLinear
-from megaeff.distributed.tp_factored import LostTP, LowRankTP, SLTrainTP
-from megaeff.distributed.tp_vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from megaeff.distributed.tensor_parallel.base import STYLES, DenseTP, TPLinear
+from megaeff.distributed.tensor_parallel.factored import LostTP, LowRankTP, SLTrainTP
+from megaeff.distributed.tensor_parallel.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megaeff.errors import ConfigError
 
 TP_CLASSES = {cls.method: cls for cls in (DenseTP, LowRankTP, SLTrainTP, LostTP)}

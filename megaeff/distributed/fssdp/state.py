@@ -1,7 +1,7 @@
 """Layout-independent state under FSSDP: tensors keyed by logical parameter name, gathered from and cut into
 this rank's shards, composed with tensor parallelism.
 
-`FSSDP` (megaeff/distributed/fssdp.py) inherits this, so it offers the interface of
+`FSSDP` (megaeff/distributed/fssdp/engine.py) inherits this, so it offers the interface of
 `megaeff.distributed.logical_state.LogicalState` (`sharded`, `gather`, `shard`, `gather_model`, `shard_model`,
 `gather_optimizer`, `shard_optimizer`) and can be passed as `logical=` to the checkpoint functions unchanged:
 the model's `state_dict()` and `named_parameters()` hold the shards under their logical names, so the files hold
@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megaeff.distributed.comm import CommGroup, all_gather
-from megaeff.distributed.fssdp_layout import TensorShard
+from megaeff.distributed.fssdp.layout import TensorShard
 from megaeff.precision.group_quant import META_FIELDS
 
 

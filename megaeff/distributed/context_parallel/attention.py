@@ -49,10 +49,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from megaeff.distributed.cp_blocks import AttentionCounter, MathBlockKernel
-from megaeff.distributed.cp_lightseq import LightSeqEngine, check_lightseq, lightseq_block_counts, lightseq_bytes
-from megaeff.distributed.cp_ring import RingEngine, ring_bytes
-from megaeff.distributed.cp_sharding import (
+from megaeff.distributed.context_parallel.blocks import AttentionCounter, MathBlockKernel
+from megaeff.distributed.context_parallel.lightseq import LightSeqEngine, check_lightseq, lightseq_block_counts, lightseq_bytes
+from megaeff.distributed.context_parallel.ring import RingEngine, ring_bytes
+from megaeff.distributed.context_parallel.sharding import (
     SHARDINGS,
     ContextParallelError,
     check_seq_len,
@@ -62,7 +62,7 @@ from megaeff.distributed.cp_sharding import (
     shard_sequence,
     unshard_sequence,
 )
-from megaeff.distributed.cp_ulysses import UlyssesEngine, check_heads, ulysses_bytes
+from megaeff.distributed.context_parallel.ulysses import UlyssesEngine, check_heads, ulysses_bytes
 
 IMPLS = ("ring", "lightseq", "ulysses")
 DEFAULT_SHARDING = {"ring": "zigzag", "lightseq": "contiguous", "ulysses": "contiguous"}

@@ -1,7 +1,7 @@
 """Tensor-parallel lowrank, SLTrain and LOST layers: the compact tensors are sharded, never a dense weight.
 
 Notation: input width n, output width m, rank r, tokens T per call, tp degree p; the layouts and the bytes of
-every call are tabulated in megaeff/distributed/tensor_parallel.py. The idea throughout: a factorized layer
+every call are tabulated in megaeff/distributed/tensor_parallel/layers.py. The idea throughout: a factorized layer
 can communicate its rank-r intermediate (T x r) where Megatron communicates a full activation (T x n or T x m),
 as long as nothing between the factors needs the full activation. SLTrain's sparse part needs the full input
 (column) or produces a full-width partial output (row), so SLTrain keeps Megatron's activation collectives and
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from megaeff.distributed.comm import all_gather_uneven, gather_seq, reduce_from_region, reduce_scatter_seq
-from megaeff.distributed.tp_base import TPLinear
+from megaeff.distributed.tensor_parallel.base import TPLinear
 from megaeff.layers.sltrain_ops import DensifyMatmul, SparseMatmul, sparse_token_limit
 
 

@@ -38,8 +38,8 @@ from typing import List, NamedTuple, Tuple
 import torch
 
 from megaeff.distributed.comm import batch_p2p
-from megaeff.distributed.cp_blocks import SequenceEngine, acc_dtype, merge_, row_delta
-from megaeff.distributed.cp_sharding import ContextParallelError
+from megaeff.distributed.context_parallel.blocks import SequenceEngine, acc_dtype, merge_, row_delta
+from megaeff.distributed.context_parallel.sharding import ContextParallelError
 
 TAG_K, TAG_V, TAG_Q, TAG_O, TAG_L, TAG_DO, TAG_D, TAG_DQ, TAG_DK, TAG_DV = range(21, 31)
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from megaeff.distributed.comm import batch_p2p
-from megaeff.distributed.cp_blocks import SequenceEngine, row_delta
-from megaeff.distributed.cp_sharding import rank_chunks
+from megaeff.distributed.context_parallel.blocks import SequenceEngine, row_delta
+from megaeff.distributed.context_parallel.sharding import rank_chunks
 
 TAG_K, TAG_V, TAG_DK, TAG_DV = 11, 12, 13, 14
 

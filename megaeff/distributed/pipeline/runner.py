@@ -7,12 +7,12 @@ model: this rank keeps only its blocks, still under their logical names (`layers
 initialization, tensor parallelism and checkpoints see the same names as in one process and no rank ever
 allocates the whole model.
 
-Schedules come from megaeff/distributed/pipeline_schedule.py as an ordered list of (F|B, micro-batch, chunk)
+Schedules come from megaeff/distributed/pipeline/schedule.py as an ordered list of (F|B, micro-batch, chunk)
 actions per rank; `PipelineRunner` executes this rank's list. Why a hand-written executor rather than
 `torch.distributed.pipelining`: our stages hold custom layers (tensor-parallel compact factors, FP8 activation
 autograd functions) and sequence-parallel activation shapes that its tracer and shape inference would have to
 be taught; every transfer must pass through our byte accounting; and gradient reduction must hook into the last
-backward of each chunk (megaeff/distributed/data_parallel.py). The executor is a hundred lines.
+backward of each chunk (megaeff/distributed/data_parallel/bucketed.py). The executor is a hundred lines.
 
 Communication. An activation (or its gradient) of micro-batch i between virtual stages s and s+1 travels from
 the rank of s to the rank of s+1 (the same tp/cp/dp coordinates, pp differing) through comm.py's batched
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from megaeff.distributed.comm import batch_p2p
-from megaeff.distributed.pipeline_schedule import build_schedule
+from megaeff.distributed.pipeline.schedule import build_schedule
 from megaeff.errors import ConfigError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")

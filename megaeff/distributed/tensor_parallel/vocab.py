@@ -51,7 +51,7 @@ class VocabParallelEmbedding(nn.Module):
         init(f"{prefix}.weight", full)  # the logical N(0, std) draw of the dense table
         self.load_logical(full)
 
-    # The same interface as the TP linear layers (megaeff/distributed/tp_base.py) for checkpoints and norms.
+    # The same interface as the TP linear layers (megaeff/distributed/tensor_parallel/base.py) for checkpoints and norms.
     def split_of(self, name: str) -> str:
         return "rows"
 

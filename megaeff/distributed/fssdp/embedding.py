@@ -2,7 +2,7 @@
 
 A forward looks up at most (tokens in the micro-batch) rows of the embedding table, so gathering the whole table
 (vocab x dim, a third of LLaMA-60M) is what dense FSDP does and FSSDP need not. The table is sharded by rows like
-every tensor (megaeff/distributed/fssdp_layout.py); a forward then
+every tensor (megaeff/distributed/fssdp/layout.py); a forward then
 
 1. takes the distinct token ids of this rank's micro-batch (sorted, so they come grouped by owner rank),
 2. exchanges how many ids each rank wants from each other one (an all-to-all of p counts) and the ids (an
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaeff.distributed.comm import CommGroup, all_to_all, all_to_all_uneven
-from megaeff.distributed.fssdp_layout import E4M3, REDUCE_DTYPES, TensorShard, fp8_decode, fp8_encode
+from megaeff.distributed.fssdp.layout import E4M3, REDUCE_DTYPES, TensorShard, fp8_decode, fp8_encode
 from megaeff.precision.group_quant import GroupLayout
 
 

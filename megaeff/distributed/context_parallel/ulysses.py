@@ -22,8 +22,8 @@ from typing import List, Sequence
 import torch
 
 from megaeff.distributed.comm import all_to_all
-from megaeff.distributed.cp_blocks import SequenceEngine, plan_blocks, row_delta
-from megaeff.distributed.cp_sharding import ContextParallelError, shard_order
+from megaeff.distributed.context_parallel.blocks import SequenceEngine, plan_blocks, row_delta
+from megaeff.distributed.context_parallel.sharding import ContextParallelError, shard_order
 
 
 def check_heads(Hq: int, Hkv: int, P: int) -> None:

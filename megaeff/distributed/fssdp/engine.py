@@ -6,12 +6,12 @@ index (SLTrain supports and LOST channel sets are buffers regenerated from the s
 keeps its dim-0 run of every tensor as a real `nn.Parameter` registered in place of the original under the same
 logical name, so the optimizer built from the model sees the shards, and params + grads + optimizer state take
 1/dp of the memory (plus what stays replicated). The rule that keeps COAT's FP8 groups whole, the padding and
-the flat buffers are in megaeff/distributed/fssdp_layout.py.
+the flat buffers are in megaeff/distributed/fssdp/layout.py.
 
 Units. Each `Block` of `model.layers` is a unit, and everything else (final norm, head; the embedding when it
 cannot take the sparse path) one more. A unit's tensors travel together: one all-gather before the unit
 computes, one reduce-scatter of its gradients. The embedding gathers only the rows of the batch's tokens from
-their owners and sends only their gradients back (megaeff/distributed/fssdp_embedding.py, `sparse_embedding`).
+their owners and sends only their gradients back (megaeff/distributed/fssdp/embedding.py, `sparse_embedding`).
 
 Forward. A forward pre-hook gathers the unit (or takes the gather prefetched while the previous unit computed)
 and exposes the full tensors to the unit's modules as plain instance attributes (`module.__dict__[name]`, which
@@ -48,7 +48,7 @@ One step (the trainer's order; GradReducer is not used with FSSDP):
         fs.prepare(final=i == len(micro_batches) - 1)   # matters only with defer_accumulation
         (loss(mb) / global_tokens).backward()   # reduce-scatters run during each backward
     fs.finish()                                 # wait for them, reduce replicated / hybrid gradients
-    norm = clip_grad_norm_(list(fs.parameters()), max_norm, dims, dp_sharded=True)   # megaeff/train/grad_clip.py
+    norm = clip_grad_norm_(list(fs.parameters()), max_norm, dims, dp_sharded=True)   # megaeff/distributed/grad_norm.py
     optimizer.step()
 
 Every collective goes through megaeff/distributed/comm.py and is counted in `dims.comm_stats` (dp_cp/all_gather,
@@ -75,10 +75,10 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from megaeff.distributed.comm import CommGroup, all_reduce_
-from megaeff.distributed.fssdp_embedding import SparseRows, eligible
-from megaeff.distributed.fssdp_layout import GATHER_DTYPES, REDUCE_DTYPES, FlatGroup, TensorShard, dim0_bounds
-from megaeff.distributed.fssdp_state import LogicalStateMixin
-from megaeff.distributed.fssdp_units import GatherUnit, Instance, Pending, Unit, resolve_node_size
+from megaeff.distributed.fssdp.embedding import SparseRows, eligible
+from megaeff.distributed.fssdp.layout import GATHER_DTYPES, REDUCE_DTYPES, FlatGroup, TensorShard, dim0_bounds
+from megaeff.distributed.fssdp.state import LogicalStateMixin
+from megaeff.distributed.fssdp.units import GatherUnit, Instance, Pending, Unit, resolve_node_size
 from megaeff.distributed.logical_state import SHARDED, param_layouts
 from megaeff.layers.norm import RMSNorm
 

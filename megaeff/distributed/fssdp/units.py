@@ -1,4 +1,4 @@
-"""The runtime pieces of FSSDP (megaeff/distributed/fssdp.py): a unit (the tensors gathered together), one
+"""The runtime pieces of FSSDP (megaeff/distributed/fssdp/engine.py): a unit (the tensors gathered together), one
 forward call of it (an instance, owning the gathered storage), a launched gather, and the autograd Function
 whose forward hands the gathered tensors to the unit's modules and whose backward reduce-scatters their
 gradients."""
@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from megaeff.distributed.fssdp_layout import FlatGroup
+from megaeff.distributed.fssdp.layout import FlatGroup
 
 
 class Pending:

@@ -40,6 +40,12 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     return LaunchEnv(0, 1, 0, "single")
 
 
+def local_world_size(env: Optional[Mapping[str, str]] = None) -> int:
+    """Processes the launcher started on this node (torchrun's LOCAL_WORLD_SIZE); 0 when it does not say."""
+    env = os.environ if env is None else env
+    return _int(env, "LOCAL_WORLD_SIZE") if env.get("LOCAL_WORLD_SIZE") else 0
+
+
 def export_slurm_env(launch: LaunchEnv, env=None) -> None:
     """torch's env:// rendezvous reads RANK/WORLD_SIZE/MASTER_*; fill them in for a plain `srun` launch."""
     env = os.environ if env is None else env

@@ -23,7 +23,7 @@ whole dp_cp group takes this path; any other embedding is gathered whole with it
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 
 from megaeff.distributed.comm import CommGroup, all_to_all, all_to_all_uneven
 from megaeff.distributed.fssdp.layout import E4M3, REDUCE_DTYPES, TensorShard, fp8_decode, fp8_encode
+from megaeff.distributed.fssdp.tally import ByteTally
 from megaeff.precision.group_quant import GroupLayout
 
 
@@ -49,10 +50,17 @@ def _fp8_bytes(n_rows: int, dim: int) -> int:
 
 
 class SparseRows:
-    """The row-wise materialization of one sharded embedding table (see the module docstring)."""
+    """The row-wise materialization of one sharded embedding table (see the module docstring).
 
-    def __init__(self, fs, module: nn.Module, spec: TensorShard, param: nn.Parameter, cg: CommGroup):
-        self.fs, self.module, self.spec, self.param, self.cg = fs, module, spec, param, cg
+    Bytes go to `tally` (shared with the FSSDP engine and gradient sync); `sync.accumulating` (the gradient
+    sync's) says whether a backward keeps its rows for a later micro-batch; `after_lookup` runs after every
+    forward (the engine starts gathering the first block)."""
+
+    def __init__(self, module: nn.Module, spec: TensorShard, param: nn.Parameter, cg: CommGroup, *, tally: ByteTally,
+                 sync, after_lookup: Callable[[], None], gather_dtype: str = "fp32", reduce_dtype: str = "fp32"):
+        self.module, self.spec, self.param, self.cg = module, spec, param, cg
+        self.tally, self.sync, self.after_lookup = tally, sync, after_lookup
+        self.gather_dtype, self.reduce_dtype = gather_dtype, reduce_dtype
         self.dim = spec.full_shape[1]
         self.bounds = torch.tensor([b for _, b in spec.bounds])
         self.start = spec.bounds[spec.me][0]
@@ -64,7 +72,7 @@ class SparseRows:
         """Sorted distinct `ids` -> (how many go to each owner, how many each rank asks of me, the ids asked)."""
         owner = torch.bucketize(ids, self.bounds.to(ids.device), right=True)
         counts = torch.bincount(owner, minlength=self.cg.size).to(torch.int64)
-        self.fs._count("all_to_all", counts.numel() * 8 + ids.numel() * 8, self.cg)
+        self.tally.count("all_to_all", counts.numel() * 8 + ids.numel() * 8, self.cg)
         asked = all_to_all(counts, self.cg)
         send, recv = counts.tolist(), asked.tolist()
         return send, recv, all_to_all_uneven(ids.to(torch.int64), self.cg, send, recv, kind="all_to_all")
@@ -73,7 +81,7 @@ class SparseRows:
         """fp32 rows `ids` (sorted, distinct) of the logical table, from their owners."""
         send, recv, wanted = self._route(ids)
         rows = self.param.detach()[wanted - self.start]
-        gd = self.fs.gather_dtype
+        gd = self.gather_dtype
         if gd == "fp8":
             parts, sizes = [], []
             for block in rows.split(recv):
@@ -82,7 +90,7 @@ class SparseRows:
                     parts += [scale.view(torch.uint8), codes.reshape(-1).view(torch.uint8)]
                 sizes.append(_fp8_bytes(block.shape[0], self.dim))
             payload = torch.cat(parts) if parts else rows.new_empty(0, dtype=torch.uint8)
-            self.fs._count("sparse_all_gather", payload.numel(), self.cg)
+            self.tally.count("sparse_all_gather", payload.numel(), self.cg)
             got = all_to_all_uneven(payload, self.cg, sizes, [_fp8_bytes(n, self.dim) for n in send], kind="sparse_all_gather")
             out, off = [], 0
             for n in send:
@@ -95,7 +103,7 @@ class SparseRows:
             table = torch.cat(out) if out else rows.new_empty(0, self.dim)
         else:
             served = rows.to(torch.bfloat16 if gd == "bf16" else rows.dtype)
-            self.fs._count("sparse_all_gather", served.numel() * served.element_size(), self.cg)
+            self.tally.count("sparse_all_gather", served.numel() * served.element_size(), self.cg)
             table = all_to_all_uneven(served, self.cg, recv, send, kind="sparse_all_gather").to(self.param.dtype)
         self.rows_received += ids.numel()
         return table
@@ -103,8 +111,8 @@ class SparseRows:
     def reduce(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
         """Send the gradient rows of `ids` to their owners; add what this rank receives into its shard's grad."""
         send, recv, wanted = self._route(ids)
-        sent = grad.to(REDUCE_DTYPES[self.fs.reduce_dtype])
-        self.fs._count("sparse_reduce_scatter", sent.numel() * sent.element_size(), self.cg)
+        sent = grad.to(REDUCE_DTYPES[self.reduce_dtype])
+        self.tally.count("sparse_reduce_scatter", sent.numel() * sent.element_size(), self.cg)
         got = all_to_all_uneven(sent, self.cg, send, recv, kind="sparse_reduce_scatter")
         g = torch.zeros_like(self.param).index_add_(0, wanted - self.start, got.to(self.param.dtype))
         self.param.grad = g if self.param.grad is None else self.param.grad.add_(g)
@@ -113,7 +121,7 @@ class SparseRows:
         if grad is None:
             grad = torch.zeros(ids.numel(), self.dim, dtype=self.param.dtype, device=ids.device)
         self.pending.append((ids, grad))
-        if not (self.fs.defer_accumulation and not self.fs._final):
+        if not self.sync.accumulating:
             self.flush()
 
     def flush(self) -> None:
@@ -137,7 +145,7 @@ class SparseRows:
             table = _SparseGather.apply(self, ids, self.param)
         else:
             table = self.gather(ids)
-        self.fs._embedding_done()
+        self.after_lookup()
         return F.embedding(where.view(tokens.shape), table)
 
 

@@ -1,4 +1,5 @@
-"""FSSDP's sharding rule and the flat buffers its collectives carry (megaeff/distributed/fssdp/engine.py runs them).
+"""FSSDP's sharding rule and the flat buffers its collectives carry (plan.py applies the rule; engine.py and
+grad_sync.py run the collectives).
 
 Sharding rule. Every trainable tensor is cut along dim 0 into *blocks* that hold whole COAT groups of the
 tensor (megaeff/precision/group_quant.py: 1 x 128 tiles along the last dim; rows shorter than 128 tiled

@@ -1,11 +1,13 @@
 """Layout-independent state under FSSDP: tensors keyed by logical parameter name, gathered from and cut into
 this rank's shards, composed with tensor parallelism.
 
-`FSSDP` (megaeff/distributed/fssdp/engine.py) inherits this, so it offers the interface of
+`FSSDPState` reads the sharding plan (plan.py) and offers the interface of
 `megaeff.distributed.logical_state.LogicalState` (`sharded`, `gather`, `shard`, `gather_model`, `shard_model`,
-`gather_optimizer`, `shard_optimizer`) and can be passed as `logical=` to the checkpoint functions unchanged:
-the model's `state_dict()` and `named_parameters()` hold the shards under their logical names, so the files hold
-exactly what a single-process run writes.
+`gather_optimizer`, `shard_optimizer`), plus the whole model and optimizer (`logical_state_dict`,
+`load_logical_state_dict`, `logical_optimizer_state`, `load_logical_optimizer_state`). `FSSDP` (engine.py)
+exposes it, so the facade can be passed as `logical=` to the checkpoint functions unchanged: the model's
+`state_dict()` and `named_parameters()` hold the shards under their logical names, so the files hold exactly
+what a single-process run writes.
 
 Two steps each way. Gather: the FSSDP shards of a parameter (or of a tensor shaped like it: gradient, AdamW
 moments, COAT FP8 codes; or the rows of a COAT `*_meta` [n_groups, 3] tensor) are concatenated along dim 0 in
@@ -18,12 +20,14 @@ padded all-gather per shard group (as bytes, so FP8 codes cross gloo too).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megaeff.distributed.comm import CommGroup, all_gather
 from megaeff.distributed.fssdp.layout import TensorShard
+from megaeff.distributed.optimizer_state import load_optimizer_state_by_name, optimizer_state_by_name
 from megaeff.precision.group_quant import META_FIELDS
 
 
@@ -56,16 +60,19 @@ def gather_rows_many(items: List[Tuple[torch.Tensor, List[int]]], cg: CommGroup)
     return out
 
 
-class LogicalStateMixin:
-    """Needs `specs` (name -> TensorShard of the sharded parameters), `shard_cgs` (name -> the CommGroup it is
-    sharded over), `tp_layouts` (name -> (owner module, local name, split)) of tensor-parallel parameters,
-    `full_shapes` and `logical_shapes` (name -> shape, recorded before sharding) and `model`."""
+class FSSDPState:
+    """The logical view of a model sharded by `plan` (a ShardingPlan), read from it: `specs` (name ->
+    TensorShard of the sharded parameters), `shard_cgs` (name -> the CommGroup it is sharded over), `tp_layouts`
+    (name -> (owner module, local name, split)) of tensor-parallel parameters, `full_shapes` and `logical_shapes`
+    (name -> shape, recorded before sharding) and `model`."""
 
-    specs: Dict[str, TensorShard]
-    shard_cgs: Dict[str, CommGroup]
-    tp_layouts: Dict[str, tuple]
-    full_shapes: Dict[str, tuple]
-    logical_shapes: Dict[str, tuple]
+    def __init__(self, plan):
+        self.model = plan.model
+        self.specs: Dict[str, TensorShard] = plan.specs
+        self.shard_cgs: Dict[str, CommGroup] = plan.shard_cgs
+        self.tp_layouts: Dict[str, tuple] = plan.tp_layouts
+        self.full_shapes: Dict[str, tuple] = plan.full_shapes
+        self.logical_shapes: Dict[str, tuple] = plan.logical_shapes
 
     @property
     def sharded(self) -> bool:
@@ -188,13 +195,8 @@ class LogicalStateMixin:
 
     def logical_optimizer_state(self, optimizer: torch.optim.Optimizer) -> Dict:
         """The optimizer state keyed by logical name, every tensor logical (the checkpoint's optimizer.pt form)."""
-        from megaeff.train.checkpoint import optimizer_state_by_name
-
         return self.gather_optimizer(optimizer_state_by_name(self.model, optimizer))
 
     def load_logical_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: Dict, path: Optional[str] = None) -> None:
-        from pathlib import Path
-
-        from megaeff.train.checkpoint import load_optimizer_state_by_name
-
+        """Load a logical optimizer state (`logical_optimizer_state`'s form): every rank keeps its shards."""
         load_optimizer_state_by_name(self.model, optimizer, self.shard_optimizer(saved), Path(path or "<fssdp>"))

@@ -1,11 +1,10 @@
-"""The runtime pieces of FSSDP (megaeff/distributed/fssdp/engine.py): a unit (the tensors gathered together), one
-forward call of it (an instance, owning the gathered storage), a launched gather, and the autograd Function
-whose forward hands the gathered tensors to the unit's modules and whose backward reduce-scatters their
-gradients."""
+"""The runtime pieces of FSSDP: a unit (the tensors gathered together; the plan builds them, plan.py), one
+forward call of it (an instance, owning the gathered storage; the engine's, engine.py), a launched gather, and
+the autograd Function whose forward hands the gathered tensors to the unit's modules and whose backward hands
+their gradients to the gradient sync (grad_sync.py)."""
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -73,32 +72,26 @@ class Unit:
             out.extend(flat.unpack(recv))
         return out
 
+    def retire_prefetch(self) -> None:
+        """Wait for the prefetched gather, if any, and drop it (its buffers go)."""
+        if self.prefetched is not None:
+            self.complete(self.prefetched)
+            self.prefetched = None
+
 
 class GatherUnit(torch.autograd.Function):
     """Forward: the unit's gathered tensors (computed outside, handed over through `fulls`); backward: the
-    reduce-scatter of their gradients into the shards' `.grad` (done by the FSSDP object, so nothing is returned
-    to autograd for the shards)."""
+    engine releases the instance's gathered storage, then the gradient sync reduce-scatters (or accumulates)
+    the gradients into the shards' `.grad` (so nothing is returned to autograd for the shards)."""
 
     @staticmethod
-    def forward(ctx, fs, inst, fulls, *shards):
-        ctx.fs, ctx.inst = fs, inst
+    def forward(ctx, engine, sync, inst, fulls, *shards):
+        ctx.engine, ctx.sync, ctx.inst = engine, sync, inst
         ctx.set_materialize_grads(False)
         return tuple(fulls)
 
     @staticmethod
     def backward(ctx, *grads):
-        ctx.fs._backward(ctx.inst, grads)
-        return (None, None, None) + (None,) * len(grads)
-
-
-def resolve_node_size(node_size: int, dp: int, tp: int = 1) -> int:
-    """A node's size in dp_cp ranks. 0: the launcher's LOCAL_WORLD_SIZE over tp (tp is the innermost axis, so
-    a node of L consecutive ranks holds L / tp consecutive members of each dp_cp group), else one node."""
-    if node_size < 0:
-        raise ValueError(f"node_size must be >= 0, got {node_size}")
-    if node_size == 0:
-        node_size = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) // max(1, tp) or dp
-    node_size = min(node_size, dp)
-    if dp % node_size:
-        raise ValueError(f"FSSDP node_size {node_size} does not divide the dp_cp degree {dp}")
-    return node_size
+        ctx.engine.release(ctx.inst)
+        ctx.sync.on_unit_backward(ctx.inst, grads)
+        return (None, None, None, None) + (None,) * len(grads)

@@ -1,16 +1,18 @@
-"""Session-wide test setup and fixtures. Shared helpers live in tests/helpers.py."""
+"""Session-wide test setup and fixtures. Shared helpers live in tests/helpers.py.
+
+tests/ is a package tree (an __init__.py in every test directory), so pytest's default import mode puts the
+repository root on sys.path and test modules import helpers as `tests.helpers`, `tests.distributed.harness`;
+spawned ranks (tests/distributed/harness.py) get the same sys.path and find the test modules by those names.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import compose  # noqa: E402
+from tests.helpers import compose
 
 # Keep the default corpus and index caches of the test session out of the user's ~/.cache (subprocesses inherit it).
 os.environ.setdefault("MEGAEFF_CACHE", tempfile.mkdtemp(prefix="megaeff-test-cache-"))

@@ -1,4 +1,4 @@
-"""Collectives, each one counted in bytes by group and kind, and Megatron's conjugate autograd collectives.
+"""Collectives, each one counted in bytes by group and kind.
 
 Every collective in megaeff goes through this module so that the per-step metrics can report exactly what was
 sent. The counters live in a `CommStats` object owned by `ParallelDims` (no module-level state).
@@ -12,13 +12,8 @@ A ring implementation moves (p-1)/p of the payload per rank for all-gather and r
 all-reduce, so a Megatron all-reduce pair and its sequence-parallel all-gather + reduce-scatter pair record the
 same bytes, as they move the same bytes. Nothing is recorded for a group of one (the call is a no-op).
 
-Autograd collectives (Megatron's `mappings.py`), each the conjugate of another:
-    copy_to_region      identity      | all-reduce        (enter a TP region with a replicated input)
-    reduce_from_region  all-reduce    | identity          (leave it with partial sums)
-    gather_seq          all-gather    | reduce-scatter    (enter a TP region from sequence-parallel shards)
-    reduce_scatter_seq  reduce-scatter| all-gather        (leave it into sequence-parallel shards)
-    split               split (no comm)| all-gather       (replicated -> sharded along `dim`)
-    gather              all-gather    | split (no comm)   (sharded along `dim` -> replicated, e.g. last dim)
+Megatron's conjugate autograd collectives built on these (copy_to_region, gather_seq, ...) are tensor
+parallelism's and live in megaeff/distributed/tensor_parallel/mappings.py.
 """
 
 from __future__ import annotations
@@ -73,7 +68,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def all_reduce_(tensor: torch.Tensor, group, group_name: str, stats: Optional[CommStats], op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce_(
+    tensor: torch.Tensor, group, group_name: str, stats: Optional[CommStats], op=dist.ReduceOp.SUM
+) -> torch.Tensor:
     """In-place all-reduce; a no-op for a group of one. Counts the payload once per call (not per algorithm hop)."""
     if group is None or dist.get_world_size(group) == 1:
         return tensor
@@ -148,111 +145,6 @@ def all_gather_uneven(x: torch.Tensor, cg: CommGroup) -> List[torch.Tensor]:
     return [gathered[i, :s] for i, s in enumerate(sizes)]
 
 
-# ---------------------------------------------------------------------------------------------------- autograd
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cg):
-        ctx.cg = cg
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_reduce(dy, ctx.cg), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cg):
-        return all_reduce(x, cg)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return dy, None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cg, dim):
-        ctx.cg, ctx.dim = cg, dim
-        return all_gather(x, cg, dim)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return reduce_scatter(dy, ctx.cg, ctx.dim, "sequence"), None, None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cg, dim):
-        ctx.cg, ctx.dim = cg, dim
-        return reduce_scatter(x, cg, dim, "sequence (sequence parallelism)")
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather(dy, ctx.cg, ctx.dim), None, None
-
-
-class _Split(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cg, dim, what):
-        ctx.cg, ctx.dim = cg, dim
-        return split(x, cg, dim, what)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return all_gather(dy, ctx.cg, ctx.dim), None, None, None
-
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cg, dim):
-        ctx.cg, ctx.dim = cg, dim
-        return all_gather(x, cg, dim)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return split(dy, ctx.cg, ctx.dim), None, None
-
-
-def copy_to_region(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
-    """Identity forward, all-reduce backward: a replicated tensor consumed by shard-local computation. Also
-    used on a replicated *parameter* whose per-rank gradients are partial sums."""
-    return x if cg.size == 1 else _CopyToRegion.apply(x, cg)
-
-
-def reduce_from_region(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
-    """All-reduce forward, identity backward: partial sums -> the replicated total."""
-    return x if cg.size == 1 else _ReduceFromRegion.apply(x, cg)
-
-
-def gather_seq(x: torch.Tensor, cg: CommGroup, dim: int = 1) -> torch.Tensor:
-    """All-gather along the sequence forward, reduce-scatter backward (sequence parallelism, into a TP region)."""
-    return x if cg.size == 1 else _GatherSeq.apply(x, cg, dim)
-
-
-def reduce_scatter_seq(x: torch.Tensor, cg: CommGroup, dim: int = 1) -> torch.Tensor:
-    """Reduce-scatter along the sequence forward, all-gather backward (out of a TP region, sequence parallel)."""
-    return x if cg.size == 1 else _ReduceScatterSeq.apply(x, cg, dim)
-
-
-def split_along(x: torch.Tensor, cg: CommGroup, dim: int, what: str = "dimension") -> torch.Tensor:
-    """Keep this rank's slice forward, all-gather backward (a replicated tensor becomes sharded)."""
-    return x if cg.size == 1 else _Split.apply(x, cg, dim, what)
-
-
-def gather_along(x: torch.Tensor, cg: CommGroup, dim: int) -> torch.Tensor:
-    """All-gather forward, keep this rank's slice backward (sharded -> replicated, e.g. the last dim)."""
-    return x if cg.size == 1 else _Gather.apply(x, cg, dim)
-
-
-def gather_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
-    return gather_along(x, cg, -1)
-
-
-def split_last(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
-    return split_along(x, cg, -1, "last dimension")
-
-
 # ---------------------------------------------------------------------------------------------------- p2p, all-to-all
 # Context parallelism (megaeff/distributed/context_parallel/attention.py) moves blocks between chosen peers rather than
 # reducing over a group. Byte convention for these: a point-to-point transfer records, on the *sending* rank,
@@ -317,7 +209,9 @@ def all_to_all(x: torch.Tensor, cg: CommGroup) -> torch.Tensor:
     return out
 
 
-def all_to_all_uneven(x: torch.Tensor, cg: CommGroup, send_splits, recv_splits, kind: str = "all_to_all") -> torch.Tensor:
+def all_to_all_uneven(
+    x: torch.Tensor, cg: CommGroup, send_splits, recv_splits, kind: str = "all_to_all"
+) -> torch.Tensor:
     """Dim 0 of `x` is cut into blocks of `send_splits[j]` rows, block j to rank j; returns the blocks received,
     `recv_splits[j]` rows from rank j, in rank order (`dist.all_to_all_single` with uneven splits). The caller
     must pass splits that agree across ranks (my recv_splits[j] is rank j's send_splits[me]); MoE dispatch derives
@@ -347,7 +241,9 @@ def all_gather_flat(out: torch.Tensor, x: torch.Tensor, cg: CommGroup, async_op:
     """Flat `x` (this rank's slot) from every rank into flat `out` (cg.size slots, in group-rank order). Returns
     the Work to wait on when `async_op`, else None. Records `out` (the gathered payload)."""
     if out.numel() != cg.size * x.numel() or out.dtype != x.dtype:
-        raise ValueError(f"all_gather_flat: {out.numel()} {out.dtype} output for {cg.size} slots of {x.numel()} {x.dtype}")
+        raise ValueError(
+            f"all_gather_flat: {out.numel()} {out.dtype} output for {cg.size} slots of {x.numel()} {x.dtype}"
+        )
     if cg.size == 1:
         out.copy_(x)
         return None
@@ -361,7 +257,9 @@ def reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, cg: CommGroup, async
     """Sum flat `x` (cg.size slots, slot q for rank q) over the group; this rank's summed slot lands in `out`.
     Returns the Work to wait on when `async_op`, else None. Records `x` (the payload before scattering)."""
     if x.numel() != cg.size * out.numel() or out.dtype != x.dtype:
-        raise ValueError(f"reduce_scatter_flat: {out.numel()} {out.dtype} output for {cg.size} slots of {x.numel()} {x.dtype}")
+        raise ValueError(
+            f"reduce_scatter_flat: {out.numel()} {out.dtype} output for {cg.size} slots of {x.numel()} {x.dtype}"
+        )
     if cg.size == 1:
         out.copy_(x)
         return None

@@ -5,9 +5,10 @@
     pool.close()
 
 `fn` must be picklable by reference (a module-level function of an importable module, e.g. the test module
-itself: spawned children get the parent's sys.path). Each rank builds a `ParallelDims` for `layout` (any axes,
-the trainer's gating does not apply) with its groups, cached per layout so repeated calls reuse communicators.
-Results come back pickled (tensors included) and are compared on the test side.
+itself, `tests.distributed.test_x`: spawned children get the parent's sys.path, where pytest put the repository
+root). Each rank builds a `ParallelDims` for `layout` (any axes, the trainer's gating does not apply) with its
+groups, cached per layout so repeated calls reuse communicators. Results come back pickled (tensors included)
+and are compared on the test side.
 
 Failures: an exception on any rank raises `RankError` in the test with that rank's traceback. A rank that does
 not answer within `timeout` seconds (a hang, e.g. a collective the others never joined) raises `RankTimeout`;
@@ -70,7 +71,9 @@ def _worker(rank: int, world: int, port: int, timeout: float, tasks, results) ->
             dims = layouts.get(key)
             if dims is None:
                 degrees = {a: int(layout.get(a, 1)) for a in ("tp", "cp", "dp", "pp")}
-                degrees["dp"] = world // (degrees["tp"] * degrees["cp"] * degrees["pp"]) if "dp" not in layout else degrees["dp"]
+                degrees["dp"] = (
+                    world // (degrees["tp"] * degrees["cp"] * degrees["pp"]) if "dp" not in layout else degrees["dp"]
+                )
                 dims = ParallelDims(**degrees, world_size=world, rank=rank)
                 dims.build_groups()
                 layouts[key] = dims
@@ -93,13 +96,19 @@ class RankPool:
         self._tasks = [self._ctx.Queue() for _ in range(self.world_size)]
         self._results = self._ctx.Queue()
         self._procs = [
-            self._ctx.Process(target=_worker, args=(r, self.world_size, port, self.timeout, self._tasks[r], self._results), daemon=True)
+            self._ctx.Process(
+                target=_worker,
+                args=(r, self.world_size, port, self.timeout, self._tasks[r], self._results),
+                daemon=True,
+            )
             for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
 
-    def run(self, fn: Callable, *args, layout: Optional[Dict[str, int]] = None, timeout: Optional[float] = None, **kwargs) -> List[Any]:
+    def run(
+        self, fn: Callable, *args, layout: Optional[Dict[str, int]] = None, timeout: Optional[float] = None, **kwargs
+    ) -> List[Any]:
         """fn(dims, *args, **kwargs) on every rank; the list of results indexed by rank."""
         if not self._procs:
             self._start()
@@ -144,7 +153,8 @@ class RankPool:
 
 
 def pool_fixture(world_size: int, timeout: float = 120.0):
-    """A module-scoped pytest fixture yielding a `RankPool` (declare it in the test module: `pool = pool_fixture(4)`)."""
+    """A module-scoped pytest fixture yielding a `RankPool` (declare it in the test module:
+    `pool = pool_fixture(4)`)."""
 
     @pytest.fixture(scope="module")
     def _pool():

@@ -1,5 +1,6 @@
-"""The multi-rank harness itself (results, failures, hangs) and the autograd collectives of comm.py with their
-byte counters, on 4 gloo ranks; ParallelDims' groups against the rank-order formula."""
+"""The multi-rank harness itself (results, failures, hangs) and the autograd collectives of
+megaeff/distributed/tensor_parallel/mappings.py with their byte counters, on 4 gloo ranks; ParallelDims' groups
+against the rank-order formula."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import time
 import pytest
 import torch
 
-from harness import RankError, RankTimeout, pool_fixture
 from megaeff.distributed import comm
+from megaeff.distributed.tensor_parallel import mappings
+from tests.distributed.harness import RankError, RankTimeout, pool_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -70,13 +72,13 @@ def _collectives(dims):
         y.backward(grad)
         out[name] = (y.detach(), x.grad, fwd, dims.comm_stats.snapshot())
 
-    run("copy", lambda x: comm.copy_to_region(x, cg), mine, g * (r + 1))
-    run("reduce", lambda x: comm.reduce_from_region(x, cg), mine, g)
-    run("gather_seq", lambda x: comm.gather_seq(x, cg, 1), mine[:, : 8 // p], g * (r + 1))
-    run("reduce_scatter_seq", lambda x: comm.reduce_scatter_seq(x, cg, 1), mine, g[:, r * 8 // p : (r + 1) * 8 // p])
+    run("copy", lambda x: mappings.copy_to_region(x, cg), mine, g * (r + 1))
+    run("reduce", lambda x: mappings.reduce_from_region(x, cg), mine, g)
+    run("gather_seq", lambda x: mappings.gather_seq(x, cg, 1), mine[:, : 8 // p], g * (r + 1))
+    run("reduce_scatter_seq", lambda x: mappings.reduce_scatter_seq(x, cg, 1), mine, g[:, r * 8 // p : (r + 1) * 8 // p])
     w = 12 // p
-    run("split", lambda x: comm.split_last(x, cg), full, g[..., r * w : (r + 1) * w])
-    run("gather", lambda x: comm.gather_last(x, cg), mine[..., :w], g)
+    run("split", lambda x: mappings.split_last(x, cg), full, g[..., r * w : (r + 1) * w])
+    run("gather", lambda x: mappings.gather_last(x, cg), mine[..., :w], g)
     return out
 
 
@@ -152,4 +154,4 @@ def test_bad_split_names_the_dimension(pool):
 
 
 def _bad_reduce_scatter(dims):
-    return comm.reduce_scatter_seq(torch.ones(2, 6, 3), dims.comm("tp"), 1)
+    return mappings.reduce_scatter_seq(torch.ones(2, 6, 3), dims.comm("tp"), 1)

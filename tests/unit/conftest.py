@@ -1,4 +1,4 @@
-"""Shared helpers for the unit tests: Hydra composition against the repository's conf/ directory."""
+"""Fixtures of the unit tests (helpers such as `compose` live in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,7 @@ from typing import Sequence
 
 import pytest
 
-from megaeff.config import compose, compose_raw as _compose_raw
-
-from helpers import CONF as CONF_DIR
-
-
-def compose_raw(overrides: Sequence[str] = ()):
-    """Compose conf/config.yaml with `overrides` and return the DictConfig (errors propagate)."""
-    return _compose_raw(overrides, config_dir=str(CONF_DIR))
-
-
-def compose_config(overrides: Sequence[str] = ()):
-    """Compose, convert to the typed `Config` dataclass tree and validate it (as helpers.compose)."""
-    return compose(overrides, config_dir=str(CONF_DIR))
+from tests.helpers import compose, compose_raw
 
 
 @pytest.fixture
@@ -26,7 +14,7 @@ def compose_cfg():
     """`compose_cfg(overrides)` -> typed Config; `compose_cfg(overrides, raw=True)` -> the DictConfig."""
 
     def _compose(overrides: Sequence[str] = (), raw: bool = False):
-        return compose_raw(overrides) if raw else compose_config(overrides)
+        return compose_raw(overrides) if raw else compose(overrides)
 
     return _compose
 

@@ -28,9 +28,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from megaeff.distributed.comm import (
-    CommGroup,
-    all_gather,
+from megaeff.distributed.comm import CommGroup, all_gather
+from megaeff.distributed.tensor_parallel.mappings import (
     copy_to_region,
     gather_last,
     gather_seq,
@@ -58,15 +57,28 @@ class TPLinear(nn.Module):
     # sequence-parallel all-gather done by the caller (`input_gathered`, set by parallelize).
     gathers_input = False
 
-    def __init__(self, logical: nn.Module, dims, style: str, *, sequence_parallel: bool = False,
-                 gather_output: bool = False, seq_dim: int = 1):
+    def __init__(
+        self,
+        logical: nn.Module,
+        dims,
+        style: str,
+        *,
+        sequence_parallel: bool = False,
+        gather_output: bool = False,
+        seq_dim: int = 1,
+    ):
         super().__init__()
         if style not in STYLES:
             raise ValueError(f"unknown tensor-parallel style {style!r}; available: {', '.join(STYLES)}")
         if gather_output and style != "column":
             raise ValueError("gather_output applies to column-parallel layers only")
         self.cg: CommGroup = dims.comm("tp")
-        self.style, self.sequence_parallel, self.gather_output, self.seq_dim = style, bool(sequence_parallel), gather_output, seq_dim
+        self.style, self.sequence_parallel, self.gather_output, self.seq_dim = (
+            style,
+            bool(sequence_parallel),
+            gather_output,
+            seq_dim,
+        )
         self.input_gathered = False
         self.in_features, self.out_features = logical.in_features, logical.out_features
         self.name = getattr(logical, "name", None)
@@ -93,7 +105,9 @@ class TPLinear(nn.Module):
 
     def build_logical(self) -> nn.Module:
         """A fresh single-process layer with the same hyperparameters (CPU, fp32), for `init_weights`."""
-        return self._logical_cls(self.in_features, self.out_features, name=self.name, ops=self.ops, **self._logical_kwargs)
+        return self._logical_cls(
+            self.in_features, self.out_features, name=self.name, ops=self.ops, **self._logical_kwargs
+        )
 
     def init_weights(self, prefix: str, init) -> None:
         """Layout-independent init: run the logical layer's own init, keep this rank's shard. The whole logical
@@ -182,7 +196,9 @@ class TPLinear(nn.Module):
 
     def leave(self, y: torch.Tensor) -> torch.Tensor:
         """Row output: partial sums reduced, into sequence shards (SP) or replicated."""
-        return reduce_scatter_seq(y, self.cg, self.seq_dim) if self.sequence_parallel else reduce_from_region(y, self.cg)
+        return (
+            reduce_scatter_seq(y, self.cg, self.seq_dim) if self.sequence_parallel else reduce_from_region(y, self.cg)
+        )
 
     def shared(self, param: torch.Tensor) -> torch.Tensor:
         """A replicated parameter whose per-rank gradient is a partial sum (it meets sharded data): all-reduced

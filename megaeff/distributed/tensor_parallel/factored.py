@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from megaeff.distributed.comm import all_gather_uneven, gather_seq, reduce_from_region, reduce_scatter_seq
+from megaeff.distributed.comm import all_gather_uneven
 from megaeff.distributed.tensor_parallel.base import TPLinear
+from megaeff.distributed.tensor_parallel.mappings import gather_seq, reduce_from_region, reduce_scatter_seq
 from megaeff.layers.sltrain_ops import DensifyMatmul, SparseMatmul, sparse_token_limit
 
 

@@ -13,19 +13,20 @@ Layouts. n = in_features, m = out_features, r = rank, k = LOST channels, T = tok
 e = bytes per element. Bytes are `comm.py` payloads (the full logical tensor of each collective), per call
 on every rank; "grad AR" is the all-reduce of a replicated parameter's token-partial gradient.
 
-| method  | style  | sharded               | replicated   | no SP: fwd / bwd          | SP: fwd / bwd                          |
-|---------|--------|-----------------------|--------------|---------------------------|----------------------------------------|
-| dense   | column | W rows                | -            | - / AR T n                | AG T n / RS T n                        |
-| dense   | row    | W cols                | -            | AR T m / -                | RS T m / AG T m                        |
-| lowrank | column | B rows                | A            | - / AR T r                | AG T r / RS T r + grad AR r n          |
-| lowrank | row    | A cols                | B            | AR T r / -                | RS T r / AG T r + grad AR m r          |
-| sltrain | column | B rows, S rows        | A            | - / AR T n + grad AR r n  | AG T n / RS T n + grad AR r n          |
-| sltrain | row    | A cols, S cols        | B            | AR T m / grad AR m r      | RS T m / AG T m + grad AR m r          |
-| lost    | column | B rows, W_s rows      | A, I         | - / AR T (r+k)            | AG T(r+k) / RS T(r+k) + grad AR r n    |
-| lost    | row    | A cols (x_I by owner) | B, W_s, I    | AR T (r+k) / -            | RS T(r+k) / AG T(r+k) + grad AR m(r+k) |
+| method  | style  | sharded          | replicated | no SP: fwd / bwd         | SP: fwd / bwd                          |
+|---------|--------|------------------|------------|--------------------------|----------------------------------------|
+| dense   | column | W rows           | -          | - / AR T n               | AG T n / RS T n                        |
+| dense   | row    | W cols           | -          | AR T m / -               | RS T m / AG T m                        |
+| lowrank | column | B rows           | A          | - / AR T r               | AG T r / RS T r + grad AR r n          |
+| lowrank | row    | A cols           | B          | AR T r / -               | RS T r / AG T r + grad AR m r          |
+| sltrain | column | B rows, S rows   | A          | - / AR T n + grad AR r n | AG T n / RS T n + grad AR r n          |
+| sltrain | row    | A cols, S cols   | B          | AR T m / grad AR m r     | RS T m / AG T m + grad AR m r          |
+| lost    | column | B rows, W_s rows | A, I       | - / AR T (r+k)           | AG T(r+k) / RS T(r+k) + grad AR r n    |
+| lost    | row    | A cols*          | B, W_s, I  | AR T (r+k) / -           | RS T(r+k) / AG T(r+k) + grad AR m(r+k) |
 
 (AR all-reduce, AG all-gather, RS reduce-scatter; S = SLTrain's sparse values, split by the logical support;
-I = LOST's channel set, W_s its m x k block.) Why each layout is what it is: megaeff/distributed/tensor_parallel/factored.py.
+I = LOST's channel set, W_s its m x k block; *: x_I by its owner.) Why each layout is what it is:
+megaeff/distributed/tensor_parallel/factored.py.
 For comparison Megatron's dense pair moves AR T n + AR T m per layer pair; lowrank and LOST move rank-sized
 intermediates instead (r, k << n, m), SLTrain the dense activations plus one factor gradient.
 
@@ -48,19 +49,39 @@ from megaeff.errors import ConfigError
 TP_CLASSES = {cls.method: cls for cls in (DenseTP, LowRankTP, SLTrainTP, LostTP)}
 
 __all__ = [
-    "STYLES", "TP_CLASSES", "TPLinear", "DenseTP", "LowRankTP", "SLTrainTP", "LostTP", "VocabParallelEmbedding",
-    "vocab_parallel_cross_entropy", "parallel_linear", "check_tp_layout",
+    "STYLES",
+    "TP_CLASSES",
+    "TPLinear",
+    "DenseTP",
+    "LowRankTP",
+    "SLTrainTP",
+    "LostTP",
+    "VocabParallelEmbedding",
+    "vocab_parallel_cross_entropy",
+    "parallel_linear",
+    "check_tp_layout",
 ]
 
 
-def parallel_linear(layer: nn.Module, dims, style: str, *, sequence_parallel: bool = False,
-                    gather_output: bool = False, seq_dim: int = 1) -> TPLinear:
+def parallel_linear(
+    layer: nn.Module,
+    dims,
+    style: str,
+    *,
+    sequence_parallel: bool = False,
+    gather_output: bool = False,
+    seq_dim: int = 1,
+) -> TPLinear:
     """This rank's `style`-parallel shard of a factory-built layer (megaeff.layers.linear.build_linear)."""
     try:
         cls = TP_CLASSES[layer.method]
     except (KeyError, AttributeError):
-        raise ValueError(f"no tensor-parallel form for {type(layer).__name__}; available: {', '.join(TP_CLASSES)}") from None
-    return cls.from_logical(layer, dims, style, sequence_parallel=sequence_parallel, gather_output=gather_output, seq_dim=seq_dim)
+        raise ValueError(
+            f"no tensor-parallel form for {type(layer).__name__}; available: {', '.join(TP_CLASSES)}"
+        ) from None
+    return cls.from_logical(
+        layer, dims, style, sequence_parallel=sequence_parallel, gather_output=gather_output, seq_dim=seq_dim
+    )
 
 
 def check_tp_layout(model_cfg, tp: int, *, seq_len: Optional[int] = None, sequence_parallel: bool = False) -> None:

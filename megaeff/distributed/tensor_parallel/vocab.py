@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megaeff.distributed.comm import CommGroup, all_gather, all_reduce, reduce_from_region, reduce_scatter_seq
+from megaeff.distributed.comm import CommGroup, all_gather, all_reduce
+from megaeff.distributed.tensor_parallel.mappings import reduce_from_region, reduce_scatter_seq
 
 
 def _vocab_range(vocab: int, cg: CommGroup, what: str):
@@ -27,7 +28,9 @@ def _vocab_range(vocab: int, cg: CommGroup, what: str):
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int, dims, *, sequence_parallel: bool = False, seq_dim: int = 1):
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, dims, *, sequence_parallel: bool = False, seq_dim: int = 1
+    ):
         super().__init__()
         self.cg = dims.comm("tp")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -38,7 +41,9 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_logical(cls, embedding: nn.Embedding, dims, **kw) -> "VocabParallelEmbedding":
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, dims, **kw).to(embedding.weight.device, embedding.weight.dtype)
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, dims, **kw).to(
+            embedding.weight.device, embedding.weight.dtype
+        )
         layer.load_logical(embedding.weight)
         return layer
 
@@ -51,7 +56,8 @@ class VocabParallelEmbedding(nn.Module):
         init(f"{prefix}.weight", full)  # the logical N(0, std) draw of the dense table
         self.load_logical(full)
 
-    # The same interface as the TP linear layers (megaeff/distributed/tensor_parallel/base.py) for checkpoints and norms.
+    # The same interface as the TP linear layers (megaeff/distributed/tensor_parallel/base.py) for checkpoints and
+    # norms.
     def split_of(self, name: str) -> str:
         return "rows"
 
@@ -73,7 +79,9 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_region(out, self.cg)
 
     def extra_repr(self) -> str:
-        return f"vocab {self.num_embeddings} (rows {self.start}:{self.end}), dim {self.embedding_dim}, tp={self.cg.size}"
+        return (
+            f"vocab {self.num_embeddings} (rows {self.start}:{self.end}), dim {self.embedding_dim}, tp={self.cg.size}"
+        )
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -104,7 +112,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, dims, ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, dims, ignore_index: int = -100
+) -> torch.Tensor:
     """Per-token loss (0 at ignore_index) from vocab-sharded logits [..., V/p]; the caller sums or averages
     (the trainer normalizes by the global token count). Equals F.cross_entropy(full logits, reduction='none')."""
     cg = dims.comm("tp")

@@ -186,15 +186,7 @@ class LogicalState:
 
 def fp8_group_problem(p: torch.Tensor, group_size: int = 128) -> str:
     """Why this shard's 1x128 FP8 groups would differ from the logical tensor's ('' when they are the same)."""
-    from megaeff.precision.group_quant import GroupLayout
+    from megaeff.precision.group_quant import shard_group_problem
 
     spec = getattr(p, "tp_split", "replicated")
-    if spec not in SHARDED:
-        return ""
-    logical = GroupLayout.for_shape(getattr(p, "logical_shape", p.shape), group_size)
-    if spec == "rows" and p.dim() >= 2 and (math.prod(p.shape[:-1]) % logical.rows_per_group) == 0:
-        return ""
-    if spec == "cols" and logical.rows_per_group == 1 and p.shape[-1] % group_size == 0:
-        return ""
-    what = {"rows": "its rows", "cols": f"its {p.shape[-1]} columns", "support": "its sparse values"}[spec]
-    return f"the {spec}-split shard holds {what}, which do not tile into whole {group_size}-element groups of the logical tensor"
+    return shard_group_problem(tuple(p.shape), getattr(p, "logical_shape", p.shape), spec, group_size)

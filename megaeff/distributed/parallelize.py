@@ -1,65 +1,67 @@
-"""`parallelize(model, dims, pcfg)`: the one place a logical (single-process) LLaMA becomes this rank's part of a
-parallel layout, always in the same order:
+"""`parallelize(model, dims, cfg) -> ParallelModel`: the one place a logical (single-process) LLaMA becomes this
+rank's part of a parallel layout and gets what trains it, always in the same order:
 
-    pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing -> FSSDP
+    pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing
+    -> materialization (if the model is still on the meta device) -> data parallelism:
+       MoE experts over dp x cp (expert_parallel.parallelize_experts), then FSSDP or the bucketed GradReducer
 
-The last step, FSSDP (and distributed MoE experts), shards real tensors, so the trainer applies it to the
-materialized model (megaeff/distributed/fssdp/engine.py, expert_parallel.py); everything before runs here.
-It runs on the meta-built model, before materialization, so no rank ever allocates the whole model: every
-replaced module keeps its logical name and its `init_weights` draws the logical tensors from the seed and keeps
-this rank's shard (megaeff/models/init.py, megaeff/distributed/tensor_parallel/base.py).
+Why this order. The first four steps replace modules of the meta-built model, so no rank ever allocates the
+whole model: every replaced module keeps its logical name and its `init_weights` draws the logical tensors from
+the seed and keeps this rank's shard (megaeff/models/init.py, megaeff/distributed/tensor_parallel/base.py).
+Context parallelism wraps the attention backend (set `model.attention_backend` before), and activation
+checkpointing wraps the blocks' forwards, replaying context-parallel attention where there is one.
+Materialization then allocates this rank's part, and `annotate_parameters` records each parameter's tp split
+and logical shape (moving off the meta device creates new Parameters, so it comes after). The data-parallel
+step shards real tensors, so it runs last: distributed experts replace each MoE by a module holding one flat
+parameter (reduced by its own exchange, so left out of what follows); FSSDP then shards the other parameters
+in place, reading their annotations, and becomes both the gradient sync and the checkpoint view; without it
+the GradReducer buckets the replicated gradients, and `logical_state.LogicalState` is the checkpoint view.
+The optimizer is built by the caller afterwards, on the parameters of `ParallelModel.module` (FSSDP's shards).
+The GradReducer was built after the optimizer before this function did it; the order does not matter: the
+reducer only reads the parameters (identity, shape, dtype, device), allocates zeroed buckets and registers
+post-accumulate-grad hooks, and building the optimizer neither replaces parameters nor touches gradients.
 
 Tensor parallelism of a block (Megatron's): q, k, v, gate and up column-parallel, o and down row-parallel, so
 attention runs on n_heads/tp local heads (kv heads likewise) and the MLP on ffn/tp local features, with one
 collective pair per sub-layer. The embedding is vocab-parallel and the head column-parallel without gathering
-its output: the loss is `vocab_parallel_cross_entropy` on the vocab-sharded logits (`loss_sum`).
-
-Sequence parallelism keeps the residual stream and the norms sharded along the sequence between the TP
-regions; the norm gains then see only this rank's tokens, so their gradient is all-reduced over tp in backward
-(`SequenceParallelRMSNorm`, Megatron's `sequence_parallel` gradient all-reduce done inside autograd). Where the
-column layers enter their region with the input itself (dense, SLTrain), the attention and MLP inputs are
-gathered once for q, k, v (gate, up) as in Megatron, not once per projection; lowrank and LOST gather their
-rank-sized intermediates per projection instead, which is the smaller volume.
+its output (the loss: tensor_parallel/sequence.py, `loss_sum`). Under sequence parallelism the norms become
+`SequenceParallelRMSNorm`s (tensor_parallel/sequence.py); where the column layers enter their region with the
+input itself (dense, SLTrain), the attention and MLP inputs are gathered once for q, k, v (gate, up) as in
+Megatron, not once per projection; lowrank and LOST gather their rank-sized intermediates per projection
+instead, which is the smaller volume.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from megaeff.data.sampler import IGNORE_INDEX
-from megaeff.distributed.comm import CommGroup, copy_to_region, gather_seq
-from megaeff.distributed.pipeline.runner import prune_to_stages, stage_chunks
-from megaeff.distributed.tensor_parallel.layers import (
-    VocabParallelEmbedding,
-    check_tp_layout,
-    parallel_linear,
-    vocab_parallel_cross_entropy,
-)
+from megaeff.distributed import logical_state
+from megaeff.distributed.comm import CommGroup
+from megaeff.distributed.data_parallel.bucketed import GradReducer
+from megaeff.distributed.expert_parallel.experts import parallelize_experts
+from megaeff.distributed.fssdp.engine import FSSDP
+from megaeff.distributed.parallel_model import ParallelModel
+from megaeff.distributed.pipeline.stages import StageChunk, prune_to_stages, stage_chunks
+from megaeff.distributed.tensor_parallel.layers import VocabParallelEmbedding, check_tp_layout, parallel_linear
+from megaeff.distributed.tensor_parallel.mappings import gather_seq
+from megaeff.distributed.tensor_parallel.sequence import SequenceParallelRMSNorm
 from megaeff.layers.linear import DenseLinear
-from megaeff.layers.norm import RMSNorm
+from megaeff.models.init import materialize
 
 COLUMN = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up")
 ROW = ("attention.o", "mlp.down")
 
 
-class SequenceParallelRMSNorm(RMSNorm):
-    """RMSNorm on a sequence shard: the gain is replicated, its per-rank gradient a partial sum over tokens."""
-
-    def __init__(self, dim: int, eps: float, cg: CommGroup, *, ops=None):
-        super().__init__(dim, eps, ops=ops)
-        self.cg = cg
-
-    @classmethod
-    def replacing(cls, norm: RMSNorm, cg: CommGroup) -> "SequenceParallelRMSNorm":
-        with torch.device(norm.weight.device):
-            return cls(norm.weight.shape[0], norm.eps, cg, ops=norm.ops)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rmsnorm(x, copy_to_region(self.weight, self.cg), self.eps)
+def split_pipeline(model: nn.Module, dims, pcfg) -> List[StageChunk]:
+    """Keep this rank's pipeline stages of the model (megaeff/distributed/pipeline/stages.py); returns them."""
+    chunks = stage_chunks(model.cfg.n_layers, dims, pcfg.pp_virtual, pcfg.pp_boundaries)
+    prune_to_stages(model, chunks)
+    return chunks
 
 
 def _share_input_gather(module: nn.Module, projections, cg: CommGroup) -> None:
@@ -109,50 +111,73 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
     return model
 
 
-def apply_context_parallel(model: nn.Module, dims, *, impl: str = "ring", sharding: str = "zigzag") -> nn.Module:
-    """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel/attention.py); the caller feeds
-    every rank its shard of the tokens (`model.context_parallel.shard`) and their global positions."""
+def apply_context_parallel(model: nn.Module, dims, *, impl: str = "ring", sharding: str = "zigzag"):
+    """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel/attention.py): becomes
+    the model's attention backend and is returned; the caller feeds every rank its shard of the tokens
+    (`shard`) and their global positions."""
     from megaeff.distributed.context_parallel.attention import ContextParallelAttention
 
-    model.context_parallel = ContextParallelAttention(dims.comm("cp"), impl=impl, sharding=sharding, backend="math")
-    model.attention_backend = model.context_parallel
-    return model
+    cp = ContextParallelAttention(dims.comm("cp"), impl=impl, sharding=sharding, backend="math")
+    model.attention_backend = cp
+    return cp
 
 
-def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+def apply_activation_checkpointing(model: nn.Module, context=None) -> nn.Module:
     """Each block recomputes its forward in backward. The block keeps its name (the forward is wrapped on the
     instance, not the module replaced), so initialization and checkpoints are unchanged. Under context
-    parallelism the recomputation replays attention's kept output and log-sum-exp (LightSeq)."""
+    parallelism (`context`, the ContextParallelAttention) the recomputation replays attention's kept output and
+    log-sum-exp (LightSeq)."""
     from torch.utils.checkpoint import checkpoint
 
-    cp = getattr(model, "context_parallel", None)
     blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
     for block in blocks:
-        if cp is not None:
-            block.forward = functools.partial(cp.checkpoint, block.forward)
+        if context is not None:
+            block.forward = functools.partial(context.checkpoint, block.forward)
         else:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return model
 
 
-def parallelize(model: nn.Module, dims, pcfg, *, activation_checkpointing: bool = False) -> nn.Module:
-    """This rank's part of `model` (meta-built, logical) under the layout of `dims` and the `parallel` config.
-    With pp > 1 the result holds only this rank's stages and `pipeline_chunks` describes them; with cp > 1
-    `context_parallel` shards the token tensors. Set `model.attention_backend` before: cp wraps it."""
-    if dims.pp > 1:
-        model.pipeline_chunks = stage_chunks(model.cfg.n_layers, dims, pcfg.pp_virtual, pcfg.pp_boundaries)
-        prune_to_stages(model, model.pipeline_chunks)
+def apply_data_parallel(model: nn.Module, dims, pcfg, *, moe: bool = False, chunks: Sequence[StageChunk] = (),
+                        context=None) -> ParallelModel:
+    """The data-parallel step on the materialized, annotated model (see the module docstring): MoE experts
+    spread over dp x cp unless replicated, then FSSDP (`dp_impl=fssdp`) or the bucketed GradReducer."""
+    dp_cp = dims.size("dp_cp")
+    experts_distributed = moe and pcfg.expert_impl != "replicated" and dp_cp > 1
+    if experts_distributed:
+        parallelize_experts(model, dims, pcfg.expert_impl)
+    # The experts' flat parameters are reduced by their own exchange, not by the data-parallel step.
+    own_exchange = {id(p) for p in model.parameters() if getattr(p, "expert_sharded", False)}
+    dp_sharded = pcfg.dp_impl == "fssdp" and dp_cp > 1
+    if dp_sharded:
+        # The model's parameters become this rank's shards; checkpoints gather them back to logical tensors.
+        grad_sync = state = FSSDP(
+            model, dims, reshard_after_forward=pcfg.fssdp_reshard_after_forward, gather_dtype=pcfg.fssdp_gather_dtype,
+            reduce_dtype=pcfg.fssdp_reduce_dtype, replicate_below=pcfg.fssdp_replicate_below,
+            node_size=pcfg.fssdp_node_size, ignored_params=[p for p in model.parameters() if id(p) in own_exchange],
+        )
+    else:
+        reduced = [(n, p) for n, p in model.named_parameters() if id(p) not in own_exchange]
+        grad_sync = GradReducer(reduced, dims, bucket_mb=pcfg.bucket_mb, overlap=pcfg.overlap_grad_reduce)
+        state = logical_state.LogicalState(model)
+    return ParallelModel(model, grad_sync, state, chunks=list(chunks), context=context, dp_sharded=dp_sharded,
+                         experts_distributed=experts_distributed)
+
+
+def parallelize(model: nn.Module, dims, cfg, *, device: Optional[torch.device] = None) -> ParallelModel:
+    """This rank's part of `model` (logical, normally meta-built) under the layout of `dims` and the config
+    (`cfg.parallel`; `train.activation_checkpointing`, and `train.seed` / `model.init_std` to materialize on
+    `device`, default `dims.device`), in the order of the module docstring. With pp > 1 the module holds only
+    this rank's stages (`ParallelModel.chunks`); with cp > 1 `ParallelModel.context` shards the token tensors.
+    Set `model.attention_backend` before: context parallelism wraps it."""
+    pcfg, t = cfg.parallel, cfg.train
+    chunks = split_pipeline(model, dims, pcfg) if dims.pp > 1 else []
     if dims.tp > 1:
         apply_tensor_parallel(model, dims, sequence_parallel=pcfg.sequence_parallel)
-    if dims.cp > 1:
-        apply_context_parallel(model, dims, impl=pcfg.cp_impl, sharding=pcfg.cp_sharding)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    return model
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, dims) -> torch.Tensor:
-    """Sum of token losses (ignored labels excluded); logits are vocab-sharded under tensor parallelism."""
-    if dims.tp > 1:
-        return vocab_parallel_cross_entropy(logits, labels, dims, ignore_index=IGNORE_INDEX).sum()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    context = apply_context_parallel(model, dims, impl=pcfg.cp_impl, sharding=pcfg.cp_sharding) if dims.cp > 1 else None
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model, context)
+    if any(x.is_meta for x in itertools.chain(model.parameters(), model.buffers())):
+        model = materialize(model, device or dims.device, t.seed, cfg.model.init_std)
+    logical_state.annotate_parameters(model)
+    return apply_data_parallel(model, dims, pcfg, moe=bool(cfg.model.moe_experts), chunks=chunks, context=context)

@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from megaeff.distributed.logical_state import fp8_group_problem
+from megaeff.precision.group_quant import shard_group_problem
 from megaeff.errors import ConfigError
 
 
@@ -44,7 +44,8 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device, pcfg=None) -> 
             min_fp8_numel=ocfg.min_fp8_numel, backend=ocfg.fp8_backend, device=device,
         )
         for name, p in model.named_parameters():
-            problem = fp8_group_problem(p) if opt.uses_fp8(p) else ""
+            split, logical = getattr(p, "tp_split", "replicated"), getattr(p, "logical_shape", p.shape)
+            problem = shard_group_problem(tuple(p.shape), logical, split) if opt.uses_fp8(p) else ""
             if problem:
                 raise ConfigError(
                     "parallel.tp", f"FP8 optimizer states of {name}: {problem} (COAT's groups must not straddle "

@@ -198,3 +198,17 @@ def quantize(x: torch.Tensor, layout: GroupLayout, fmt: Fp8Format, expand: bool)
 def dequantize(codes: torch.Tensor, meta: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     """FP32 tensor shaped like `codes`."""
     return layout.from_groups(dequantize_groups(layout.to_groups(codes), meta)).reshape(codes.shape)
+
+
+def shard_group_problem(shape: Sequence[int], logical_shape: Sequence[int], split: str, group_size: int = GROUP_SIZE) -> str:
+    """Why the FP8 groups of a tensor-parallel shard (`split`: rows | cols | support; anything else is not
+    split) of a tensor of `logical_shape` would differ from the logical tensor's ('' when they are the same)."""
+    if split not in ("rows", "cols", "support"):
+        return ""
+    logical = GroupLayout.for_shape(logical_shape, group_size)
+    if split == "rows" and len(shape) >= 2 and math.prod(shape[:-1]) % logical.rows_per_group == 0:
+        return ""
+    if split == "cols" and logical.rows_per_group == 1 and shape[-1] % group_size == 0:
+        return ""
+    what = {"rows": "its rows", "cols": f"its {shape[-1]} columns", "support": "its sparse values"}[split]
+    return f"the {split}-split shard holds {what}, which do not tile into whole {group_size}-element groups of the logical tensor"

@@ -3,6 +3,10 @@
 One step = `grad_accum` micro-batches per data-parallel rank. The loss of every micro-batch is the *sum* of token
 losses divided by the number of real (non-pad) tokens in the whole global batch, so accumulating k micro-batches
 gives exactly the gradient of one batch k times larger, whatever the padding.
+
+The model comes from `parallelize` (megaeff/distributed/parallelize.py) as a `ParallelModel`: this rank's module,
+its gradient sync and its checkpoint view. The micro-batches of a step run through megaeff/train/step.py's one
+accumulation loop, under the pipeline's schedule or the plain forward+backward one.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -21,29 +25,25 @@ from megaeff.config.schema import Config
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_scalar
-from megaeff.distributed.data_parallel.bucketed import GradReducer
-from megaeff.distributed.expert_parallel.experts import parallelize_experts
-from megaeff.distributed.fssdp.engine import FSSDP
 from megaeff.distributed.dims import ParallelDims
-from megaeff.distributed.logical_state import LogicalState, annotate_parameters
-from megaeff.distributed.parallelize import loss_sum, parallelize
+from megaeff.distributed.grad_norm import clip_grad_norm_
+from megaeff.distributed.parallel_model import ParallelModel
+from megaeff.distributed.parallelize import parallelize
 from megaeff.distributed.pipeline.runner import PipelineRunner
-from megaeff.distributed.pipeline.schedule import bubble_fraction, build_schedule
+from megaeff.distributed.pipeline.schedule import Action, bubble_fraction, build_schedule
+from megaeff.distributed.tensor_parallel.sequence import loss_sum
 from megaeff.errors import DataError
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
-from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama, count_params, flops_per_token
-from megaeff.models.moe import moe_aux_loss
 from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
 from megaeff.precision.fp8_activations import activation_ops
-from megaeff.precision.saved_bytes import SavedBytes
 from megaeff.train import checkpoint as ckpt
-from megaeff.distributed.grad_norm import clip_grad_norm_
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
 from megaeff.train.signals import StopRequest
+from megaeff.train.step import PlainStep, StepExecutor, accumulate, plain_actions
 
 
 @dataclass
@@ -90,71 +90,19 @@ class Trainer:
 
         # The config was validated once, by to_config and validate_world (the CLI); only the data is new here.
         self.device = dims.device
-        barrier = torch.distributed.barrier if dims.world_size > 1 else (lambda: None)
-        # Sized for the planned run (steps x global batch samples), as Megatron's train_samples.
-        ctx = BuildContext(t.steps * self.global_batch_size, t.seed, dims.is_main, barrier)
-        self.data = build_data(cfg.data, ctx)
-        check_tokenizer_vocab(cfg.model, self.data.tokenizer.vocab_size)
-
-        self.act_ops = activation_ops(cfg.precision)
-        model = build_llama(cfg.model, cfg.method, device="meta", act=self.act_ops)
-        # Sizes and work of the logical model (every rank the same), before it is split across ranks.
-        self.n_params = count_params(model)
-        self.tokens_per_call = t.micro_batch_size * cfg.data.seq_len
-        self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.tokens_per_call)
-        self.method_summary = describe_method(model, self.tokens_per_call)
-        self.logical_keys = list(model.state_dict().keys())
-        model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
-        model = parallelize(model, dims, cfg.parallel, activation_checkpointing=t.activation_checkpointing)
-        self.model = materialize(model, self.device, t.seed, cfg.model.init_std)
-        annotate_parameters(self.model)
-        self.logical = LogicalState(self.model)
-        self.cp_attention = getattr(self.model, "context_parallel", None)
-        pc = cfg.parallel
-        self.pipeline = (
-            PipelineRunner(self.model, dims, self.model.pipeline_chunks, schedule=pc.pp_schedule, virtual=pc.pp_virtual,
-                           sequence_parallel=pc.sequence_parallel and dims.tp > 1)
-            if dims.pp > 1 else None
-        )
+        self.data = self._build_data()
+        self.parallel = self._build_model()
+        self.model = self.parallel.module
+        self.pipeline = self._build_pipeline()
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
-
-        # MoE experts sharded over dp x cp (expert FSSDP) or placed on fixed ranks (ep): their flat parameters are
-        # reduced by their own exchange, not by the data-parallel reducer.
-        self.experts_distributed = bool(cfg.model.moe_experts) and pc.expert_impl != "replicated" and dims.size("dp_cp") > 1
-        if self.experts_distributed:
-            parallelize_experts(self.model, dims, pc.expert_impl)
-            self.logical = LogicalState(self.model)
-        own_exchange = [p for p in self.model.parameters() if getattr(p, "expert_sharded", False)]
-        self.dp_sharded = pc.dp_impl == "fssdp" and dims.size("dp_cp") > 1
-        if self.dp_sharded:
-            # FSSDP replaces the gradient reducer and the logical view: the model's parameters become this rank's
-            # shards (the optimizer is built on them), and checkpoints gather them back to logical tensors.
-            self.grad_reducer = self.logical = FSSDP(
-                self.model, dims, reshard_after_forward=pc.fssdp_reshard_after_forward, gather_dtype=pc.fssdp_gather_dtype,
-                reduce_dtype=pc.fssdp_reduce_dtype, replicate_below=pc.fssdp_replicate_below, node_size=pc.fssdp_node_size,
-                ignored_params=own_exchange,
-            )
+        # Built on the parameters parallelize left (FSSDP's shards).
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
-        if not self.dp_sharded:
-            reduced = [(n, p) for n, p in self.model.named_parameters() if not getattr(p, "expert_sharded", False)]
-            self.grad_reducer = GradReducer(reduced, dims, bucket_mb=pc.bucket_mb, overlap=pc.overlap_grad_reduce)
         self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
         self.step = 0
         self.consumed_samples = 0
-
-        resume_dir = ckpt.find_resume_dir(self.run_dir, t.resume)
-        if resume_dir is not None:
-            state = ckpt.load_checkpoint(
-                resume_dir, model=self.model, optimizer=self.optimizer, rank=dims.rank, logical=self.logical,
-                expected_keys=self.logical_keys if dims.pp > 1 else None,
-            )
-            self.step = int(state["step"])
-            self.consumed_samples = int(state["consumed_samples"])
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.resumed_from = resume_dir
-
+        self.resumed_from = self._resume()
         self.log = MetricsLogger(
             self.run_dir,
             cfg.logging,
@@ -165,6 +113,51 @@ class Trainer:
             config=to_plain(cfg),
         )
         self._announce()
+
+    # ---------------------------------------------------------------- construction
+    def _build_data(self):
+        t = self.cfg.train
+        barrier = torch.distributed.barrier if self.dims.world_size > 1 else (lambda: None)
+        # Sized for the planned run (steps x global batch samples), as Megatron's train_samples.
+        ctx = BuildContext(t.steps * self.global_batch_size, t.seed, self.dims.is_main, barrier)
+        data = build_data(self.cfg.data, ctx)
+        check_tokenizer_vocab(self.cfg.model, data.tokenizer.vocab_size)
+        return data
+
+    def _build_model(self) -> ParallelModel:
+        """The logical model on the meta device, measured, then this rank's part of it (megaeff/distributed/
+        parallelize.py: layout, materialization, data parallelism)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.act_ops = activation_ops(cfg.precision)
+        model = build_llama(cfg.model, cfg.method, device="meta", act=self.act_ops)
+        # Sizes and work of the logical model (every rank the same), before it is split across ranks.
+        self.n_params = count_params(model)
+        self.tokens_per_call = t.micro_batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(model, cfg.data.seq_len, self.tokens_per_call)
+        self.method_summary = describe_method(model, self.tokens_per_call)
+        self.logical_keys = list(model.state_dict().keys())
+        model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
+        return parallelize(model, self.dims, cfg)
+
+    def _build_pipeline(self) -> Optional[PipelineRunner]:
+        if self.dims.pp == 1:
+            return None
+        pc = self.cfg.parallel
+        return PipelineRunner(self.model, self.dims, self.parallel.chunks, schedule=pc.pp_schedule,
+                              virtual=pc.pp_virtual, sequence_parallel=pc.sequence_parallel and self.dims.tp > 1)
+
+    def _resume(self) -> Optional[Path]:
+        """Load the checkpoint `train.resume` names, if any; returns its directory."""
+        resume_dir = ckpt.find_resume_dir(self.run_dir, self.cfg.train.resume)
+        if resume_dir is not None:
+            state = ckpt.load_checkpoint(
+                resume_dir, model=self.model, optimizer=self.optimizer, rank=self.dims.rank,
+                logical=self.parallel.state, expected_keys=self.logical_keys if self.dims.pp > 1 else None,
+            )
+            self.step = int(state["step"])
+            self.consumed_samples = int(state["consumed_samples"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        return resume_dir
 
     # ---------------------------------------------------------------- helpers
     @property
@@ -191,7 +184,7 @@ class Trainer:
             f"global batch {self.global_batch_size} x {c.data.seq_len} tokens "
             f"(micro {c.train.micro_batch_size} x dp {self.dims.dp} x accum {c.train.grad_accum})"
             + ("; sequence parallel" if self.dims.tp > 1 and c.parallel.sequence_parallel else ""),
-            self.grad_reducer.describe(),
+            self.parallel.grad_sync.describe(),
         ]
         if self.pipeline is not None:
             m, pc = c.train.grad_accum, c.parallel
@@ -210,17 +203,17 @@ class Trainer:
             raise DataError("data", f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
                                     "the dataset was made with a larger tokenizer")
         b = {k: batch[k].to(self.device) for k in ("inputs", "labels", "positions", "segment_ids") if k in batch}
-        if self.cp_attention is not None:
+        if self.parallel.context is not None:
             # This rank's tokens of every sequence, with their global positions for RoPE (labels were shifted
             # before sharding, so each token keeps its own target).
             B, T = b["inputs"].shape
             if "positions" not in b:
                 b["positions"] = torch.arange(T, device=self.device).expand(B, T)
-            b = {k: self.cp_attention.shard(v) for k, v in b.items()}
+            b = {k: self.parallel.context.shard(v) for k, v in b.items()}
         return b
 
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_sum(logits, labels, self.dims)
+        return loss_sum(logits, labels, self.dims, ignore_index=IGNORE_INDEX)
 
     def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of token losses of one batch (on a pipeline: on the last stage; 0 on the others)."""
@@ -240,6 +233,18 @@ class Trainer:
         return value
 
     # ---------------------------------------------------------------- step
+    def _step_executor(self, batches: List[Dict], global_tokens: int) -> Tuple[StepExecutor, List[Action]]:
+        """What runs the step's micro-batches, and its schedule: a pipeline's, or the plain forward+backward."""
+        if self.pipeline is not None:
+            executor = self.pipeline.start_step(batches, global_tokens, self._loss_fn, to_device=self._to_device,
+                                                autocast=self._autocast)
+            return executor, self.pipeline.actions(len(batches))
+        # The MoE balance loss: the mean over every micro-batch of the global batch (gradients are summed over
+        # micro-batches and dp x cp ranks; distributed experts already return this rank's share).
+        aux_divisor = len(batches) * (1 if self.parallel.experts_distributed else self.dims.size("dp_cp"))
+        executor = PlainStep(self.model, batches, global_tokens, self._loss_sum, aux_divisor=aux_divisor)
+        return executor, plain_actions(len(batches))
+
     def train_step(self) -> Dict[str, float]:
         t = self.cfg.train
         dp_group = self.dims.group("dp")
@@ -256,37 +261,15 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: the global batch has no real tokens")
 
         self.optimizer.zero_grad(set_to_none=True)
-        if self.cp_attention is not None:
-            self.cp_attention.counter.reset()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        act_saved_bytes = 0
-        aux_total = 0.0
-        if self.pipeline is not None:
-            loss_sum = self.pipeline.train_step(batches, global_tokens, self._loss_fn, to_device=self._to_device,
-                                                autocast=self._autocast, reducer=self.grad_reducer)
-            batches = []  # consumed by the schedule
-        for i, batch in enumerate(batches):
-            # Bytes autograd keeps for backward (parameters excluded): what FP8 activations shrink.
-            with SavedBytes(self.model) as saved:
-                loss = self._loss_sum(batch)
-            act_saved_bytes = max(act_saved_bytes, saved.bytes)
-            self.grad_reducer.prepare(final=i == len(batches) - 1)
-            objective = loss / global_tokens
-            aux = moe_aux_loss(self.model)
-            if aux is not None:
-                # The mean balance loss over every micro-batch of the global batch (gradients are summed over
-                # micro-batches and dp x cp ranks; distributed experts already return this rank's share).
-                aux = aux / (len(batches) * (1 if self.experts_distributed else self.dims.size("dp_cp")))
-                objective = objective + aux
-                aux_total += float(aux.detach())
-            objective.backward()
-            loss_sum += loss.detach().double().cpu()
-        self.grad_reducer.finish()  # gradients summed over dp x cp, partly during the last backward
+        if self.parallel.context is not None:
+            self.parallel.context.counter.reset()
+        executor, actions = self._step_executor(batches, global_tokens)
+        accumulate(actions, executor, self.parallel.grad_sync)  # megaeff/train/step.py
         params = [p for p in self.model.parameters() if p.grad is not None]
-        loss_total = self._reduce_loss(float(loss_sum))
+        loss_total = self._reduce_loss(float(executor.loss_sum))
 
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.dp_sharded)
+        grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.parallel.dp_sharded)
         lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
         self.optimizer.step()
         self.scheduler.step()
@@ -294,9 +277,9 @@ class Trainer:
         self.consumed_samples += self.global_batch_size
         loss_mean = loss_total / global_tokens
         out = {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens,
-               "act_saved_bytes": act_saved_bytes}
+               "act_saved_bytes": executor.act_saved_bytes}
         if self.cfg.model.moe_experts:  # the balance loss of the step, summed over its micro-batches and ranks
-            out["moe_aux_loss"] = all_reduce_scalar(aux_total, self.dims.group("dp_cp"), "dp_cp", self.dims.comm_stats, self.device)
+            out["moe_aux_loss"] = all_reduce_scalar(executor.aux_total, self.dims.group("dp_cp"), "dp_cp", self.dims.comm_stats, self.device)
         return out
 
     # ---------------------------------------------------------------- eval
@@ -344,7 +327,7 @@ class Trainer:
             rank=self.dims.rank,
             world_size=self.dims.world_size,
             keep_last=self.cfg.train.keep_last,
-            logical=self.logical,
+            logical=self.parallel.state,
             # One file pair per pipeline stage, from the stage's first tp/cp/dp rank.
             shard=f".pp{self.dims.pp_rank}" if self.dims.pp > 1 else "",
             writes_shard=self.dims.tp_rank == 0 and self.dims.cp_rank == 0 and self.dims.dp_rank == 0,
@@ -379,8 +362,8 @@ class Trainer:
             **({"moe_aux_loss": m["moe_aux_loss"]} if "moe_aux_loss" in m else {}),
             **({"pp_idle_fraction": self.pipeline.idle_fraction} if self.pipeline is not None else {}),
             # Attention forwards that computed, and those the checkpoint recomputation replayed (LightSeq).
-            **({f"cp_attention/{k}": v for k, v in self.cp_attention.counter.as_dict().items()}
-               if self.cp_attention is not None else {}),
+            **({f"cp_attention/{k}": v for k, v in self.parallel.context.counter.as_dict().items()}
+               if self.parallel.context is not None else {}),
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import pool_fixture
 from megaeff.distributed.comm import CommGroup
 from megaeff.distributed.context_parallel.attention import (
     AttentionCounter,
@@ -27,6 +26,7 @@ from megaeff.distributed.context_parallel.attention import (
 )
 from megaeff.layers.attention import MathAttention
 from megaeff.layers.rope import apply_rope, rope_tables
+from tests.distributed.harness import pool_fixture
 
 pytestmark = pytest.mark.slow
 

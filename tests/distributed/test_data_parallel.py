@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import pool_fixture
 from megaeff.distributed.data_parallel.bucketed import GradReducer
 from megaeff.distributed.dims import ParallelDims
+from tests.distributed.harness import pool_fixture
 
 pytestmark = pytest.mark.slow
 

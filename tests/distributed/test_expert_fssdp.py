@@ -16,12 +16,13 @@ import random
 import pytest
 import torch
 
-from harness import pool_fixture
 from megaeff.config.schema import MethodConfig, ModelConfig
 from megaeff.distributed.comm import all_reduce
-from megaeff.distributed.expert_parallel.experts import IMPLS, StepPlan, fixed_placement, plan_placement, replica_rows
+from megaeff.distributed.expert_parallel.experts import IMPLS
+from megaeff.distributed.expert_parallel.placement import StepPlan, fixed_placement, plan_placement, replica_rows
 from megaeff.models.init import init_weights
 from megaeff.models.moe import MoE
+from tests.distributed.harness import pool_fixture
 
 pool = pool_fixture(4)
 slow = pytest.mark.slow

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import compose
 from megaeff.config.validate import validate_config
 from megaeff.errors import ConfigError
-from runs import assert_same_run, records, train
+from tests.helpers import assert_same_run, compose, records, train
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from helpers import PYTHON, cli_env
+from tests.helpers import PYTHON, cli_env
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,8 @@ import subprocess
 
 import pytest
 
-from harness import free_port
-from helpers import cli_env
-from runs import assert_same_run, records, train
+from tests.distributed.harness import free_port
+from tests.helpers import assert_same_run, cli_env, records, train
 
 pytestmark = pytest.mark.slow
 

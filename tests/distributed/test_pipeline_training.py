@@ -9,8 +9,7 @@ import pytest
 
 from megaeff.config.validate import validate_config
 from megaeff.errors import ConfigError
-from helpers import compose
-from runs import assert_same_run, records, train
+from tests.helpers import assert_same_run, compose, records, train
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import pool_fixture
 from megaeff.config.schema import MethodConfig, ModelConfig, ParallelConfig
 from megaeff.distributed.dims import AXES, ParallelDims
 from megaeff.distributed.tensor_parallel.layers import (
@@ -27,6 +26,7 @@ from megaeff.errors import ConfigError
 from megaeff.layers.linear import build_linear
 from megaeff.layers.ops import ActivationOps
 from megaeff.models.init import Initializer
+from tests.distributed.harness import pool_fixture
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import pool_fixture
-from helpers import compose
+from tests.distributed.harness import pool_fixture
+from tests.helpers import compose
 
 pytestmark = pytest.mark.slow
 

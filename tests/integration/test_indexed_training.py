@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PYTHON, cli_env
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.corpus import load_plays
 from megaeff.data.indexed import IndexedDatasetBuilder
@@ -17,6 +16,7 @@ from megaeff.data.tokenizer import ByteTokenizer
 from megaeff.distributed.dims import ParallelDims
 from megaeff.errors import DataError
 from megaeff.train.trainer import Trainer
+from tests.helpers import PYTHON, cli_env
 
 
 def write_plays(prefix, names, max_bytes=60_000, dtype=np.uint16):

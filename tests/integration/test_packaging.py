@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, cli_env
+from tests.helpers import REPO, cli_env
 
 pytestmark = pytest.mark.slow
 

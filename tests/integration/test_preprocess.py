@@ -15,7 +15,7 @@ from megaeff.data.indexed import IndexedDataset, data_file_path, index_file_path
 from megaeff.data.preprocess import InputError, merge_shards, preprocess, shard_prefix
 from megaeff.data.tokenizer import build_tokenizer
 from megaeff.errors import ConfigError
-from helpers import cli_env
+from tests.helpers import cli_env
 
 
 def make_docs(n: int = 200):

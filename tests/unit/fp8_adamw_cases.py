@@ -8,8 +8,8 @@ from typing import Dict, List
 
 import torch
 
-from megaeff.optim.coat_adamw import initial_meta
 from megaeff.kernels.fp8_adamw_ref import Fp8Entry, StepScalars
+from megaeff.optim.coat_adamw import initial_meta
 from megaeff.precision.group_quant import GroupLayout
 
 STATE = ("param", "m_codes", "m_meta", "v_codes", "v_meta")

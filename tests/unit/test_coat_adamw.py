@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from megaeff.kernels.fp8_adamw import select_backend
+from megaeff.kernels.fp8_adamw_ref import StepScalars, f32
 from megaeff.optim import coat_adamw
 from megaeff.optim.coat_adamw import CoatAdamW
-from megaeff.kernels.fp8_adamw_ref import StepScalars, f32
 
 
 def tiny_net(seed: int = 0) -> nn.Module:

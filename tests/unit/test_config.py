@@ -275,7 +275,11 @@ def test_choices_behave_like_their_strings():
 def _registries():
     from megaeff.data.builder import DATASETS
     from megaeff.data.tokenizer import TOKENIZERS
-    from megaeff.distributed import context_parallel, cp_sharding, expert_parallel, fssdp_layout, pipeline
+    from megaeff.distributed.context_parallel import attention as context_parallel
+    from megaeff.distributed.context_parallel import sharding as cp_sharding
+    from megaeff.distributed.expert_parallel import experts as expert_parallel
+    from megaeff.distributed.fssdp import layout as fssdp_layout
+    from megaeff.distributed.pipeline import schedule as pipeline
     from megaeff.kernels.fp8_adamw import PROBES
     from megaeff.layers import linear, lost, sltrain
     from megaeff.precision.fp8 import FORMATS
@@ -283,7 +287,7 @@ def _registries():
     return {
         "method.name": linear.LINEAR_METHODS, "method.sltrain_path": sltrain.PATHS, "method.lost_act": lost.ACTIVATIONS,
         "method.lost_sparse_init": lost.SPARSE_INITS, "optim.first_moment": FORMATS, "optim.second_moment": FORMATS,
-        "optim.fp8_backend": ("auto", *PROBES), "parallel.pp_schedule": pipeline.SCHEDULES,
+        "optim.fp8_backend": ("auto", *PROBES), "parallel.pp_schedule": pipeline.PIPELINE_SCHEDULES,
         "parallel.cp_impl": context_parallel.IMPLS, "parallel.cp_sharding": cp_sharding.SHARDINGS,
         "parallel.fssdp_gather_dtype": fssdp_layout.GATHER_DTYPES, "parallel.fssdp_reduce_dtype": fssdp_layout.REDUCE_DTYPES,
         "parallel.expert_impl": ("replicated", *expert_parallel.IMPLS), "data.name": DATASETS, "data.tokenizer": TOKENIZERS,
@@ -366,7 +370,7 @@ def test_trainer_does_not_validate_again(tmp_path, monkeypatch):
     monkeypatch.setattr(schema, "validate_model", counting("sections", schema.validate_model))
     monkeypatch.setattr(parallel_cfg, "resolve_degrees", counting("world", parallel_cfg.resolve_degrees))
     monkeypatch.setattr(trainer_mod, "check_tokenizer_vocab", counting("vocab", trainer_mod.check_tokenizer_vocab))
-    from helpers import compose
+    from tests.helpers import compose
 
     cfg = compose(["experiment=smoke", f"run_dir={tmp_path}", "train.plot=false", "train.threads=1"])
     assert calls == {"sections": 1, "world": 0, "vocab": 0}
@@ -381,7 +385,7 @@ def test_world_checks_agree_with_the_implementations(world):
     from megaeff.config.parallel import resolve_degrees
     from megaeff.distributed import dims as dims_mod
     from megaeff.distributed.context_parallel.sharding import check_seq_len
-    from megaeff.distributed.pipeline.runner import split_layers
+    from megaeff.distributed.pipeline.stages import split_layers
 
     def verdict(fn, *args):
         try:

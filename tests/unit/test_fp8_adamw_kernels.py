@@ -20,12 +20,11 @@ from torch import nn
 
 from megaeff.kernels import fp8_adamw_cpp, fp8_adamw_cuda
 from megaeff.kernels.fp8_adamw import select_backend
-from megaeff.optim.coat_adamw import CoatAdamW
 from megaeff.kernels.fp8_adamw_ref import StepScalars, reference_update
+from megaeff.optim.coat_adamw import CoatAdamW
 from megaeff.precision.fp8 import FORMATS, get_format, to_fp8
 from megaeff.precision.group_quant import GroupLayout, _pow, _root, dequantize_groups, quantize_groups
-
-from fp8_adamw_cases import STATE, bits, entries, new_state
+from tests.unit.fp8_adamw_cases import STATE, bits, entries, new_state
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")

@@ -21,12 +21,11 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 from megaeff.kernels import fp8_adamw_triton  # noqa: E402
 from megaeff.kernels.fp8_adamw import select_backend  # noqa: E402
-from megaeff.optim.coat_adamw import CoatAdamW  # noqa: E402
 from megaeff.kernels.fp8_adamw_ref import StepScalars, reference_update  # noqa: E402
+from megaeff.optim.coat_adamw import CoatAdamW  # noqa: E402
 from megaeff.precision.fp8 import get_format  # noqa: E402
 from megaeff.precision.group_quant import GroupLayout  # noqa: E402
-
-from fp8_adamw_cases import STATE, bits, entries, fit_regression, new_state  # noqa: E402
+from tests.unit.fp8_adamw_cases import STATE, bits, entries, fit_regression, new_state  # noqa: E402
 
 STEPS = 20
 # 128-multiple rows, ragged rows, a 3-D tensor with ragged rows, 2-row groups (last dim 48 < 128), a 1-D vector.

@@ -8,10 +8,10 @@ import torch
 
 from megaeff.config.schema import MethodConfig, ModelConfig
 from megaeff.distributed.dims import ParallelDims
+from megaeff.distributed.grad_norm import clip_grad_norm_, global_grad_norm
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters, fp8_group_problem
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama
-from megaeff.distributed.grad_norm import clip_grad_norm_, global_grad_norm
 
 ONE = ParallelDims(tp=1, cp=1, dp=1, pp=1, world_size=1)
 

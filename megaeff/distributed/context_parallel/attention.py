@@ -50,7 +50,12 @@ from typing import Optional, Tuple
 import torch
 
 from megaeff.distributed.context_parallel.blocks import AttentionCounter, MathBlockKernel
-from megaeff.distributed.context_parallel.lightseq import LightSeqEngine, check_lightseq, lightseq_block_counts, lightseq_bytes
+from megaeff.distributed.context_parallel.lightseq import (
+    LightSeqEngine,
+    check_lightseq,
+    lightseq_block_counts,
+    lightseq_bytes,
+)
 from megaeff.distributed.context_parallel.ring import RingEngine, ring_bytes
 from megaeff.distributed.context_parallel.sharding import (
     SHARDINGS,

@@ -1,18 +1,14 @@
-"""Pipeline parallelism: the stage split of the LLaMA model and the executor of GPipe / 1F1B / interleaved 1F1B.
-
-Stages. The model's blocks are cut into pp * v virtual stages (v model chunks per rank for the interleaved
-schedule); virtual stage s lives on pipeline rank s % pp as its chunk s // pp (Megatron's order), the embedding
-with stage 0 and the final norm, head and loss with the last. `prune_to_stages` runs on the meta-built logical
-model: this rank keeps only its blocks, still under their logical names (`layers.<i>` in a ModuleDict), so
-initialization, tensor parallelism and checkpoints see the same names as in one process and no rank ever
-allocates the whole model.
+"""Pipeline parallelism: the executor of GPipe / 1F1B / interleaved 1F1B over this rank's stages (stages.py).
 
 Schedules come from megaeff/distributed/pipeline/schedule.py as an ordered list of (F|B, micro-batch, chunk)
-actions per rank; `PipelineRunner` executes this rank's list. Why a hand-written executor rather than
-`torch.distributed.pipelining`: our stages hold custom layers (tensor-parallel compact factors, FP8 activation
-autograd functions) and sequence-parallel activation shapes that its tracer and shape inference would have to
-be taught; every transfer must pass through our byte accounting; and gradient reduction must hook into the last
-backward of each chunk (megaeff/distributed/data_parallel/bucketed.py). The executor is a hundred lines.
+actions per rank. The loop over them is the trainer's one gradient-accumulation loop (megaeff/train/step.py,
+`accumulate`), which also runs the plain path's trivial schedule; `PipelineStep` is what an action does here:
+a forward of one chunk (receive the activation, compute, send it on) or its backward (receive the gradient,
+backward, send the input's gradient back). Why a hand-written executor rather than `torch.distributed.pipelining`:
+our stages hold custom layers (tensor-parallel compact factors, FP8 activation autograd functions) and
+sequence-parallel activation shapes that its tracer and shape inference would have to be taught; every transfer
+must pass through our byte accounting; and gradient reduction must hook into the last backward of each chunk
+(megaeff/distributed/data_parallel/bucketed.py). The executor is a hundred lines.
 
 Communication. An activation (or its gradient) of micro-batch i between virtual stages s and s+1 travels from
 the rank of s to the rank of s+1 (the same tp/cp/dp coordinates, pp differing) through comm.py's batched
@@ -20,75 +16,23 @@ isend/irecv (counted as "pp/p2p_send"), with a tag naming (kind, i, s), so messa
 two ranks run their schedules in. Shapes are agreed without handshakes:
 every rank holds the same micro-batch (pipeline peers share their dp rank), so the activation is
 [batch, seq / cp (/ tp under sequence parallelism), dim] in float32 for everyone. Sends are asynchronous and waited
-at the end of the step, so a rank only ever blocks on a receive, and a deadlock-free schedule (checked by
-`pipeline_schedule.simulate`) cannot hang. Time blocked in receives is the measured bubble (`idle_fraction`).
+at the end of the step (`PipelineStep.drain`), so a rank only ever blocks on a receive, and a deadlock-free
+schedule (checked by `schedule.simulate`) cannot hang. Time blocked in receives is the measured bubble
+(`idle_fraction`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from megaeff.distributed.comm import batch_p2p
-from megaeff.distributed.pipeline.schedule import build_schedule
+from megaeff.distributed.pipeline.schedule import PIPELINE_SCHEDULES, Action, build_schedule
+from megaeff.distributed.pipeline.stages import StageChunk
 from megaeff.errors import ConfigError
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-
-
-# ------------------------------------------------------------------------------------------------ stage split
-def split_layers(n_layers: int, pp: int, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[List[int]]:
-    """The block indices of each virtual stage 0 .. pp*virtual-1, in order."""
-    stages = pp * virtual
-    if boundaries:
-        cuts = list(boundaries)
-        if len(cuts) != stages - 1:
-            raise ConfigError("parallel.pp_boundaries", f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} "
-                                                        f"stages, got {len(cuts)}")
-        if any(not 1 <= c <= n_layers - 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
-            raise ConfigError("parallel.pp_boundaries", f"{cuts} must be strictly increasing layer indices in "
-                                                        f"1..{n_layers - 1} (model.n_layers={n_layers})")
-    else:
-        if n_layers % stages:
-            raise ConfigError("parallel.pp", f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
-                                             f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries")
-        cuts = [n_layers // stages * s for s in range(1, stages)]
-    edges = [0, *cuts, n_layers]
-    return [list(range(a, b)) for a, b in zip(edges, edges[1:])]
-
-
-@dataclass(frozen=True)
-class StageChunk:
-    chunk: int                 # index of this model chunk on its rank
-    stage: int                 # virtual stage s = chunk * pp + pp_rank
-    layers: Tuple[str, ...]    # keys into the pruned model's `layers` ModuleDict
-    first: bool                # holds the embedding
-    last: bool                 # holds the final norm, the head and the loss
-
-
-def stage_chunks(n_layers: int, dims, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[StageChunk]:
-    per_stage = split_layers(n_layers, dims.pp, virtual, boundaries)
-    n = len(per_stage)
-    return [
-        StageChunk(c, s, tuple(str(i) for i in per_stage[s]), s == 0, s == n - 1)
-        for c, s in enumerate(range(dims.pp_rank, n, dims.pp))
-    ]
-
-
-def prune_to_stages(model: nn.Module, chunks: Sequence[StageChunk]) -> nn.Module:
-    """Keep this rank's blocks (by logical index), the embedding on the first stage, norm and head on the last."""
-    keep = [int(k) for ch in chunks for k in ch.layers]
-    model.layers = nn.ModuleDict({str(i): model.layers[i] for i in keep})
-    if not any(ch.first for ch in chunks):
-        model.tok_embeddings = None
-    if not any(ch.last for ch in chunks):
-        model.norm = None
-        model.output = None
-    return model
 
 
 def run_chunk(model: nn.Module, chunk: StageChunk, x, positions=None, segment_ids=None):
@@ -99,14 +43,14 @@ def run_chunk(model: nn.Module, chunk: StageChunk, x, positions=None, segment_id
     return model.head(x) if chunk.last else x
 
 
-# ------------------------------------------------------------------------------------------------ executor
 class PipelineRunner:
-    """Runs this rank's part of one optimizer step (or of one evaluation forward) under a pipeline schedule."""
+    """Runs this rank's part of one optimizer step (`start_step`) or of one evaluation forward under a schedule."""
 
     def __init__(self, model: nn.Module, dims, chunks: Sequence[StageChunk], *, schedule: str = "1f1b",
                  virtual: int = 1, sequence_parallel: bool = False):
-        if schedule not in SCHEDULES:
-            raise ConfigError("parallel.pp_schedule", f"unknown schedule {schedule!r}; available: {', '.join(SCHEDULES)}")
+        if schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError("parallel.pp_schedule",
+                              f"unknown schedule {schedule!r}; available: {', '.join(PIPELINE_SCHEDULES)}")
         self.model, self.dims, self.chunks = model, dims, list(chunks)
         self.schedule, self.virtual = schedule, virtual
         self.n_stages = dims.pp * virtual
@@ -119,6 +63,16 @@ class PipelineRunner:
         mine = ", ".join(f"stage {c.stage}: layers {c.layers[0]}-{c.layers[-1]}" if c.layers else f"stage {c.stage}: no layers"
                          for c in self.chunks)
         return f"pipeline: {self.schedule} over pp={self.dims.pp}" + (f" x {self.virtual} chunks" if self.virtual > 1 else "") + f"; this rank {mine}"
+
+    def actions(self, microbatches: int) -> List[Action]:
+        """This rank's ordered actions of one optimizer step of `microbatches` micro-batches."""
+        return build_schedule(self.schedule, self.dims.pp, microbatches, self.virtual)[self.dims.pp_rank]
+
+    def start_step(self, batches: List[Dict], global_tokens: int, loss_fn: Callable, *, to_device: Callable,
+                   autocast: Callable) -> "PipelineStep":
+        """The executor of one step's actions over `batches` (the step's micro-batches)."""
+        self.idle_s = 0.0
+        return PipelineStep(self, batches, global_tokens, loss_fn, to_device, autocast)
 
     # ---------------------------------------------------------------- p2p
     def _tag(self, kind: str, microbatch: int, stage: int) -> int:
@@ -139,54 +93,7 @@ class PipelineRunner:
         B, T = batch["inputs"].shape
         return (B, T // self.seq_divisor, self.model.cfg.dim)
 
-    # ---------------------------------------------------------------- one step
-    def train_step(self, batches: List[Dict], global_tokens: int, loss_fn: Callable, *, to_device: Callable,
-                   autocast: Callable, reducer=None, on_forward: Optional[Callable] = None) -> torch.Tensor:
-        """All forwards and backwards of `batches` (the step's micro-batches); returns this rank's sum of token
-        losses (non-zero on the last stage only). Gradients are left accumulated (and handed to `reducer`)."""
-        actions = build_schedule(self.schedule, self.dims.pp, len(batches), self.virtual)[self.dims.pp_rank]
-        last_backward = max(i for i, a in enumerate(actions) if a.kind == "B")
-        saved: Dict[Tuple[int, int], Tuple] = {}
-        pending: List = []
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        self.idle_s, t_start = 0.0, time.perf_counter()
-        for i, act in enumerate(actions):
-            chunk = self.chunks[act.chunk]
-            batch = batches[act.microbatch]
-            if act.kind == "F":
-                inputs = to_device(batch)
-                if chunk.first:
-                    x = inputs["inputs"]
-                else:
-                    x = self._recv(self._activation_shape(batch), chunk.stage - 1, self._tag("F", act.microbatch, chunk.stage)).requires_grad_()
-                with autocast():
-                    out = run_chunk(self.model, chunk, x, inputs.get("positions"), inputs.get("segment_ids"))
-                    if chunk.last:
-                        loss = loss_fn(out, inputs["labels"])
-                if on_forward is not None:
-                    on_forward()
-                if chunk.last:
-                    loss_sum += loss.detach().double().cpu()
-                    out = loss / global_tokens
-                else:
-                    self._send(out, chunk.stage + 1, self._tag("F", act.microbatch, chunk.stage + 1), pending)
-                saved[(act.microbatch, act.chunk)] = (x, out)
-            else:
-                x, out = saved.pop((act.microbatch, act.chunk))
-                if reducer is not None:
-                    reducer.prepare(final=i == last_backward)
-                if chunk.last:
-                    out.backward()
-                else:
-                    grad = self._recv(out.shape, chunk.stage + 1, self._tag("B", act.microbatch, chunk.stage))
-                    torch.autograd.backward(out, grad)
-                if not chunk.first:
-                    self._send(x.grad, chunk.stage - 1, self._tag("B", act.microbatch, chunk.stage - 1), pending)
-        for request in pending:
-            request.wait()
-        self.step_s = time.perf_counter() - t_start
-        return loss_sum
-
+    # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def forward_loss(self, batch: Dict, loss_fn: Callable, *, to_device: Callable, autocast: Callable) -> torch.Tensor:
         """One batch through every stage (evaluation); the sum of token losses on the last stage, 0 elsewhere."""
@@ -209,3 +116,60 @@ class PipelineRunner:
     def idle_fraction(self) -> float:
         """Share of the last step this rank spent blocked on receives: the measured bubble."""
         return self.idle_s / self.step_s if self.step_s > 0 else 0.0
+
+
+class PipelineStep:
+    """This rank's side of one optimizer step: what each of its schedule's actions does (the loop that runs them,
+    and the gradient synchronization around their backwards, is megaeff/train/step.py's `accumulate`).
+
+    `loss_sum` is this rank's sum of token losses (non-zero on the last stage only). A pipeline measures no saved
+    activation bytes and no MoE balance loss (MoE trains with data parallelism only): both stay 0."""
+
+    def __init__(self, runner: PipelineRunner, batches: List[Dict], global_tokens: int, loss_fn: Callable,
+                 to_device: Callable, autocast: Callable):
+        self.runner, self.batches, self.global_tokens = runner, batches, global_tokens
+        self.loss_fn, self.to_device, self.autocast = loss_fn, to_device, autocast
+        self.saved: Dict[Tuple[int, int], Tuple] = {}
+        self.pending: List = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
+        self.act_saved_bytes, self.aux_total = 0, 0.0
+        self.t_start = time.perf_counter()
+
+    def forward(self, act: Action) -> None:
+        r = self.runner
+        chunk, batch = r.chunks[act.chunk], self.batches[act.microbatch]
+        inputs = self.to_device(batch)
+        if chunk.first:
+            x = inputs["inputs"]
+        else:
+            tag = r._tag("F", act.microbatch, chunk.stage)
+            x = r._recv(r._activation_shape(batch), chunk.stage - 1, tag).requires_grad_()
+        with self.autocast():
+            out = run_chunk(r.model, chunk, x, inputs.get("positions"), inputs.get("segment_ids"))
+            if chunk.last:
+                loss = self.loss_fn(out, inputs["labels"])
+        if chunk.last:
+            self.loss_sum += loss.detach().double().cpu()
+            out = loss / self.global_tokens
+        else:
+            r._send(out, chunk.stage + 1, r._tag("F", act.microbatch, chunk.stage + 1), self.pending)
+        self.saved[(act.microbatch, act.chunk)] = (x, out)
+
+    def backward(self, act: Action) -> None:
+        r = self.runner
+        chunk = r.chunks[act.chunk]
+        x, out = self.saved.pop((act.microbatch, act.chunk))
+        if chunk.last:
+            out.backward()
+        else:
+            grad = r._recv(out.shape, chunk.stage + 1, r._tag("B", act.microbatch, chunk.stage))
+            torch.autograd.backward(out, grad)
+        if not chunk.first:
+            r._send(x.grad, chunk.stage - 1, r._tag("B", act.microbatch, chunk.stage - 1), self.pending)
+
+    def drain(self) -> None:
+        """Wait for the sends still in flight; the step's time is then known (`PipelineRunner.idle_fraction`)."""
+        for request in self.pending:
+            request.wait()
+        self.pending = []
+        self.runner.step_s = time.perf_counter() - self.t_start

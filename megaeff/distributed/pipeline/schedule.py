@@ -2,7 +2,7 @@
 
 A schedule is, per pipeline rank, the ordered list of `Action`s that rank runs in one optimizer step. The executor
 walks that list and does the p2p sends/recvs each action implies; everything here is pure Python so the orders can
-be tested, drawn and measured without processes.
+be tested, drawn (tools/pipeline_schedule.py) and measured without processes.
 
 Stages: the model's layers are split into `pp * virtual` virtual stages; chunk `c` on rank `r` is virtual stage
 `c * pp + r` (Megatron's looped placement). With `virtual == 1` the chunk is always 0 and the stage is the rank.
@@ -24,9 +24,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def _check_count(arg: str, value: int) -> None:
 
 
 def _validate_args(name: str, pp: int, microbatches: int, virtual: int) -> None:
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule name {name!r}; available: {', '.join(SCHEDULES)}")
+    if name not in PIPELINE_SCHEDULES:
+        raise ValueError(f"unknown schedule name {name!r}; available: {', '.join(PIPELINE_SCHEDULES)}")
     _check_count("pp", pp)
     _check_count("microbatches", microbatches)
     _check_count("virtual", virtual)
@@ -303,39 +303,3 @@ def format_report(name: str, pp: int, microbatches: int, virtual: int = 1, t_f: 
                      f"peak in-flight {rank['peak_in_flight']}, idle {rank['idle']:g}")
     return "\n".join(lines)
 
-
-def plot_gantt(
-    schedule: Sequence[Sequence[Action]],
-    pp: int,
-    path: str,
-    virtual: int = 1,
-    t_f: float = 1.0,
-    t_b: float = 2.0,
-    title: Optional[str] = None,
-) -> None:
-    """Gantt chart of the simulated schedule written to `path` (forwards blue, backwards orange, darker per chunk)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: the trainer's dry-run and CI have no display
-    import matplotlib.pyplot as plt
-
-    sim = simulate(schedule, pp, virtual, t_f, t_b)
-    shades = [0.45 + 0.5 * c / max(1, virtual - 1) for c in range(virtual)] if virtual > 1 else [0.7]
-    cmaps = {"F": plt.get_cmap("Blues"), "B": plt.get_cmap("Oranges")}
-    # About 0.4 inch per forward slot so labels fit, clamped to stay a sane image size.
-    width = min(40.0, max(6.0, 0.4 * sim.makespan / (t_f / virtual)))
-    fig, ax = plt.subplots(figsize=(width, 0.6 * pp + 1.2))
-    for r, rank in enumerate(schedule):
-        for a, start, end in zip(rank, sim.starts[r], sim.ends[r]):
-            ax.broken_barh([(start, end - start)], (r - 0.4, 0.8),
-                           facecolors=cmaps[a.kind](shades[a.chunk]), edgecolor="black", linewidth=0.5)
-            ax.text((start + end) / 2, r, a.label(virtual), ha="center", va="center", fontsize=7,
-                    color="white" if shades[a.chunk] > 0.8 else "black")
-    ax.set_yticks(range(pp), [f"rank {r}" for r in range(pp)])
-    ax.invert_yaxis()  # rank 0 on top, as pipeline diagrams are drawn
-    ax.set_xlim(0, sim.makespan)
-    ax.set_xlabel("time")
-    ax.set_title(title or f"bubble {sum(sim.idle) / sum(sim.busy):.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

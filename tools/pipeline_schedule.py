@@ -40,10 +40,22 @@ def plot_gantt(
     fig, ax = plt.subplots(figsize=(width, 0.6 * pp + 1.2))
     for r, rank in enumerate(schedule):
         for a, start, end in zip(rank, sim.starts[r], sim.ends[r]):
-            ax.broken_barh([(start, end - start)], (r - 0.4, 0.8),
-                           facecolors=cmaps[a.kind](shades[a.chunk]), edgecolor="black", linewidth=0.5)
-            ax.text((start + end) / 2, r, a.label(virtual), ha="center", va="center", fontsize=7,
-                    color="white" if shades[a.chunk] > 0.8 else "black")
+            ax.broken_barh(
+                [(start, end - start)],
+                (r - 0.4, 0.8),
+                facecolors=cmaps[a.kind](shades[a.chunk]),
+                edgecolor="black",
+                linewidth=0.5,
+            )
+            ax.text(
+                (start + end) / 2,
+                r,
+                a.label(virtual),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shades[a.chunk] > 0.8 else "black",
+            )
     ax.set_yticks(range(pp), [f"rank {r}" for r in range(pp)])
     ax.invert_yaxis()  # rank 0 on top, as pipeline diagrams are drawn
     ax.set_xlim(0, sim.makespan)
@@ -71,8 +83,15 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if args.png:
         schedule = build_schedule(args.schedule, args.pp, args.microbatches, args.virtual)
-        plot_gantt(schedule, args.pp, args.png, args.virtual, args.t_f, args.t_b,
-                   title=f"{args.schedule} pp={args.pp} m={args.microbatches} v={args.virtual}")
+        plot_gantt(
+            schedule,
+            args.pp,
+            args.png,
+            args.virtual,
+            args.t_f,
+            args.t_b,
+            title=f"{args.schedule} pp={args.pp} m={args.microbatches} v={args.virtual}",
+        )
     if args.json:
         report = schedule_report(args.schedule, args.pp, args.microbatches, args.virtual, args.t_f, args.t_b)
         with open(args.json, "w") as f:

@@ -74,35 +74,57 @@ def format_table(rows: Sequence[Dict]) -> str:
     head = ("preset", "params", "exact", "nnz", "weights", "grads", "adamw", "index", "total", "B/dense param")
     lines = [
         (
-            r["preset"], _m(r["params"]), f"{r['params']:,}", _m(r["nnz"]) if r["nnz"] else "-",
-            _b(r["mem_params_bytes"]), _b(r["mem_grads_bytes"]), _b(r["mem_optim_bytes"]), _b(r["mem_index_bytes"]),
-            _b(r["mem_total_bytes"]), f"{r['bytes_per_dense_param']:.2f}",
+            r["preset"],
+            _m(r["params"]),
+            f"{r['params']:,}",
+            _m(r["nnz"]) if r["nnz"] else "-",
+            _b(r["mem_params_bytes"]),
+            _b(r["mem_grads_bytes"]),
+            _b(r["mem_optim_bytes"]),
+            _b(r["mem_index_bytes"]),
+            _b(r["mem_total_bytes"]),
+            f"{r['bytes_per_dense_param']:.2f}",
         )
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    fmt = lambda cells: "  ".join(
+        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )  # noqa: E731
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="megaeff-estimate-memory", description=__doc__.split("\n")[0],
+        prog="megaeff-estimate-memory",
+        description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="llama_60m", help="model flavor (conf/model/*.yaml), default llama_60m")
-    p.add_argument("--method", action="append", default=None,
-                   help="method preset (conf/method/*.yaml); repeat for several; default dense + this size's presets")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra Hydra override, e.g. method.density=0.05 (applies to every method)")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help="method preset (conf/method/*.yaml); repeat for several; default dense + this size's presets",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override, e.g. method.density=0.05 (applies to every method)",
+    )
     p.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--grad-dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: the param dtype")
     p.add_argument("--no-grads", action="store_true", help="count no gradients (per-layer optimizer steps)")
     p.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"], help="AdamW states")
     p.add_argument("--index-dtype", default="int32", choices=["int32", "int64"], help="sparse index entries")
-    p.add_argument("--paper-formula", action="store_true",
-                   help="SLTrain's estimate: bf16 weights, bf16 AdamW states, no grads, int64 indices")
+    p.add_argument(
+        "--paper-formula",
+        action="store_true",
+        help="SLTrain's estimate: bf16 weights, bf16 AdamW states, no grads, int64 indices",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
@@ -129,8 +151,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps({"settings": dtypes, "rows": rows}, indent=2))
         return 0
-    print(f"{args.model}: AdamW training state; weights {dtypes['param_dtype']}, grads {dtypes['grad_dtype'] or 'none'}, "
-          f"states {dtypes['state_dtype']}, indices {dtypes['index_dtype']}")
+    print(
+        f"{args.model}: AdamW training state; weights {dtypes['param_dtype']}, grads {dtypes['grad_dtype'] or 'none'}, "
+        f"states {dtypes['state_dtype']}, indices {dtypes['index_dtype']}"
+    )
     print(format_table(rows))
     for r in rows:
         print(f"  {r['preset']}: {r['description']}")

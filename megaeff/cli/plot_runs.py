@@ -1,6 +1,6 @@
 """Plot training loss and validation perplexity of one or more runs from their `metrics.jsonl`.
 
-    megaeff-plot-runs runs/a runs/b -o compare.png
+megaeff-plot-runs runs/a runs/b -o compare.png
 """
 
 from __future__ import annotations

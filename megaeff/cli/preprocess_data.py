@@ -30,8 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = ap.add_argument_group("input")
     src.add_argument("--input", nargs="+", metavar="PATH", help="JSONL/text files or directories")
     src.add_argument("--json-key", default="text", help="JSON field holding the text (default: text)")
-    src.add_argument("--text-mode", choices=TEXT_MODES, default="document",
-                     help="plain text files: one document per file (default) or per non-empty line")
+    src.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="document",
+        help="plain text files: one document per file (default) or per non-empty line",
+    )
     src.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed JSONL lines")
     src.add_argument("--allow-empty", action="store_true", help="accept input files without documents")
     tok = ap.add_argument_group("tokenizer")
@@ -62,15 +66,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     if args.merge_shards:
         stats = merge_shards(args.merge_shards, args.output_prefix)
-        print(f"preprocess: merged {stats['shards']} shard(s): {stats['docs']:,} docs, {stats['tokens']:,} tokens "
-              f"-> {args.output_prefix} (.bin/.idx)")
+        print(
+            f"preprocess: merged {stats['shards']} shard(s): {stats['docs']:,} docs, {stats['tokens']:,} tokens "
+            f"-> {args.output_prefix} (.bin/.idx)"
+        )
         return stats
     tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_path)
     stats = preprocess(
-        args.input, args.output_prefix, tokenizer, workers=args.workers, json_key=args.json_key,
-        text_mode=args.text_mode, append_eod=args.append_eod, num_shards=args.num_shards, shard_mode=args.shard_mode,
-        merge=args.merge, skip_bad_lines=args.skip_bad_lines, allow_empty=args.allow_empty,
-        progress=None if args.quiet else sys.stderr, log_interval=args.log_interval,
+        args.input,
+        args.output_prefix,
+        tokenizer,
+        workers=args.workers,
+        json_key=args.json_key,
+        text_mode=args.text_mode,
+        append_eod=args.append_eod,
+        num_shards=args.num_shards,
+        shard_mode=args.shard_mode,
+        merge=args.merge,
+        skip_bad_lines=args.skip_bad_lines,
+        allow_empty=args.allow_empty,
+        progress=None if args.quiet else sys.stderr,
+        log_interval=args.log_interval,
     )
     print(summary(stats))
     return stats

@@ -4,6 +4,18 @@ from megaeff.config.schema import Config, register_configs, to_config, to_plain,
 from megaeff.config.validate import check_tokenizer_vocab, validate_config, validate_world
 
 __all__ = [
-    "Choice", "Config", "check_choice_overrides", "check_tokenizer_vocab", "compose", "compose_raw", "conf_dir",
-    "register_configs", "to_config", "to_plain", "to_yaml", "validate_config", "validate_sections", "validate_world",
+    "Choice",
+    "Config",
+    "check_choice_overrides",
+    "check_tokenizer_vocab",
+    "compose",
+    "compose_raw",
+    "conf_dir",
+    "register_configs",
+    "to_config",
+    "to_plain",
+    "to_yaml",
+    "validate_config",
+    "validate_sections",
+    "validate_world",
 ]

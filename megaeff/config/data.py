@@ -41,6 +41,8 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
     if d.name == "indexed" and not d.paths:
         raise ConfigError("data.paths", "data=indexed needs at least one dataset prefix")
     if d.reset_attention_mask and m.attention_backend == "flash":
-        raise ConfigError("data.reset_attention_mask", "per-document attention needs model.attention_backend=sdpa or math")
+        raise ConfigError(
+            "data.reset_attention_mask", "per-document attention needs model.attention_backend=sdpa or math"
+        )
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

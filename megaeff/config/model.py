@@ -68,7 +68,9 @@ def validate_model(m: ModelConfig) -> None:
 def check_tokenizer_vocab(m: ModelConfig, tokenizer_vocab: int) -> None:
     """Data/model compatibility, once the tokenizer is known: every token id needs an embedding row."""
     if tokenizer_vocab > m.vocab_size:
-        raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})")
+        raise ConfigError(
+            "model.vocab_size", f"{m.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})"
+        )
 
 
 @dataclass

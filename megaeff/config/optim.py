@@ -88,8 +88,11 @@ def validate_precision(pr: PrecisionConfig) -> None:
     if pr.name != "coat":
         for flag in ("fp8_optimizer_states", "fp8_activations", "fp8_gemm"):
             if getattr(pr, flag):
-                raise ConfigError(f"precision.{flag}", f"needs precision=coat (got precision={pr.name}); "
-                                  "the FP8 parts are switched on and off inside precision=coat")
+                raise ConfigError(
+                    f"precision.{flag}",
+                    f"needs precision=coat (got precision={pr.name}); "
+                    "the FP8 parts are switched on and off inside precision=coat",
+                )
 
 
 def uses_fp8_states(o: OptimConfig, pr: PrecisionConfig) -> bool:

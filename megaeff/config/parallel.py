@@ -86,8 +86,11 @@ def validate_parallel(p: ParallelConfig, cfg) -> None:
             if getattr(p, key) < 0:
                 raise ConfigError(f"parallel.{key}", f"must be >= 0, got {getattr(p, key)}")
         if cfg.train.activation_checkpointing:
-            raise ConfigError("train.activation_checkpointing", "is not supported with parallel.dp_impl=fssdp yet "
-                              "(FSSDP already frees gathered weights after forward: fssdp_reshard_after_forward)")
+            raise ConfigError(
+                "train.activation_checkpointing",
+                "is not supported with parallel.dp_impl=fssdp yet "
+                "(FSSDP already frees gathered weights after forward: fssdp_reshard_after_forward)",
+            )
     if p.bucket_mb <= 0:
         raise ConfigError("parallel.bucket_mb", f"must be > 0, got {p.bucket_mb}")
     if cfg.model.moe_experts:
@@ -97,13 +100,19 @@ def validate_parallel(p: ParallelConfig, cfg) -> None:
 def _validate_experts(p: ParallelConfig, cfg) -> None:
     require_choice(p.expert_impl, "parallel.expert_impl", ExpertImpl)
     if p.expert_impl != "replicated" and uses_fp8_states(cfg.optim, cfg.precision):
-        raise ConfigError("parallel.expert_impl", f"{p.expert_impl} keeps each expert as one flat vector, "
-                          "whose FP8 groups would straddle its tensors; use optim=adamw or expert_impl=replicated")
+        raise ConfigError(
+            "parallel.expert_impl",
+            f"{p.expert_impl} keeps each expert as one flat vector, "
+            "whose FP8 groups would straddle its tensors; use optim=adamw or expert_impl=replicated",
+        )
     if p.expert_impl != "replicated" and cfg.method.name == "sltrain" and cfg.optim.weight_decay > 0:
         # One flat parameter per layer's experts gets one weight decay; SLTrain's sparse values are 1-D and
         # are not decayed in the single-process model.
-        raise ConfigError("parallel.expert_impl", f"{p.expert_impl} experts with method=sltrain would "
-                          "decay the sparse values; set optim.weight_decay=0 or expert_impl=replicated")
+        raise ConfigError(
+            "parallel.expert_impl",
+            f"{p.expert_impl} experts with method=sltrain would "
+            "decay the sparse values; set optim.weight_decay=0 or expert_impl=replicated",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- world size
@@ -144,8 +153,10 @@ def validate_world(cfg, world_size: int) -> Dict[str, int]:
     if cp > 1:
         _check_context_parallel(cfg, tp, cp)
     if cfg.model.moe_experts and (tp > 1 or pp > 1 or cp > 1):
-        raise ConfigError("model.moe_experts", "MoE models train with data parallelism only in this build "
-                                               f"(got tp={tp} cp={cp} pp={pp})")
+        raise ConfigError(
+            "model.moe_experts",
+            f"MoE models train with data parallelism only in this build (got tp={tp} cp={cp} pp={pp})",
+        )
     _check_tp_layout(cfg, tp)
     return dims
 
@@ -156,22 +167,34 @@ def _check_pipeline(cfg, pp: int) -> None:
     require_positive(p.pp_virtual, "parallel.pp_virtual")
     virtual = p.pp_virtual
     if virtual > 1 and p.pp_schedule != "interleaved":
-        raise ConfigError("parallel.pp_virtual", f"{virtual} model chunks per rank need parallel.pp_schedule=interleaved "
-                                                 f"(got {p.pp_schedule})")
+        raise ConfigError(
+            "parallel.pp_virtual",
+            f"{virtual} model chunks per rank need parallel.pp_schedule=interleaved (got {p.pp_schedule})",
+        )
     if p.pp_schedule == "interleaved" and cfg.train.grad_accum % pp:
-        raise ConfigError("train.grad_accum", f"the interleaved schedule needs the micro-batches per step "
-                                              f"(train.grad_accum={cfg.train.grad_accum}) divisible by parallel.pp={pp}")
+        raise ConfigError(
+            "train.grad_accum",
+            f"the interleaved schedule needs the micro-batches per step "
+            f"(train.grad_accum={cfg.train.grad_accum}) divisible by parallel.pp={pp}",
+        )
     stages, cuts = pp * virtual, list(p.pp_boundaries)
     if cuts:
         if len(cuts) != stages - 1:
-            raise ConfigError("parallel.pp_boundaries", f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} "
-                                                        f"stages, got {len(cuts)}")
+            raise ConfigError(
+                "parallel.pp_boundaries",
+                f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} stages, got {len(cuts)}",
+            )
         if any(not 1 <= c <= n_layers - 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
-            raise ConfigError("parallel.pp_boundaries", f"{cuts} must be strictly increasing layer indices in "
-                                                        f"1..{n_layers - 1} (model.n_layers={n_layers})")
+            raise ConfigError(
+                "parallel.pp_boundaries",
+                f"{cuts} must be strictly increasing layer indices in 1..{n_layers - 1} (model.n_layers={n_layers})",
+            )
     elif n_layers % stages:
-        raise ConfigError("parallel.pp", f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
-                                         f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries")
+        raise ConfigError(
+            "parallel.pp",
+            f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
+            f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries",
+        )
 
 
 def _check_context_parallel(cfg, tp: int, cp: int) -> None:
@@ -180,26 +203,39 @@ def _check_context_parallel(cfg, tp: int, cp: int) -> None:
     require_choice(p.cp_sharding, "parallel.cp_sharding", CpSharding)
     if p.cp_impl == "lightseq":
         if p.cp_sharding != "contiguous":
-            raise ConfigError("parallel.cp_sharding", f"lightseq balances contiguous shards itself; got sharding={p.cp_sharding!r}")
+            raise ConfigError(
+                "parallel.cp_sharding", f"lightseq balances contiguous shards itself; got sharding={p.cp_sharding!r}"
+            )
         if cp % 2:
             raise ConfigError("parallel.cp", f"lightseq's schedule needs an even cp degree, got cp={cp}")
     if cfg.data.reset_attention_mask:
-        raise ConfigError("data.reset_attention_mask", "per-document attention masks are not supported under context "
-                                                       f"parallelism (parallel.cp={cp})")
+        raise ConfigError(
+            "data.reset_attention_mask",
+            f"per-document attention masks are not supported under context parallelism (parallel.cp={cp})",
+        )
     chunks = 2 * cp if p.cp_sharding == "zigzag" else cp
     if seq_len % chunks:
         why = "2*cp equal chunks" if p.cp_sharding == "zigzag" else "cp equal chunks"
-        raise ConfigError("data.seq_len", f"sequence length {seq_len} is not divisible by {chunks} ({p.cp_sharding} "
-                                          f"sharding over cp={cp} cuts it into {why})")
+        raise ConfigError(
+            "data.seq_len",
+            f"sequence length {seq_len} is not divisible by {chunks} ({p.cp_sharding} "
+            f"sharding over cp={cp} cuts it into {why})",
+        )
     if p.sequence_parallel and tp > 1 and (seq_len // cp) % tp:
-        raise ConfigError("data.seq_len", f"{seq_len} / cp={cp} is not divisible by tp={tp} "
-                                          "(sequence parallelism shards each context-parallel shard again)")
+        raise ConfigError(
+            "data.seq_len",
+            f"{seq_len} / cp={cp} is not divisible by tp={tp} "
+            "(sequence parallelism shards each context-parallel shard again)",
+        )
     if p.cp_impl == "ulysses":
         # Ulysses splits the heads each tensor-parallel rank holds.
         for name, heads in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.n_kv_heads or m.n_heads)):
             if (heads // tp) % cp:
-                raise ConfigError(name, f"ulysses splits heads over cp: {heads} heads / tp={tp} = "
-                                        f"{heads // tp} per rank, not divisible by cp={cp}")
+                raise ConfigError(
+                    name,
+                    f"ulysses splits heads over cp: {heads} heads / tp={tp} = "
+                    f"{heads // tp} per rank, not divisible by cp={cp}",
+                )
 
 
 def _check_tp_layout(cfg, tp: int) -> None:
@@ -208,8 +244,13 @@ def _check_tp_layout(cfg, tp: int) -> None:
         return
     m = cfg.model
     kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
-    checks = [("model.n_heads", m.n_heads), ("model.n_kv_heads", kv), ("model.dim", m.dim),
-              ("model.ffn_dim", m.ffn_dim), ("model.vocab_size", m.vocab_size)]
+    checks = [
+        ("model.n_heads", m.n_heads),
+        ("model.n_kv_heads", kv),
+        ("model.dim", m.dim),
+        ("model.ffn_dim", m.ffn_dim),
+        ("model.vocab_size", m.vocab_size),
+    ]
     if cfg.parallel.sequence_parallel:
         checks.append(("data.seq_len", cfg.data.seq_len))
     for name, value in checks:

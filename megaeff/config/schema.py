@@ -81,7 +81,9 @@ def to_config(cfg: Any) -> Config:
     try:
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as exc:
-        raise ConfigError(str(exc.full_key), "is required (the config leaves it as ???); set it on the command line") from None
+        raise ConfigError(
+            str(exc.full_key), "is required (the config leaves it as ???); set it on the command line"
+        ) from None
     if not isinstance(obj, Config):
         raise TypeError(f"expected a megaeff Config, got {type(obj).__name__}")
     validate_sections(obj)
@@ -103,6 +105,18 @@ def to_yaml(cfg: Config) -> str:
 
 
 __all__ = [
-    "Config", "ModelConfig", "MethodConfig", "OptimConfig", "PrecisionConfig", "ParallelConfig", "DataConfig",
-    "TrainConfig", "LoggingConfig", "register_configs", "to_config", "to_plain", "to_yaml", "validate_sections",
+    "Config",
+    "ModelConfig",
+    "MethodConfig",
+    "OptimConfig",
+    "PrecisionConfig",
+    "ParallelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "LoggingConfig",
+    "register_configs",
+    "to_config",
+    "to_plain",
+    "to_yaml",
+    "validate_sections",
 ]

@@ -11,8 +11,14 @@ from megaeff.config.model import check_tokenizer_vocab, layer_shapes
 from megaeff.config.parallel import resolve_degrees, validate_world
 from megaeff.config.schema import Config, validate_sections
 
-__all__ = ["validate_config", "validate_sections", "validate_world", "check_tokenizer_vocab", "layer_shapes",
-           "resolve_degrees"]
+__all__ = [
+    "validate_config",
+    "validate_sections",
+    "validate_world",
+    "check_tokenizer_vocab",
+    "layer_shapes",
+    "resolve_degrees",
+]
 
 
 def validate_config(cfg: Config, world_size: Optional[int] = None, tokenizer_vocab: Optional[int] = None) -> None:

@@ -98,8 +98,12 @@ def build_default_data(dcfg, ctx: BuildContext) -> DataBundle:
     names = list(plays)
     unknown = [n for n in dcfg.valid_docs if n not in plays]
     if unknown or not dcfg.valid_docs:
-        raise DataError("data.valid_docs", f"unknown plays {unknown}; available: {', '.join(names)}" if unknown
-                        else "at least one play must be held out for validation")
+        raise DataError(
+            "data.valid_docs",
+            f"unknown plays {unknown}; available: {', '.join(names)}"
+            if unknown
+            else "at least one play must be held out for validation",
+        )
     prefix = _cache_root(dcfg) / "shakespeare" / "plays_byte"
     indexed = _write_corpus(prefix, [plays[n] for n in names], tokenizer, ctx)
     doc_ids = np.arange(len(names))
@@ -107,11 +111,30 @@ def build_default_data(dcfg, ctx: BuildContext) -> DataBundle:
     train_seqs, valid_seqs = doc_ids[~valid_mask], doc_ids[valid_mask]  # one sequence per play
     cache = default_cache_dir(str(prefix), None)
     options = _sample_options(dcfg, tokenizer)
-    train = GPTDataset(indexed, train_seqs, ctx.num_train_samples, ctx.seed, options, name="shakespeare/train",
-                       cache_dir=cache, is_builder=ctx.is_builder, barrier=ctx.barrier)
+    train = GPTDataset(
+        indexed,
+        train_seqs,
+        ctx.num_train_samples,
+        ctx.seed,
+        options,
+        name="shakespeare/train",
+        cache_dir=cache,
+        is_builder=ctx.is_builder,
+        barrier=ctx.barrier,
+    )
     valid_tokens = int(indexed.sequence_lengths[valid_seqs].sum())
-    valid = GPTDataset(indexed, valid_seqs, _one_epoch_samples(valid_tokens, dcfg.seq_len), ctx.seed, options,
-                       name="shakespeare/valid", cache_dir=cache, shuffle=False, is_builder=ctx.is_builder, barrier=ctx.barrier)
+    valid = GPTDataset(
+        indexed,
+        valid_seqs,
+        _one_epoch_samples(valid_tokens, dcfg.seq_len),
+        ctx.seed,
+        options,
+        name="shakespeare/valid",
+        cache_dir=cache,
+        shuffle=False,
+        is_builder=ctx.is_builder,
+        barrier=ctx.barrier,
+    )
     train_tokens = np.concatenate([indexed[int(i)] for i in train_seqs]).astype(np.int64)
     valid_labels = np.concatenate([valid.tokens(i)[1:] for i in range(len(valid))]).astype(np.int64)
     return DataBundle(
@@ -135,10 +158,21 @@ def _open_all(prefixes: List[str], field: str) -> List[IndexedDataset]:
     return out
 
 
-def _blend(datasets_for: Callable[[List[int]], List[GPTDataset]], weights: List[float], size: int, ctx: BuildContext,
-           cache: Path, desc: dict):
-    arrays = cached_arrays(cache, dict(desc, weights=weights, size=size), lambda: dict(zip(
-        ("dataset_index", "sample_index"), blending_indices(weights, size))), is_builder=ctx.is_builder, barrier=ctx.barrier)
+def _blend(
+    datasets_for: Callable[[List[int]], List[GPTDataset]],
+    weights: List[float],
+    size: int,
+    ctx: BuildContext,
+    cache: Path,
+    desc: dict,
+):
+    arrays = cached_arrays(
+        cache,
+        dict(desc, weights=weights, size=size),
+        lambda: dict(zip(("dataset_index", "sample_index"), blending_indices(weights, size))),
+        is_builder=ctx.is_builder,
+        barrier=ctx.barrier,
+    )
     counts = np.bincount(np.asarray(arrays["dataset_index"]), minlength=len(weights)).tolist()
     return BlendedDataset(datasets_for(counts), arrays["dataset_index"], arrays["sample_index"])
 
@@ -185,16 +219,31 @@ def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
 
     def train_sets(counts: List[int]) -> List[GPTDataset]:
         return [
-            GPTDataset(ds, seqs, max(n, 1), ctx.seed, options, name=f"{p}/train", cache_dir=cache_for(p),
-                       is_builder=ctx.is_builder, barrier=ctx.barrier)
+            GPTDataset(
+                ds,
+                seqs,
+                max(n, 1),
+                ctx.seed,
+                options,
+                name=f"{p}/train",
+                cache_dir=cache_for(p),
+                is_builder=ctx.is_builder,
+                barrier=ctx.barrier,
+            )
             for p, ds, seqs, n in zip(prefixes, indexed, train_seqs, counts)
         ]
 
     if len(prefixes) == 1:
         train = train_sets([ctx.num_train_samples])[0]
     else:
-        train = _blend(train_sets, weights, ctx.num_train_samples, ctx, cache_for(prefixes[0]),
-                       {"blend": list(zip(weights, prefixes)), "seed": ctx.seed})
+        train = _blend(
+            train_sets,
+            weights,
+            ctx.num_train_samples,
+            ctx,
+            cache_for(prefixes[0]),
+            {"blend": list(zip(weights, prefixes)), "seed": ctx.seed},
+        )
 
     if separate_valid:
         _, v_prefixes = parse_blend(dcfg.valid_paths, "data.valid_paths")  # every validation token counts once
@@ -206,11 +255,26 @@ def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
     for p, ds, seqs in valid_pairs:
         n = _one_epoch_samples(int(ds.sequence_lengths[seqs].sum()), dcfg.seq_len)
         if n > 0:
-            valid_sets.append(GPTDataset(ds, seqs, n, ctx.seed, options, name=f"{p}/valid", cache_dir=cache_for(p),
-                                         shuffle=False, is_builder=ctx.is_builder, barrier=ctx.barrier))
+            valid_sets.append(
+                GPTDataset(
+                    ds,
+                    seqs,
+                    n,
+                    ctx.seed,
+                    options,
+                    name=f"{p}/valid",
+                    cache_dir=cache_for(p),
+                    shuffle=False,
+                    is_builder=ctx.is_builder,
+                    barrier=ctx.barrier,
+                )
+            )
     if not valid_sets:
-        raise DataError("data.split", f"no validation samples: split {dcfg.split!r} leaves no validation documents "
-                                      "long enough for one sample; change data.split or set data.valid_paths")
+        raise DataError(
+            "data.split",
+            f"no validation samples: split {dcfg.split!r} leaves no validation documents "
+            "long enough for one sample; change data.split or set data.valid_paths",
+        )
     valid = valid_sets[0] if len(valid_sets) == 1 else ConcatDataset(valid_sets)
     blend_desc = " + ".join(f"{w:.3g} x {p}" for w, p in zip(weights, prefixes))
     return DataBundle(
@@ -218,8 +282,10 @@ def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
         train=train,
         valid=valid,
         unigram_ppl=None,
-        description=(f"indexed: {blend_desc}; {len(train):,} train samples, {len(valid):,} valid samples; "
-                     f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})"),
+        description=(
+            f"indexed: {blend_desc}; {len(train):,} train samples, {len(valid):,} valid samples; "
+            f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})"
+        ),
     )
 
 

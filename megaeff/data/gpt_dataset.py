@@ -113,7 +113,9 @@ class GPTDataset:
         lengths = np.asarray(indexed.sequence_lengths, dtype=np.int64)
         tokens_per_epoch = int(lengths[sequence_ids].sum()) if len(sequence_ids) else 0
         if tokens_per_epoch <= options.seq_len:
-            raise DataError(name, f"split has {tokens_per_epoch} tokens, fewer than one sample of {options.seq_len + 1}")
+            raise DataError(
+                name, f"split has {tokens_per_epoch} tokens, fewer than one sample of {options.seq_len + 1}"
+            )
         if num_samples <= 0:
             raise ValueError("num_samples must be positive")
         # Samples overlap by one token, so N samples need N * seq_len + 1 tokens.
@@ -132,7 +134,9 @@ class GPTDataset:
         }
 
         def build():
-            doc_index = build_document_index(sequence_ids, num_epochs, seed) if shuffle else np.tile(sequence_ids, num_epochs)
+            doc_index = (
+                build_document_index(sequence_ids, num_epochs, seed) if shuffle else np.tile(sequence_ids, num_epochs)
+            )
             sample_index = build_sample_index(lengths[doc_index], options.seq_len, num_samples)
             rng = np.random.default_rng([seed, 1 << 20])
             shuffle_index = rng.permutation(num_samples) if shuffle else np.arange(num_samples)

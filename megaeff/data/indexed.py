@@ -25,7 +25,14 @@ HEADER_SIZE = _HEADER.size  # 34; the arrays after it are unaligned, which numpy
 
 # Megatron's numbering (uint16 is 8, after the floats); the format has no uint32, hence int32 for big vocabularies.
 DTYPE_CODES: dict[int, type] = {
-    1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
 }
 
 # Validation scans the index in chunks so opening a corpus of 1e8+ sequences needs no O(S) temporaries.

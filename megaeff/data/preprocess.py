@@ -46,8 +46,15 @@ SHARD_MODES = ("contiguous", "round-robin")
 # inter-process round trip, small enough that the in-flight window stays a few MB.
 BATCH_DOCS = 256
 BATCH_BYTES = 4 << 20
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "a boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 class InputError(MegaeffError):
@@ -274,8 +281,15 @@ class _Outputs:
 class _Writer:
     """Routes encoded records, in input order, to their output builder, and counts what was skipped."""
 
-    def __init__(self, outputs: _Outputs, files: Sequence[Path], counters: Dict[str, int], total_bytes: int,
-                 shard_mode: str, skip_bad_lines: bool):
+    def __init__(
+        self,
+        outputs: _Outputs,
+        files: Sequence[Path],
+        counters: Dict[str, int],
+        total_bytes: int,
+        shard_mode: str,
+        skip_bad_lines: bool,
+    ):
         self.outputs, self.files, self.counters = outputs, files, counters
         self.total_bytes, self.shard_mode, self.skip_bad_lines = max(total_bytes, 1), shard_mode, skip_bad_lines
         self.shard_docs = [0] * len(outputs.prefixes)
@@ -287,8 +301,14 @@ class _Writer:
             return min(offset * k // self.total_bytes, k - 1)
         return self.counters["docs"] % k
 
-    def add(self, offsets: List[int], batch: Sequence[_Record], tokens: np.ndarray, lengths: np.ndarray,
-            errors: List[Tuple[int, str]]) -> None:
+    def add(
+        self,
+        offsets: List[int],
+        batch: Sequence[_Record],
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        errors: List[Tuple[int, str]],
+    ) -> None:
         bad, pos, counters = dict(errors), 0, self.counters
         for i, (fi, line, payload, kind) in enumerate(batch):
             self.done_bytes += len(payload)
@@ -324,8 +344,12 @@ class _Progress:
             return
         self.last = now
         dt = max(now - self.start, 1e-9)
-        print(f"preprocess: {docs:,} docs | {docs / dt:,.0f} docs/s | {nbytes / 1e6:,.1f} MB | "
-              f"{nbytes / 1e6 / dt:,.1f} MB/s", file=self.stream, flush=True)
+        print(
+            f"preprocess: {docs:,} docs | {docs / dt:,.0f} docs/s | {nbytes / 1e6:,.1f} MB | "
+            f"{nbytes / 1e6 / dt:,.1f} MB/s",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def preprocess(
@@ -420,8 +444,13 @@ def merge_shards(prefixes: Sequence[PathLike], output_prefix: PathLike) -> Dict[
     if len(dtypes) > 1:
         listing = ", ".join(f"{p} ({d.dtype.name})" for p, d in zip(prefixes, datasets))
         raise InputError("<shards>", f"shards have different token dtypes: {listing}")
-    stats = {"docs": sum(d.num_documents for d in datasets), "tokens": sum(d.num_tokens for d in datasets),
-             "shards": len(datasets), "outputs": [str(output_prefix)], "dtype": datasets[0].dtype.name}
+    stats = {
+        "docs": sum(d.num_documents for d in datasets),
+        "tokens": sum(d.num_tokens for d in datasets),
+        "shards": len(datasets),
+        "outputs": [str(output_prefix)],
+        "dtype": datasets[0].dtype.name,
+    }
     dtype = datasets[0].dtype
     del datasets
     outputs = _Outputs([str(output_prefix)])

@@ -44,7 +44,9 @@ class GlobalSampleOrder:
         return [self[k] for k in range(start, start + count)]
 
 
-def micro_batch_indices(order: GlobalSampleOrder, consumed: int, micro: int, dp: int, dp_rank: int, accum: int) -> List[List[int]]:
+def micro_batch_indices(
+    order: GlobalSampleOrder, consumed: int, micro: int, dp: int, dp_rank: int, accum: int
+) -> List[List[int]]:
     """The dataset indices of this rank's `accum` micro-batches for the step starting at `consumed`.
 
     Megatron's layout: the global batch is `accum` consecutive slices of micro*dp samples, and rank r takes

@@ -12,7 +12,6 @@ template also appends EOS cannot double it. `decode` drops special tokens, as th
 from __future__ import annotations
 
 import abc
-
 import os
 from typing import List, Optional, Sequence
 

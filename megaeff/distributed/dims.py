@@ -211,7 +211,9 @@ class ParallelDims:
         creates its own communicators."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(self.device.type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+        return init_device_mesh(
+            self.device.type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp")
+        )
 
     # ------------------------------------------------------------------ seeds
     def axis_seed(self, seed: int, axis: str) -> int:

@@ -31,7 +31,9 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool =
             continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
         acc = spread if on_dp else local
-        acc[0 if getattr(p, "tp_split", "replicated") in SHARDED else 1] += sq / getattr(p, "fssdp_replicas", 1) if on_dp else sq
+        acc[0 if getattr(p, "tp_split", "replicated") in SHARDED else 1] += (
+            sq / getattr(p, "fssdp_replicas", 1) if on_dp else sq
+        )
     if has_spread and dims.size("dp_cp") > 1:
         spread = all_reduce(spread.to(dims.device), dims.comm("dp_cp")).cpu()
     sharded, replicated = local[0] + spread[0], local[1] + spread[1]

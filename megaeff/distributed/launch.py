@@ -34,9 +34,19 @@ def _int(env: Mapping[str, str], key: str) -> int:
 def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0, "torchrun")
+        return LaunchEnv(
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-        return LaunchEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0, "slurm")
+        return LaunchEnv(
+            _int(env, "SLURM_PROCID"),
+            _int(env, "SLURM_NTASKS"),
+            _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            "slurm",
+        )
     return LaunchEnv(0, 1, 0, "single")
 
 

@@ -9,7 +9,6 @@ group) and `shard_logical(name, tensor)`; parameters of any other module are rep
 
 from __future__ import annotations
 
-import math
 from typing import Dict, NamedTuple
 
 import torch
@@ -148,7 +147,10 @@ class LogicalState:
         # Each logical tensor gets its own copy of the scalars (AdamW's `step` is a tensor it increments in place;
         # shared, it would count once per expert tensor after a load).
         return {
-            n: {**{k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}, **{k: part[n] for k, part in parts.items()}}
+            n: {
+                **{k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()},
+                **{k: part[n] for k, part in parts.items()},
+            }
             for n in owner.logical_names()
         }
 
@@ -156,8 +158,13 @@ class LogicalState:
         state = {}
         for n, st in saved["state"].items():
             state.update(self._state_by_logical(n, st))
-        hparams = [dict(g, names=[m for n in g["names"] for m in (self.experts[n].logical_names() if n in self.experts else [n])])
-                   for g in saved["hparams"]]
+        hparams = [
+            dict(
+                g,
+                names=[m for n in g["names"] for m in (self.experts[n].logical_names() if n in self.experts else [n])],
+            )
+            for g in saved["hparams"]
+        ]
         return {**saved, "hparams": hparams, "state": state}
 
     def shard_optimizer(self, saved: Dict) -> Dict:
@@ -169,8 +176,10 @@ class LogicalState:
                 continue  # no state yet for these experts (a checkpoint saved before the first step)
             pieces = [state.pop(n) for n in names]
             keys = [k for k, v in pieces[0].items() if torch.is_tensor(v) and v.dim() > 0]
-            out[flat] = {**{k: v for k, v in pieces[0].items() if k not in keys},
-                         **{k: owner.shard_logical({n: p[k] for n, p in zip(names, pieces)}) for k in keys}}
+            out[flat] = {
+                **{k: v for k, v in pieces[0].items() if k not in keys},
+                **{k: owner.shard_logical({n: p[k] for n, p in zip(names, pieces)}) for k in keys},
+            }
         out.update({n: {k: self.shard(n, v, k) for k, v in st.items()} for n, st in state.items()})
         logical = {n: flat for flat, owner in self.experts.items() for n in owner.logical_names()}
         hparams = []

@@ -16,7 +16,10 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
     """Key the optimizer state by logical parameter name instead of position, so it survives re-layouts."""
     names = {id(p): n for n, p in model.named_parameters()}
     state = {names[id(p)]: {k: v for k, v in s.items()} for p, s in optimizer.state.items()}
-    hparams = [{k: v for k, v in g.items() if k != "params"} | {"names": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+    hparams = [
+        {k: v for k, v in g.items() if k != "params"} | {"names": [names[id(p)] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
     return {"hparams": hparams, "state": state}
 
 
@@ -25,7 +28,9 @@ def load_optimizer_state_by_name(model, optimizer, saved: Dict, path: Path, part
     params = dict(model.named_parameters())
     groups = saved["hparams"]
     if len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(path, f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint {len(groups)}")
+        raise CheckpointError(
+            path, f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint {len(groups)}"
+        )
     for group, hp in zip(optimizer.param_groups, groups):
         current = [n for n, p in model.named_parameters() if any(p is q for q in group["params"])]
         fits = set(current) <= set(hp["names"]) if partial else sorted(current) == sorted(hp["names"])
@@ -44,7 +49,9 @@ def load_optimizer_state_by_name(model, optimizer, saved: Dict, path: Path, part
             raise CheckpointError(path, f"optimizer state for unknown parameter {name!r}")
         p = params[name]
         # No dtype casts: FP8 codes and their metadata must come back bit for bit.
-        restored = {k: (v.to(p.device) if torch.is_tensor(v) and (k != "step" or step_on_device) else v) for k, v in st.items()}
+        restored = {
+            k: (v.to(p.device) if torch.is_tensor(v) and (k != "step" or step_on_device) else v) for k, v in st.items()
+        }
         check = getattr(optimizer, "check_state", None)
         problem = check(name, p, restored) if check is not None else None
         if problem is not None:

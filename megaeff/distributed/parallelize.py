@@ -138,8 +138,9 @@ def apply_activation_checkpointing(model: nn.Module, context=None) -> nn.Module:
     return model
 
 
-def apply_data_parallel(model: nn.Module, dims, pcfg, *, moe: bool = False, chunks: Sequence[StageChunk] = (),
-                        context=None) -> ParallelModel:
+def apply_data_parallel(
+    model: nn.Module, dims, pcfg, *, moe: bool = False, chunks: Sequence[StageChunk] = (), context=None
+) -> ParallelModel:
     """The data-parallel step on the materialized, annotated model (see the module docstring): MoE experts
     spread over dp x cp unless replicated, then FSSDP (`dp_impl=fssdp`) or the bucketed GradReducer."""
     dp_cp = dims.size("dp_cp")
@@ -152,16 +153,28 @@ def apply_data_parallel(model: nn.Module, dims, pcfg, *, moe: bool = False, chun
     if dp_sharded:
         # The model's parameters become this rank's shards; checkpoints gather them back to logical tensors.
         grad_sync = state = FSSDP(
-            model, dims, reshard_after_forward=pcfg.fssdp_reshard_after_forward, gather_dtype=pcfg.fssdp_gather_dtype,
-            reduce_dtype=pcfg.fssdp_reduce_dtype, replicate_below=pcfg.fssdp_replicate_below,
-            node_size=pcfg.fssdp_node_size, ignored_params=[p for p in model.parameters() if id(p) in own_exchange],
+            model,
+            dims,
+            reshard_after_forward=pcfg.fssdp_reshard_after_forward,
+            gather_dtype=pcfg.fssdp_gather_dtype,
+            reduce_dtype=pcfg.fssdp_reduce_dtype,
+            replicate_below=pcfg.fssdp_replicate_below,
+            node_size=pcfg.fssdp_node_size,
+            ignored_params=[p for p in model.parameters() if id(p) in own_exchange],
         )
     else:
         reduced = [(n, p) for n, p in model.named_parameters() if id(p) not in own_exchange]
         grad_sync = GradReducer(reduced, dims, bucket_mb=pcfg.bucket_mb, overlap=pcfg.overlap_grad_reduce)
         state = logical_state.LogicalState(model)
-    return ParallelModel(model, grad_sync, state, chunks=list(chunks), context=context, dp_sharded=dp_sharded,
-                         experts_distributed=experts_distributed)
+    return ParallelModel(
+        model,
+        grad_sync,
+        state,
+        chunks=list(chunks),
+        context=context,
+        dp_sharded=dp_sharded,
+        experts_distributed=experts_distributed,
+    )
 
 
 def parallelize(model: nn.Module, dims, cfg, *, device: Optional[torch.device] = None) -> ParallelModel:

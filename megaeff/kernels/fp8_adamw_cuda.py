@@ -59,7 +59,13 @@ def pack(entries: List[Fp8Entry]) -> tuple:
         lay, s = e.layout, e.scalars
         layouts += [lay.n_rows, lay.n_cols, lay.rows_per_group, lay.cols_per_group]
         scalars += [
-            s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.decay, s.step_size,
+            s.beta1,
+            s.one_minus_beta1,
+            s.beta2,
+            s.one_minus_beta2,
+            s.eps,
+            s.decay,
+            s.step_size,
             s.bias_correction2_sqrt,
         ]
         flags += [FORMAT_IDS[e.m_fmt.name], FORMAT_IDS[e.v_fmt.name], int(e.expand)]

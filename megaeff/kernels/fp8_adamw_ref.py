@@ -53,7 +53,9 @@ class StepScalars:
     bias_correction2_sqrt: float
 
     @classmethod
-    def compute(cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> "StepScalars":
+    def compute(
+        cls, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
+    ) -> "StepScalars":
         if step < 1:
             raise ValueError(f"step counts from 1, got {step}")
         return cls(

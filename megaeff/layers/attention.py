@@ -83,7 +83,9 @@ class FlashAttention:
 
     def _run(self, q, k, v, causal, with_lse, segment_ids=None):
         if segment_ids is not None:
-            raise ConfigError("data.reset_attention_mask", "flash attention here has no document masks; use sdpa or math")
+            raise ConfigError(
+                "data.reset_attention_mask", "flash attention here has no document masks; use sdpa or math"
+            )
         # flash-attn wants [B, T, H, D]; it handles Hkv < H natively and aligns causal masks bottom-right.
         res = self._fn(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, return_attn_probs=with_lse

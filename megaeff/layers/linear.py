@@ -106,9 +106,7 @@ def describe_method(model: nn.Module, tokens: Optional[int] = None) -> str:
     shapes: "OrderedDict[Tuple[str, int, int], List[nn.Module]]" = OrderedDict()
     for _, layer in layers:
         shapes.setdefault((layer.summary(), layer.out_features, layer.in_features), []).append(layer)
-    parts = [
-        f"{out}x{inp} x{len(group)}: {group[0].describe(tokens)}" for (_, out, inp), group in shapes.items()
-    ]
+    parts = [f"{out}x{inp} x{len(group)}: {group[0].describe(tokens)}" for (_, out, inp), group in shapes.items()]
     return f"{' / '.join(summaries)}; " + "; ".join(parts)
 
 

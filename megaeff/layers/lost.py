@@ -127,9 +127,16 @@ class LostLinear(nn.Module):
     @classmethod
     def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "LostLinear":
         return cls(
-            in_features, out_features, rank=method.rank, channel_ratio=method.lost_channel_ratio,
-            gamma=method.lost_gamma, act=method.lost_act, complement_rank=method.lost_complement_rank,
-            sparse_init=method.lost_sparse_init, name=name, ops=ops,
+            in_features,
+            out_features,
+            rank=method.rank,
+            channel_ratio=method.lost_channel_ratio,
+            gamma=method.lost_gamma,
+            act=method.lost_act,
+            complement_rank=method.lost_complement_rank,
+            sparse_init=method.lost_sparse_init,
+            name=name,
+            ops=ops,
         )
 
     # ------------------------------------------------------------------ init and checkpoints
@@ -145,14 +152,18 @@ class LostLinear(nn.Module):
             self.channel_index.copy_(d.channels)
             self.index_checksum.copy_(index_checksum(d.channels))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "index_checksum")
         if saved is not None and not self.index_checksum.is_meta and int(saved) != int(self.index_checksum):
             error_msgs.append(
                 f"{prefix}channel_index: the channels selected from the regenerated W0 differ from the checkpoint's "
                 "(another train.seed, model.init_std or LOST setting); build the model with the checkpoint's config"
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,14 @@ class SLTrainLinear(nn.Module):
     @classmethod
     def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "SLTrainLinear":
         return cls(
-            in_features, out_features, rank=method.rank, alpha=method.alpha, density=method.density,
-            path=method.sltrain_path, name=name, ops=ops,
+            in_features,
+            out_features,
+            rank=method.rank,
+            alpha=method.alpha,
+            density=method.density,
+            path=method.sltrain_path,
+            name=name,
+            ops=ops,
         )
 
     # ------------------------------------------------------------------ init and checkpoints
@@ -89,19 +95,25 @@ class SLTrainLinear(nn.Module):
         init.uniform_(f"{key}.A", self.A, bound)
         with torch.no_grad():
             self.B.zero_()
-            support = sample_support(self.in_features * self.out_features, self.nnz, init.generator(f"{key}.sparse_index"))
+            support = sample_support(
+                self.in_features * self.out_features, self.nnz, init.generator(f"{key}.sparse_index")
+            )
             self.sparse_index.copy_(support)
             self.index_checksum.copy_(index_checksum(support))
         init.uniform_(f"{key}.sparse_values", self.sparse_values, bound)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "index_checksum")
         if saved is not None and not self.index_checksum.is_meta and int(saved) != int(self.index_checksum):
             error_msgs.append(
                 f"{prefix}sparse_index: the regenerated SLTrain support differs from the one the checkpoint was trained "
                 "with (another train.seed, method.density or torch RNG); build the model with the checkpoint's config"
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ compute
     def token_limit(self, training: bool = True) -> float:
@@ -121,7 +133,9 @@ class SLTrainLinear(nn.Module):
             y = DensifyMatmul.apply(x2, self.A, self.B, self.sparse_values, self.sparse_index, self.scale, ops)
         else:
             low = ops.linear(ops.linear(x2, self.A * self.scale), self.B)
-            sparse = SparseMatmul.apply(x2, self.sparse_values, self.sparse_index, self.out_features, self.in_features, ops)
+            sparse = SparseMatmul.apply(
+                x2, self.sparse_values, self.sparse_index, self.out_features, self.in_features, ops
+            )
             y = low + sparse.to(low.dtype)
         return y.reshape(*lead, self.out_features)
 

@@ -7,8 +7,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from megaeff.precision.group_quant import shard_group_problem
 from megaeff.errors import ConfigError
+from megaeff.precision.group_quant import shard_group_problem
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -39,17 +39,25 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device, pcfg=None) -> 
         from megaeff.optim.coat_adamw import CoatAdamW
 
         opt = CoatAdamW(
-            param_groups(model, ocfg.weight_decay), lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,
-            first_moment=ocfg.first_moment, second_moment=ocfg.second_moment, expand=ocfg.expand,
-            min_fp8_numel=ocfg.min_fp8_numel, backend=ocfg.fp8_backend, device=device,
+            param_groups(model, ocfg.weight_decay),
+            lr=ocfg.lr,
+            betas=tuple(ocfg.betas),
+            eps=ocfg.eps,
+            first_moment=ocfg.first_moment,
+            second_moment=ocfg.second_moment,
+            expand=ocfg.expand,
+            min_fp8_numel=ocfg.min_fp8_numel,
+            backend=ocfg.fp8_backend,
+            device=device,
         )
         for name, p in model.named_parameters():
             split, logical = getattr(p, "tp_split", "replicated"), getattr(p, "logical_shape", p.shape)
             problem = shard_group_problem(tuple(p.shape), logical, split) if opt.uses_fp8(p) else ""
             if problem:
                 raise ConfigError(
-                    "parallel.tp", f"FP8 optimizer states of {name}: {problem} (COAT's groups must not straddle "
-                    "tensor-parallel shards); use a tp degree that keeps whole groups, or optim=adamw"
+                    "parallel.tp",
+                    f"FP8 optimizer states of {name}: {problem} (COAT's groups must not straddle "
+                    "tensor-parallel shards); use a tp degree that keeps whole groups, or optim=adamw",
                 )
         moments = f"{ocfg.first_moment}/{ocfg.second_moment}" + (" + range expansion" if ocfg.expand else "")
         return opt, f"FP8 moments {moments}, kernel {opt.backend.name}"

@@ -68,7 +68,9 @@ class CoatAdamW(torch.optim.Optimizer):
         self.expand = bool(expand)
         self.min_fp8_numel = int(min_fp8_numel)
         first = next((p for g in self.param_groups for p in g["params"]), None)
-        dev = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        dev = (
+            torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        )
         self.backend: Backend = select_backend(backend, dev)
 
     # ------------------------------------------------------------------ state
@@ -126,7 +128,9 @@ class CoatAdamW(torch.optim.Optimizer):
         for i, p in zip(ids, params):
             if i not in saved:
                 continue
-            restored = {k: (v.to(p.device, copy=True) if torch.is_tensor(v) and k != "step" else v) for k, v in saved[i].items()}
+            restored = {
+                k: (v.to(p.device, copy=True) if torch.is_tensor(v) and k != "step" else v) for k, v in saved[i].items()
+            }
             problem = self.check_state(f"parameter {i}", p, restored)
             if problem is not None:
                 raise ValueError(f"CoatAdamW state does not fit: {problem}")
@@ -163,9 +167,17 @@ class CoatAdamW(torch.optim.Optimizer):
                     continue
                 entries.append(
                     Fp8Entry(
-                        param=p.data, grad=grad, m_codes=st["exp_avg"], m_meta=st["exp_avg_meta"],
-                        v_codes=st["exp_avg_sq"], v_meta=st["exp_avg_sq_meta"], layout=self.layout(p),
-                        scalars=s, m_fmt=self.m_fmt, v_fmt=self.v_fmt, expand=self.expand,
+                        param=p.data,
+                        grad=grad,
+                        m_codes=st["exp_avg"],
+                        m_meta=st["exp_avg_meta"],
+                        v_codes=st["exp_avg_sq"],
+                        v_meta=st["exp_avg_sq_meta"],
+                        layout=self.layout(p),
+                        scalars=s,
+                        m_fmt=self.m_fmt,
+                        v_fmt=self.v_fmt,
+                        expand=self.expand,
                     )
                 )
         if entries:

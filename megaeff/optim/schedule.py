@@ -11,7 +11,9 @@ import math
 from typing import Dict, List
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, schedule: str = "cosine") -> float:
+def lr_multiplier(
+    step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, schedule: str = "cosine"
+) -> float:
     """Multiplier applied to the peak LR for the update numbered `step` (0-based)."""
     if warmup_steps > 0 and step < warmup_steps:
         return step / warmup_steps

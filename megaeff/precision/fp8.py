@@ -7,10 +7,9 @@ before every cast and no implementation ever relies on the cast's own overflow h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict
-
-import math
 
 import torch
 

@@ -211,7 +211,9 @@ class Fp8Activations(ActivationOps):
         return Fp8SwiGLU.apply(gate, up, self.group_size) if self.activations else super().swiglu(gate, up)
 
     def rmsnorm(self, x, weight, eps):
-        return Fp8RMSNorm.apply(x, weight, eps, self.group_size) if self.activations else super().rmsnorm(x, weight, eps)
+        return (
+            Fp8RMSNorm.apply(x, weight, eps, self.group_size) if self.activations else super().rmsnorm(x, weight, eps)
+        )
 
     # ------------------------------------------------------------ for custom autograd Functions (SLTrain)
     def pack(self, x):
@@ -252,5 +254,7 @@ def activation_ops(precision) -> ActivationOps:
         return HIGH_PRECISION
     g = precision.act_group_size
     if isinstance(g, bool) or not isinstance(g, int) or g < 1 or 128 % g:
-        raise ConfigError("precision.act_group_size", f"must be a positive integer dividing 128 (COAT uses 16), got {g!r}")
+        raise ConfigError(
+            "precision.act_group_size", f"must be a positive integer dividing 128 (COAT uses 16), got {g!r}"
+        )
     return Fp8Activations(g, activations=precision.fp8_activations, gemm=precision.fp8_gemm)

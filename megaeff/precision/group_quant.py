@@ -169,7 +169,9 @@ def quantize_groups(xg: torch.Tensor, fmt: Fp8Format, expand: bool) -> Tuple[tor
         k = torch.where(zero | const, one, expansion_exponent(ratio, fmt))
         centre = torch.where(zero, one, torch.where(const, mx, sqrt_rn(mx) * sqrt_rn(torch.where(zero, one, mn))))
         ymax = _pow(torch.where(zero, one, mx / centre), k)
-        scale = torch.where(zero, torch.zeros_like(mx), torch.where(const, torch.full_like(mx, CONSTANT_SCALE), ymax / fmt.max))
+        scale = torch.where(
+            zero, torch.zeros_like(mx), torch.where(const, torch.full_like(mx, CONSTANT_SCALE), ymax / fmt.max)
+        )
     else:
         k = one.clone()
         centre = torch.where(const, mx, one)
@@ -200,7 +202,9 @@ def dequantize(codes: torch.Tensor, meta: torch.Tensor, layout: GroupLayout) -> 
     return layout.from_groups(dequantize_groups(layout.to_groups(codes), meta)).reshape(codes.shape)
 
 
-def shard_group_problem(shape: Sequence[int], logical_shape: Sequence[int], split: str, group_size: int = GROUP_SIZE) -> str:
+def shard_group_problem(
+    shape: Sequence[int], logical_shape: Sequence[int], split: str, group_size: int = GROUP_SIZE
+) -> str:
     """Why the FP8 groups of a tensor-parallel shard (`split`: rows | cols | support; anything else is not
     split) of a tensor of `logical_shape` would differ from the logical tensor's ('' when they are the same)."""
     if split not in ("rows", "cols", "support"):

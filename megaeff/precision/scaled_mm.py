@@ -66,7 +66,11 @@ def gemm_unsupported(
 
 
 def scaled_mm(
-    a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, out_dtype: torch.dtype = torch.float32
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(a * scale_a) @ (b * scale_b) with FP32 accumulation, in `out_dtype`; raises `Fp8GemmError` where CUDA would."""
     reason = gemm_unsupported(a, b, scale_a, scale_b, out_dtype)

@@ -131,7 +131,9 @@ def save_checkpoint(
 def complete_checkpoints(ckpt_root: Path) -> List[Path]:
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).is_file())
+    return sorted(
+        p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).is_file()
+    )
 
 
 def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
@@ -188,7 +190,9 @@ def verify_checkpoint(path: Path) -> Dict:
         if not f.is_file():
             raise CheckpointError(path, f"missing file {name}")
         if f.stat().st_size != size:
-            raise CheckpointError(path, f"{name} has {f.stat().st_size} bytes, manifest says {size} (truncated or altered)")
+            raise CheckpointError(
+                path, f"{name} has {f.stat().st_size} bytes, manifest says {size} (truncated or altered)"
+            )
     return manifest
 
 
@@ -198,7 +202,10 @@ def _load_merged(path: Path, kind: str) -> Dict:
     parts = [_load(f) for f in files]
     if kind == "model":
         return {k: v for part in parts for k, v in part.items()}
-    merged = {"hparams": [dict(g, names=list(g["names"])) for g in parts[0]["hparams"]], "state": dict(parts[0]["state"])}
+    merged = {
+        "hparams": [dict(g, names=list(g["names"])) for g in parts[0]["hparams"]],
+        "state": dict(parts[0]["state"]),
+    }
     for part in parts[1:]:
         for group, more in zip(merged["hparams"], part["hparams"]):
             group["names"] += more["names"]

@@ -80,7 +80,9 @@ class WandbSink:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, lcfg, *, enabled: bool, total_steps: int, start_step: int, run_name: str, config: Dict):
+    def __init__(
+        self, run_dir: Path, lcfg, *, enabled: bool, total_steps: int, start_step: int, run_name: str, config: Dict
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.path = Path(run_dir) / METRICS_FILE
@@ -126,8 +128,12 @@ class MetricsLogger:
         """Every step, on a terminal only: redraw one status line in place between the logged lines."""
         if not (self.enabled and self.progress and self._tty) or step >= self.total_steps:
             return
-        print(f"\rstep {step}/{self.total_steps} | loss {loss:.4f} | {format_rate(tokens_per_s)} tok/s "
-              f"| ETA {format_duration(self.eta(step))}\033[K", end="", flush=True)
+        print(
+            f"\rstep {step}/{self.total_steps} | loss {loss:.4f} | {format_rate(tokens_per_s)} tok/s "
+            f"| ETA {format_duration(self.eta(step))}\033[K",
+            end="",
+            flush=True,
+        )
         self._live = True
 
     def log_eval(self, step: int, metrics: Dict) -> None:
@@ -135,8 +141,11 @@ class MetricsLogger:
             return
         self._write({"kind": "eval", "step": step, **metrics})
         self._end_live_line()
-        print(f"eval  step {step}: val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.3f} "
-              f"| {metrics['val_tokens']:,} tokens", flush=True)
+        print(
+            f"eval  step {step}: val_loss {metrics['val_loss']:.4f} | val_ppl {metrics['val_ppl']:.3f} "
+            f"| {metrics['val_tokens']:,} tokens",
+            flush=True,
+        )
 
     def info(self, message: str) -> None:
         if self.enabled:

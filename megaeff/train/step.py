@@ -67,8 +67,15 @@ class PlainStep:
     whose gradients are summed, times the dp x cp ranks unless distributed experts already return this rank's
     share), so that the step optimizes its mean."""
 
-    def __init__(self, model: nn.Module, batches: List[Dict], global_tokens: int,
-                 forward_loss: Callable[[Dict], torch.Tensor], *, aux_divisor: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: List[Dict],
+        global_tokens: int,
+        forward_loss: Callable[[Dict], torch.Tensor],
+        *,
+        aux_divisor: int,
+    ):
         self.model, self.batches, self.global_tokens = model, batches, global_tokens
         self.forward_loss, self.aux_divisor = forward_loss, aux_divisor
         self.pending: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}

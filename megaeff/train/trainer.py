@@ -97,7 +97,9 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
         # Built on the parameters parallelize left (FSSDP's shards).
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
-        self.scheduler = LRScheduler(self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule)
+        self.scheduler = LRScheduler(
+            self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule
+        )
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
         self.step = 0
@@ -143,16 +145,26 @@ class Trainer:
         if self.dims.pp == 1:
             return None
         pc = self.cfg.parallel
-        return PipelineRunner(self.model, self.dims, self.parallel.chunks, schedule=pc.pp_schedule,
-                              virtual=pc.pp_virtual, sequence_parallel=pc.sequence_parallel and self.dims.tp > 1)
+        return PipelineRunner(
+            self.model,
+            self.dims,
+            self.parallel.chunks,
+            schedule=pc.pp_schedule,
+            virtual=pc.pp_virtual,
+            sequence_parallel=pc.sequence_parallel and self.dims.tp > 1,
+        )
 
     def _resume(self) -> Optional[Path]:
         """Load the checkpoint `train.resume` names, if any; returns its directory."""
         resume_dir = ckpt.find_resume_dir(self.run_dir, self.cfg.train.resume)
         if resume_dir is not None:
             state = ckpt.load_checkpoint(
-                resume_dir, model=self.model, optimizer=self.optimizer, rank=self.dims.rank,
-                logical=self.parallel.state, expected_keys=self.logical_keys if self.dims.pp > 1 else None,
+                resume_dir,
+                model=self.model,
+                optimizer=self.optimizer,
+                rank=self.dims.rank,
+                logical=self.parallel.state,
+                expected_keys=self.logical_keys if self.dims.pp > 1 else None,
             )
             self.step = int(state["step"])
             self.consumed_samples = int(state["consumed_samples"])
@@ -188,11 +200,17 @@ class Trainer:
         ]
         if self.pipeline is not None:
             m, pc = c.train.grad_accum, c.parallel
-            bubble = bubble_fraction(build_schedule(pc.pp_schedule, self.dims.pp, m, pc.pp_virtual), self.dims.pp, pc.pp_virtual)
-            lines.append(f"{self.pipeline.describe()}; {m} micro-batches per step, bubble {bubble:.3f} of compute by the "
-                         "schedule (tools/pipeline_schedule.py draws it; pp_idle_fraction in the metrics is measured)")
+            bubble = bubble_fraction(
+                build_schedule(pc.pp_schedule, self.dims.pp, m, pc.pp_virtual), self.dims.pp, pc.pp_virtual
+            )
+            lines.append(
+                f"{self.pipeline.describe()}; {m} micro-batches per step, bubble {bubble:.3f} of compute by the "
+                "schedule (tools/pipeline_schedule.py draws it; pp_idle_fraction in the metrics is measured)"
+            )
         if self.resumed_from is not None:
-            lines.append(f"resumed from {self.resumed_from} at step {self.step} ({self.consumed_samples} samples consumed)")
+            lines.append(
+                f"resumed from {self.resumed_from} at step {self.step} ({self.consumed_samples} samples consumed)"
+            )
         for line in lines:
             self.log.info(line)
 
@@ -200,8 +218,11 @@ class Trainer:
         inputs = batch["inputs"]
         vocab = self.cfg.model.vocab_size
         if int(inputs.max()) >= vocab or int(inputs.min()) < 0:
-            raise DataError("data", f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
-                                    "the dataset was made with a larger tokenizer")
+            raise DataError(
+                "data",
+                f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
+                "the dataset was made with a larger tokenizer",
+            )
         b = {k: batch[k].to(self.device) for k in ("inputs", "labels", "positions", "segment_ids") if k in batch}
         if self.parallel.context is not None:
             # This rank's tokens of every sequence, with their global positions for RoPE (labels were shifted
@@ -236,8 +257,9 @@ class Trainer:
     def _step_executor(self, batches: List[Dict], global_tokens: int) -> Tuple[StepExecutor, List[Action]]:
         """What runs the step's micro-batches, and its schedule: a pipeline's, or the plain forward+backward."""
         if self.pipeline is not None:
-            executor = self.pipeline.start_step(batches, global_tokens, self._loss_fn, to_device=self._to_device,
-                                                autocast=self._autocast)
+            executor = self.pipeline.start_step(
+                batches, global_tokens, self._loss_fn, to_device=self._to_device, autocast=self._autocast
+            )
             return executor, self.pipeline.actions(len(batches))
         # The MoE balance loss: the mean over every micro-batch of the global batch (gradients are summed over
         # micro-batches and dp x cp ranks; distributed experts already return this rank's share).
@@ -276,10 +298,18 @@ class Trainer:
         self.step += 1
         self.consumed_samples += self.global_batch_size
         loss_mean = loss_total / global_tokens
-        out = {"loss": loss_mean, "ppl": math.exp(min(loss_mean, 50.0)), "lr": lr, "grad_norm": grad_norm, "tokens": global_tokens,
-               "act_saved_bytes": executor.act_saved_bytes}
+        out = {
+            "loss": loss_mean,
+            "ppl": math.exp(min(loss_mean, 50.0)),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": global_tokens,
+            "act_saved_bytes": executor.act_saved_bytes,
+        }
         if self.cfg.model.moe_experts:  # the balance loss of the step, summed over its micro-batches and ranks
-            out["moe_aux_loss"] = all_reduce_scalar(executor.aux_total, self.dims.group("dp_cp"), "dp_cp", self.dims.comm_stats, self.device)
+            out["moe_aux_loss"] = all_reduce_scalar(
+                executor.aux_total, self.dims.group("dp_cp"), "dp_cp", self.dims.comm_stats, self.device
+            )
         return out
 
     # ---------------------------------------------------------------- eval
@@ -342,13 +372,24 @@ class Trainer:
         local = self.stop.requested or timed_out
         # Any rank's signal stops every rank at the same step (a collective, so no rank is left waiting).
         if self.dims.world_size > 1:
-            local = all_reduce_scalar(
-                float(local), self.dims.group("world"), "world", self.dims.comm_stats, self.device,
-                op=torch.distributed.ReduceOp.MAX,
-            ) > 0
+            local = (
+                all_reduce_scalar(
+                    float(local),
+                    self.dims.group("world"),
+                    "world",
+                    self.dims.comm_stats,
+                    self.device,
+                    op=torch.distributed.ReduceOp.MAX,
+                )
+                > 0
+            )
         if not local:
             return None
-        return f"signal {self.stop.signum}" if self.stop.requested else ("train.max_duration_minutes" if timed_out else "another rank")
+        return (
+            f"signal {self.stop.signum}"
+            if self.stop.requested
+            else ("train.max_duration_minutes" if timed_out else "another rank")
+        )
 
     # ---------------------------------------------------------------- loop
     def _train_record(self, m: Dict[str, float], tokens_per_s: float, step_time: float) -> Dict[str, float]:
@@ -362,8 +403,11 @@ class Trainer:
             **({"moe_aux_loss": m["moe_aux_loss"]} if "moe_aux_loss" in m else {}),
             **({"pp_idle_fraction": self.pipeline.idle_fraction} if self.pipeline is not None else {}),
             # Attention forwards that computed, and those the checkpoint recomputation replayed (LightSeq).
-            **({f"cp_attention/{k}": v for k, v in self.parallel.context.counter.as_dict().items()}
-               if self.parallel.context is not None else {}),
+            **(
+                {f"cp_attention/{k}": v for k, v in self.parallel.context.counter.as_dict().items()}
+                if self.parallel.context is not None
+                else {}
+            ),
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),
@@ -392,7 +436,9 @@ class Trainer:
             window_tokens, window_time, window_steps = window_tokens + m["tokens"], window_time + dt, window_steps + 1
             self.log.tick(self.step, m["loss"], m["tokens"] / dt)
             if self.step % t.log_interval == 0 or self.step == t.steps:
-                self.log.log_train(self.step, self._train_record(m, window_tokens / window_time, window_time / window_steps))
+                self.log.log_train(
+                    self.step, self._train_record(m, window_tokens / window_time, window_time / window_steps)
+                )
                 window_tokens, window_time, window_steps = 0, 0.0, 0
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < t.steps:
                 self.log.log_eval(self.step, self.evaluate())
@@ -402,7 +448,9 @@ class Trainer:
             if reason is not None:
                 if last_saved != self.step:
                     result.checkpoint = self.save()
-                self.log.info(f"stop requested ({reason}): checkpoint saved at step {self.step}; resume with train.resume=auto")
+                self.log.info(
+                    f"stop requested ({reason}): checkpoint saved at step {self.step}; resume with train.resume=auto"
+                )
                 result.preempted = True
                 break
         result.step = self.step

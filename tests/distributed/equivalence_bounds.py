@@ -73,7 +73,9 @@ def grad_bounds(dp_ranks: Sequence[dict]) -> Dict[str, Tuple[torch.Tensor, torch
 def assert_summation_order(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor, what: str) -> None:
     err = (got.double() - exact).abs()
     i = int((err - bound).argmax())
-    assert bool((err <= bound).all()), f"{what}: |got - exact sum| {err.flatten()[i]:.3g} > {bound.flatten()[i]:.3g} (element {i})"
+    assert bool((err <= bound).all()), (
+        f"{what}: |got - exact sum| {err.flatten()[i]:.3g} > {bound.flatten()[i]:.3g} (element {i})"
+    )
 
 
 def ordinal(codes: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,9 @@ def assert_fp8_moments(ref: List[dict], got: List[dict], betas: Sequence[float],
                     seen["k_changed"] += int((dk > 0).sum())
                     seen["codes_moved"] += int((moved > 0).sum())
                 err = (deq_b - deq_a).abs()
-                bound = code_gap(sa[key], sa[key + "_meta"], layout, fmt) + code_gap(sb[key], sb[key + "_meta"], layout, fmt)
+                bound = code_gap(sa[key], sa[key + "_meta"], layout, fmt) + code_gap(
+                    sb[key], sb[key + "_meta"], layout, fmt
+                )
                 bound = bound + beta * carried + (1 - beta) * layout.to_groups(dx)
                 ratio = float((err / bound.clamp_min(1e-300)).max())
                 assert bool((err <= bound).all()), f"{what}: dequantized moments differ by {ratio:.3g} x the bound"
@@ -144,13 +148,17 @@ def _moments_before(trace: List[dict], t: int, name: str, formats: Dict[str, Fp8
     out = []
     for key in ("exp_avg", "exp_avg_sq"):
         if st[key].dtype == torch.uint8:
-            out.append(dequantize(st[key].view(formats[key].dtype), st[key + "_meta"], GroupLayout.for_shape(st[key].shape)))
+            out.append(
+                dequantize(st[key].view(formats[key].dtype), st[key + "_meta"], GroupLayout.for_shape(st[key].shape))
+            )
         else:
             out.append(st[key])
     return tuple(out)
 
 
-def assert_coat_params(ref: List[dict], got: List[dict], p_ref: dict, p_got: dict, optim, formats: Dict[str, Fp8Format]) -> float:
+def assert_coat_params(
+    ref: List[dict], got: List[dict], p_ref: dict, p_got: dict, optim, formats: Dict[str, Fp8Format]
+) -> float:
     """|p_fs - p_dp| <= sum_t |delta_fs - delta_dp|_t + rounding (module docstring) for every traced parameter,
     `optim` an OptimConfig with weight_decay 0. Returns the largest |p_fs - p_dp| / bound."""
     assert optim.weight_decay == 0
@@ -163,7 +171,9 @@ def assert_coat_params(ref: List[dict], got: List[dict], p_ref: dict, p_got: dic
             for trace in (ref, got):
                 g = trace[t]["grads"][name]
                 # From p = 0: exactly -delta_t, by the step's own FP32 operations (0 * decay = 0, 0 - d = -d).
-                delta.append(adamw_math(torch.zeros_like(g), *_moments_before(trace, t, name, formats, g), g, s)[0].double())
+                delta.append(
+                    adamw_math(torch.zeros_like(g), *_moments_before(trace, t, name, formats, g), g, s)[0].double()
+                )
             moved = moved + (delta[1] - delta[0]).abs()
             magnitude = magnitude + torch.maximum(delta[0].abs(), delta[1].abs())
         a, b = p_ref[name].double(), p_got[name].double()

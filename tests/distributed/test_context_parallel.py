@@ -32,8 +32,13 @@ pytestmark = pytest.mark.slow
 
 B, T, D, E = 2, 16, 4, 8  # batch, whole sequence, head dim, bytes per float64
 LAYOUTS = {2: dict(cp=2, dp=2), 4: dict(cp=4)}
-IMPLS = [("ring", "zigzag"), ("ring", "contiguous"), ("lightseq", "contiguous"), ("ulysses", "contiguous"),
-         ("ulysses", "zigzag")]
+IMPLS = [
+    ("ring", "zigzag"),
+    ("ring", "contiguous"),
+    ("lightseq", "contiguous"),
+    ("ulysses", "contiguous"),
+    ("ulysses", "zigzag"),
+]
 SEQ_HEADS = [(4, 2), (3, 1)]  # GQA, and an odd head count (MQA)
 ULYSSES_HEADS = {2: (4, 2), 4: (8, 4)}
 TOL = dict(rtol=0, atol=1e-10)
@@ -118,8 +123,13 @@ def _remat(dims, impl, hq, hkv):
             y = attn.checkpoint(layer, x)
         fwd = counter.as_dict()
         (y * y).sum().backward()
-        out[mode] = dict(fwd=fwd, total=counter.as_dict(), bytes=dims.comm_stats.snapshot(), dx=x.grad,
-                         grads={n: p.grad for n, p in layer.named_parameters()})
+        out[mode] = dict(
+            fwd=fwd,
+            total=counter.as_dict(),
+            bytes=dims.comm_stats.snapshot(),
+            dx=x.grad,
+            grads={n: p.grad for n, p in layer.named_parameters()},
+        )
     return out
 
 
@@ -161,8 +171,10 @@ def expected_bytes(impl, cp, cp_rank, hq, hkv):
         return {"cp/all_to_all": a2a + rows * E}, {"cp/all_to_all": a2a}
     # LightSeq, by hand from the schedule: K/V blocks sent, query chunks sent to helpers, blocks computed
     # for others, remote K/V blocks used (cp=2: rank 0 sends its K/V to rank 1 and that is all).
-    n_kv, n_q, n_help, n_loc = {2: ([1, 0], [0, 0], [0, 0], [0, 1]),
-                                4: ([2, 2, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 2, 2])}[cp]
+    n_kv, n_q, n_help, n_loc = {
+        2: ([1, 0], [0, 0], [0, 0], [0, 1]),
+        4: ([2, 2, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 2, 2]),
+    }[cp]
     i = cp_rank
     fwd = n_kv[i] * kv + n_q[i] * rows * D * E + n_help[i] * rows * (D + 1) * E
     bwd = n_kv[i] * kv + n_q[i] * rows * (2 * D + 2) * E + n_help[i] * rows * D * E + n_loc[i] * kv
@@ -194,9 +206,13 @@ def test_matches_full_causal_attention(results, impl, sharding, cp):
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_block_counts_and_balance(results, cp):
-    ranks = sorted((res for res in results((cp, "attn"), _attention) if res["dp_rank"] == 0), key=lambda res: res["cp_rank"])
-    counters = {(impl, sharding): [res["res"][(impl, sharding, *SEQ_HEADS[0])]["counter"] for res in ranks]
-                for impl, sharding in IMPLS[:3]}
+    ranks = sorted(
+        (res for res in results((cp, "attn"), _attention) if res["dp_rank"] == 0), key=lambda res: res["cp_rank"]
+    )
+    counters = {
+        (impl, sharding): [res["res"][(impl, sharding, *SEQ_HEADS[0])]["counter"] for res in ranks]
+        for impl, sharding in IMPLS[:3]
+    }
     ls = counters[("lightseq", "contiguous")]
     blocks = [c["forward_blocks"] for c in ls]
     assert blocks == lightseq_block_counts(cp) == [cp // 2] * (cp // 2) + [cp // 2 + 1] * (cp // 2)
@@ -294,8 +310,10 @@ def test_meta_dry_run_records_the_closed_form(impl, cp):
     for rank in range(cp):
         stats = CommStats()
         attn = ContextParallelAttention(CommGroup("cp", None, stats, cp, rank), impl)
-        q, k, v = (torch.empty(B, h, seq // cp, D, device="meta", dtype=torch.bfloat16).requires_grad_(True)
-                   for h in (hq, hkv, hkv))
+        q, k, v = (
+            torch.empty(B, h, seq // cp, D, device="meta", dtype=torch.bfloat16).requires_grad_(True)
+            for h in (hq, hkv, hkv)
+        )
         attn(q, k, v).backward(torch.empty(B, hq, seq // cp, D, device="meta", dtype=torch.bfloat16))
         assert stats.total() == sum(comm_bytes(impl, B=B, T=seq, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=2, rank=rank))
         assert stats.total() > 0

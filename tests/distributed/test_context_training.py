@@ -13,9 +13,18 @@ from tests.helpers import assert_same_run, compose, records, train
 pytestmark = pytest.mark.slow
 
 STEPS = 10
-COMMON = ["experiment=smoke", "method=lost", "method.rank=8", f"train.steps={STEPS}", "train.log_interval=1",
-          "train.eval_interval=5", "train.plot=false", "optim.warmup_steps=2", f"train.ckpt_interval={STEPS}",
-          "train.grad_accum=2"]
+COMMON = [
+    "experiment=smoke",
+    "method=lost",
+    "method.rank=8",
+    f"train.steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=5",
+    "train.plot=false",
+    "optim.warmup_steps=2",
+    f"train.ckpt_interval={STEPS}",
+    "train.grad_accum=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +59,16 @@ def test_context_parallel_matches_single_process(single, tmp_path, layout, extra
 def test_rematerialization_aware_checkpointing_skips_attention_forward(single, tmp_path):
     """LightSeq with activation checkpointing: the backward recomputes each block but replays attention's kept
     output and log-sum-exp, so attention forwards stay one per layer and micro-batch; same run as without."""
-    train(tmp_path / "run", *COMMON, "parallel=cp2_dp2", "parallel.cp_impl=lightseq", "parallel.cp_sharding=contiguous",
-          "train.activation_checkpointing=true", "train.micro_batch_size=2", nproc=4)
+    train(
+        tmp_path / "run",
+        *COMMON,
+        "parallel=cp2_dp2",
+        "parallel.cp_impl=lightseq",
+        "parallel.cp_sharding=contiguous",
+        "train.activation_checkpointing=true",
+        "train.micro_batch_size=2",
+        nproc=4,
+    )
     assert_same_run(single, tmp_path / "run", STEPS)
     calls = 2 * 2  # smoke: 2 layers x train.grad_accum=2 micro-batches
     for rec in records(tmp_path / "run"):
@@ -69,9 +86,11 @@ def test_activation_checkpointing_is_exact_and_saves_memory(single, tmp_path):
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        (["data.seq_len=30"], "data.seq_len"),                                             # zigzag: 2 cp chunks
-        (["parallel.cp_impl=ulysses", "parallel.cp_sharding=contiguous", "model.n_heads=3", "model.dim=48"],
-         "model.n_heads"),
+        (["data.seq_len=30"], "data.seq_len"),  # zigzag: 2 cp chunks
+        (
+            ["parallel.cp_impl=ulysses", "parallel.cp_sharding=contiguous", "model.n_heads=3", "model.dim=48"],
+            "model.n_heads",
+        ),
         (["parallel.cp_impl=lightseq", "parallel.cp_sharding=zigzag"], "parallel.cp_sharding"),
         (["parallel.cp_impl=star"], "parallel.cp_impl"),
         (["data.reset_attention_mask=true"], "data.reset_attention_mask"),

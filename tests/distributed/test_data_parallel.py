@@ -55,7 +55,9 @@ class MLP(torch.nn.Module):
 
 def data(seed: int, n: int):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, D_IN, dtype=torch.float64, generator=g), torch.randn(n, D_OUT, dtype=torch.float64, generator=g)
+    return torch.randn(n, D_IN, dtype=torch.float64, generator=g), torch.randn(
+        n, D_OUT, dtype=torch.float64, generator=g
+    )
 
 
 def loss_sum(model, x, y, **kw):
@@ -63,7 +65,11 @@ def loss_sum(model, x, y, **kw):
 
 
 def grads(model):
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def reduced_step(dims, model, reducer, x, y, global_tokens, **kw):
@@ -94,7 +100,9 @@ def _dp_equivalence(dims, cfg):
     x, y = data(1, n)
     mine = slice(dims.dp_rank * ACCUM * ROWS, (dims.dp_rank + 1) * ACCUM * ROWS)
     model = MLP()
-    reducer = GradReducer(list(model.named_parameters(remove_duplicate=False)), dims, bucket_mb=bucket_mb, overlap=overlap)
+    reducer = GradReducer(
+        list(model.named_parameters(remove_duplicate=False)), dims, bucket_mb=bucket_mb, overlap=overlap
+    )
     kw = dict(use_extra=True, use_scale=True)  # every parameter gets a gradient
     steps = []
     for _ in range(2):  # the second step reattaches the views after zero_grad(set_to_none=True)
@@ -133,7 +141,10 @@ def _unused_branch(dims, overlap):
     # `extra` runs on ranks 0 and 1 only, `scale` on rank 2 only; unused params sit between used buckets.
     n = dims.dp * ACCUM * ROWS
     x, y = data(7, n)
-    shards = [(x[r * ACCUM * ROWS : (r + 1) * ACCUM * ROWS], y[r * ACCUM * ROWS : (r + 1) * ACCUM * ROWS]) for r in range(dims.dp)]
+    shards = [
+        (x[r * ACCUM * ROWS : (r + 1) * ACCUM * ROWS], y[r * ACCUM * ROWS : (r + 1) * ACCUM * ROWS])
+        for r in range(dims.dp)
+    ]
     kw = lambda r: dict(use_extra=r < 2, use_scale=r == 2)  # noqa: E731
     model = MLP()
     reducer = GradReducer(list(model.named_parameters()), dims, bucket_mb=0, overlap=overlap)
@@ -153,7 +164,17 @@ def test_reduced_grads_equal_single_process(pool, overlap):
         flat = [n for b in info["names"] for n in b]
         # Reverse registration order (the module's own `scale` registers first), tied fc2 once, frozen skipped,
         # float32 `scale` in a bucket of its own.
-        assert flat == ["out.bias", "out.weight", "extra.bias", "extra.weight", "fc2.bias", "fc2.weight", "fc1.bias", "fc1.weight", "scale"]
+        assert flat == [
+            "out.bias",
+            "out.weight",
+            "extra.bias",
+            "extra.weight",
+            "fc2.bias",
+            "fc2.weight",
+            "fc1.bias",
+            "fc1.weight",
+            "scale",
+        ]
         assert ["scale"] in info["names"]
         for g, stats, from_hooks in steps:
             assert g.keys() == ref.keys()

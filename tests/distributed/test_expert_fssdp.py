@@ -132,11 +132,19 @@ def _step(dims, impl, method, router, coef, options):
     loss.backward()
     comm = dims.comm_stats.snapshot()
     out = dict(
-        y=y.detach(), y_ref=yr[mine].detach(), xg=x.grad, xg_ref=xr.grad[mine],
-        loss=float(all_reduce(loss.detach().view(1), cg)), loss_ref=float(loss_ref.detach()),
+        y=y.detach(),
+        y_ref=yr[mine].detach(),
+        xg=x.grad,
+        xg_ref=xr.grad[mine],
+        loss=float(all_reduce(loss.detach().view(1), cg)),
+        loss_ref=float(loss_ref.detach()),
         grads=layer.gather_logical(layer.flat_param().grad),
         grads_ref={f"layers.0.mlp.{n}": p.grad for n, p in ref.named_parameters() if n.startswith("experts.")},
-        stats=layer.last_stats, comm=comm, flat_shape=tuple(layer.flat_param().shape), dp=dp, dp_rank=r,
+        stats=layer.last_stats,
+        comm=comm,
+        flat_shape=tuple(layer.flat_param().shape),
+        dp=dp,
+        dp_rank=r,
     )
     if router == "learned":
         out.update(router_grad=all_reduce(layer.router.weight.grad, cg), router_grad_ref=ref.router.weight.grad)
@@ -203,7 +211,9 @@ def test_learned_router_and_balance_loss_match(pool, impl):
 
 @slow
 def test_sltrain_experts_without_rematerialization(pool):
-    results = pool.run(run_step, ("fssdp", "sltrain", "fixed", 0.0, dict(rematerialize=False, slots_per_rank=4)), layout=dict(dp=4))
+    results = pool.run(
+        run_step, ("fssdp", "sltrain", "fixed", 0.0, dict(rematerialize=False, slots_per_rank=4)), layout=dict(dp=4)
+    )
     assert_equivalent(results)
     padded = results[0]["flat_shape"][1] * 4
     assert results[0]["comm"]["dp_cp/sparse_all_gather"] == 8 * 4 * padded  # 4 slots, gathered once: kept for backward

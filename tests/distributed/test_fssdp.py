@@ -37,14 +37,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.distributed.equivalence_bounds import assert_coat_params, assert_fp8_moments, assert_summation_order, grad_bounds
-from tests.distributed.harness import pool_fixture
 from megaeff.config.schema import MethodConfig, ModelConfig, OptimConfig
 from megaeff.distributed.comm import all_reduce_scalar
 from megaeff.distributed.data_parallel.bucketed import GradReducer
 from megaeff.distributed.dims import ParallelDims
 from megaeff.distributed.fssdp.engine import FSSDP
 from megaeff.distributed.fssdp.layout import dim0_bounds
+from megaeff.distributed.grad_norm import clip_grad_norm_ as dp_clip
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters
 from megaeff.distributed.parallelize import apply_tensor_parallel
 from megaeff.distributed.tensor_parallel.sequence import loss_sum as parallel_loss_sum
@@ -55,8 +54,14 @@ from megaeff.precision.fp8 import get_format
 from megaeff.precision.group_quant import GroupLayout
 from megaeff.train import checkpoint as ckpt
 from megaeff.train.checkpoint import optimizer_state_by_name
-from megaeff.distributed.grad_norm import clip_grad_norm_ as dp_clip
 from megaeff.train.perf import state_memory
+from tests.distributed.equivalence_bounds import (
+    assert_coat_params,
+    assert_fp8_moments,
+    assert_summation_order,
+    grad_bounds,
+)
+from tests.distributed.harness import pool_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +156,13 @@ def train(dims, model, optimizer, *, fs=None, reducer=None, probe=None, steps=ST
         norms.append(dp_clip(params, MAX_NORM, dims, dp_sharded=fs is not None))
         if trace:
             grads = {n: p.grad for n, p in model.named_parameters()}
-            steps_seen.append({"grads": {n: g.clone() for n, g in (logical.gather_model(grads) if logical.sharded else grads).items()}})
+            steps_seen.append(
+                {
+                    "grads": {
+                        n: g.clone() for n, g in (logical.gather_model(grads) if logical.sharded else grads).items()
+                    }
+                }
+            )
         optimizer.step()
         if trace:
             steps_seen[-1]["ostate"] = portable(logical_ostate(model, optimizer, fs))
@@ -162,6 +173,7 @@ def train(dims, model, optimizer, *, fs=None, reducer=None, probe=None, steps=ST
 def portable(state):
     """A copy (the optimizer goes on updating its tensors in place), FP8 codes as their bytes: float8 tensors do
     not survive the pickling between processes."""
+
     def copy(v):
         if not torch.is_tensor(v):
             return v
@@ -172,22 +184,36 @@ def portable(state):
 
 def optim_tensor_bytes(optimizer) -> int:
     # The per-tensor `step` scalars are one per tensor, not state that scales with the parameter.
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return sum(
+        v.numel() * v.element_size()
+        for s in optimizer.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )
 
 
 def run_dp(dims, method, optim, tp_model=False):
     model = build(method, dims if tp_model else None)
     opt, _ = build_optimizer(model, OPTIMS[optim], dims.device)
     terms = [] if tp_model else micro_grads(dims, model)
-    res = train(dims, model, opt, reducer=GradReducer(list(model.named_parameters()), dims, bucket_mb=0.01), trace=optim == "coat")
+    res = train(
+        dims,
+        model,
+        opt,
+        reducer=GradReducer(list(model.named_parameters()), dims, bucket_mb=0.01),
+        trace=optim == "coat",
+    )
     logical = LogicalState(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     with torch.no_grad():
         res["eval"] = model(batch(dims, 99, 0)[0])
-    res.update(params=logical.gather_model(state) if logical.sharded else state, terms=terms,
-               ostate=portable(logical_ostate(model, opt)),
-               mem=state_memory(model, opt) | {"optim_tensors": optim_tensor_bytes(opt)},
-               sizes={n: p.numel() for n, p in model.named_parameters()})
+    res.update(
+        params=logical.gather_model(state) if logical.sharded else state,
+        terms=terms,
+        ostate=portable(logical_ostate(model, opt)),
+        mem=state_memory(model, opt) | {"optim_tensors": optim_tensor_bytes(opt)},
+        sizes={n: p.numel() for n, p in model.named_parameters()},
+    )
     return res
 
 
@@ -196,18 +222,35 @@ def run_fs(dims, method, optim, tp_model=False, probe_live=False, **kw):
     fs = FSSDP(model, dims, **kw)
     opt, _ = build_optimizer(model, OPTIMS[optim], dims.device)
     live = []
-    res = train(dims, model, opt, fs=fs, probe=(lambda when: live.append((when, fs.live_gathered_bytes()))) if probe_live else None,
-                trace=optim == "coat")
+    res = train(
+        dims,
+        model,
+        opt,
+        fs=fs,
+        probe=(lambda when: live.append((when, fs.live_gathered_bytes()))) if probe_live else None,
+        trace=optim == "coat",
+    )
     with torch.no_grad():  # evaluation: gathered, used, freed; no backward to wait for
         res["eval"] = model(batch(dims, 99, 0)[0])
     res["live_after_eval"] = fs.live_gathered_bytes()
-    res.update(params=fs.logical_state_dict(), ostate=portable(fs.logical_optimizer_state(opt)["state"]),
-               mem=state_memory(model, opt) | {"optim_tensors": optim_tensor_bytes(opt)},
-               shards={n: tuple(p.shape) for n, p in model.named_parameters()},
-               specs={n: (s.kind, s.full_numel) for n, s in fs.specs.items()}, replicated=[n for n, _ in fs.replicated],
-               padding=fs.padding_numel(), per_pass=fs.gather_bytes_per_pass(), last_step=fs.last_step, live=live,
-               peak=fs.peak_gathered_bytes, sparse={r.spec.name: r.spec.bounds for r in fs.sparse_rows},
-               rank=dims.dp_rank, dp=dims.dp, defer=fs.defer_accumulation, gathers=fs.last_gathers)
+    res.update(
+        params=fs.logical_state_dict(),
+        ostate=portable(fs.logical_optimizer_state(opt)["state"]),
+        mem=state_memory(model, opt) | {"optim_tensors": optim_tensor_bytes(opt)},
+        shards={n: tuple(p.shape) for n, p in model.named_parameters()},
+        specs={n: (s.kind, s.full_numel) for n, s in fs.specs.items()},
+        replicated=[n for n, _ in fs.replicated],
+        padding=fs.padding_numel(),
+        per_pass=fs.gather_bytes_per_pass(),
+        last_step=fs.last_step,
+        live=live,
+        peak=fs.peak_gathered_bytes,
+        sparse={r.spec.name: r.spec.bounds for r in fs.sparse_rows},
+        rank=dims.dp_rank,
+        dp=dims.dp,
+        defer=fs.defer_accumulation,
+        gathers=fs.last_gathers,
+    )
     fs.remove()
     return res
 
@@ -217,22 +260,35 @@ def _matrix(dims, method):
 
 
 def _reshard(dims, method):
-    return (run_dp(dims, method, "adamw"), run_fs(dims, method, "adamw", probe_live=True, reshard_after_forward=True),
-            run_fs(dims, method, "adamw", probe_live=True, reshard_after_forward=False))
+    return (
+        run_dp(dims, method, "adamw"),
+        run_fs(dims, method, "adamw", probe_live=True, reshard_after_forward=True),
+        run_fs(dims, method, "adamw", probe_live=True, reshard_after_forward=False),
+    )
 
 
 def _dtypes(dims, method):
-    return (run_dp(dims, method, "adamw"),
-            *(run_fs(dims, method, "adamw", gather_dtype=g, reduce_dtype=r) for g, r in (("fp32", "fp32"), ("bf16", "fp32"), ("fp8", "fp32"), ("fp32", "bf16"))))
+    return (
+        run_dp(dims, method, "adamw"),
+        *(
+            run_fs(dims, method, "adamw", gather_dtype=g, reduce_dtype=r)
+            for g, r in (("fp32", "fp32"), ("bf16", "fp32"), ("fp8", "fp32"), ("fp32", "bf16"))
+        ),
+    )
 
 
 def _heterogeneous(dims, method, kw):
-    return (run_dp(dims, method, "adamw"), run_fs(dims, method, "adamw", defer_accumulation=True, **kw),
-            run_fs(dims, method, "adamw", **kw))
+    return (
+        run_dp(dims, method, "adamw"),
+        run_fs(dims, method, "adamw", defer_accumulation=True, **kw),
+        run_fs(dims, method, "adamw", **kw),
+    )
 
 
 def _tensor_parallel(dims, method):
-    return run_dp(dims, method, "adamw", tp_model=True), run_fs(dims, method, "adamw", tp_model=True, defer_accumulation=True)
+    return run_dp(dims, method, "adamw", tp_model=True), run_fs(
+        dims, method, "adamw", tp_model=True, defer_accumulation=True
+    )
 
 
 def _checkpoint_round_trip(dims, method, ckpt_root):
@@ -246,9 +302,21 @@ def _checkpoint_round_trip(dims, method, ckpt_root):
     # Copies: like state_dict(), the logical dicts alias whatever is not sharded (the norm gains, scalars).
     sd = {k: v.clone() for k, v in fs.logical_state_dict().items()}
     osd = fs.logical_optimizer_state(opt)
-    osd["state"] = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for n, st in osd["state"].items()}
-    path = ckpt.save_checkpoint(Path(ckpt_root), 3, model=model, optimizer=opt, trainer_state={"step": 3}, config_yaml="",
-                                rank=dims.rank, world_size=dims.world_size, keep_last=1, logical=fs)
+    osd["state"] = {
+        n: {k: v.clone() if torch.is_tensor(v) else v for k, v in st.items()} for n, st in osd["state"].items()
+    }
+    path = ckpt.save_checkpoint(
+        Path(ckpt_root),
+        3,
+        model=model,
+        optimizer=opt,
+        trainer_state={"step": 3},
+        config_yaml="",
+        rank=dims.rank,
+        world_size=dims.world_size,
+        keep_last=1,
+        logical=fs,
+    )
     single = build(method)
     single_opt, _ = build_optimizer(single, OPTIMS["coat"], dims.device)
     ckpt.load_checkpoint(path, model=single, optimizer=single_opt, rank=dims.rank)  # the files hold logical tensors
@@ -263,15 +331,24 @@ def _checkpoint_round_trip(dims, method, ckpt_root):
     fs3 = FSSDP(model3, dims)
     opt3, _ = build_optimizer(model3, OPTIMS["coat"], dims.device)
     ckpt.load_checkpoint(path, model=model3, optimizer=opt3, rank=dims.rank, logical=fs3)
-    out = dict(sd=sd, osd=portable(osd["state"]), single_sd=single_sd, single_osd=portable(single_osd["state"]),
-               shards1={n: p.detach().clone() for n, p in model.named_parameters()},
-               shards2={n: p.detach().clone() for n, p in model2.named_parameters()},
-               shards3={n: p.detach().clone() for n, p in model3.named_parameters()},
-               st1=portable(optimizer_state_by_name(model, opt)["state"]),
-               st2=portable(optimizer_state_by_name(model2, opt2)["state"]),
-               st3=portable(optimizer_state_by_name(model3, opt3)["state"]))
-    out.update(l1=train(dims, model, opt, fs=fs, steps=1)["losses"], l2=train(dims, model2, opt2, fs=fs2, steps=1)["losses"],
-               after1=fs.logical_state_dict(), after2=fs2.logical_state_dict())
+    out = dict(
+        sd=sd,
+        osd=portable(osd["state"]),
+        single_sd=single_sd,
+        single_osd=portable(single_osd["state"]),
+        shards1={n: p.detach().clone() for n, p in model.named_parameters()},
+        shards2={n: p.detach().clone() for n, p in model2.named_parameters()},
+        shards3={n: p.detach().clone() for n, p in model3.named_parameters()},
+        st1=portable(optimizer_state_by_name(model, opt)["state"]),
+        st2=portable(optimizer_state_by_name(model2, opt2)["state"]),
+        st3=portable(optimizer_state_by_name(model3, opt3)["state"]),
+    )
+    out.update(
+        l1=train(dims, model, opt, fs=fs, steps=1)["losses"],
+        l2=train(dims, model2, opt2, fs=fs2, steps=1)["losses"],
+        after1=fs.logical_state_dict(),
+        after2=fs2.logical_state_dict(),
+    )
     return out
 
 
@@ -280,7 +357,9 @@ def close(got: torch.Tensor, ref: torch.Tensor, rel: float, what: str) -> None:
     """Max abs difference within `rel` of the reference tensor's scale (elementwise relative error is
     meaningless where a gradient element nearly cancels)."""
     err = (got.double() - ref.double()).abs().max().item()
-    assert err <= rel * ref.double().abs().max().item() + 1e-30, f"{what}: {err:.3g} vs scale {ref.abs().max().item():.3g}"
+    assert err <= rel * ref.double().abs().max().item() + 1e-30, (
+        f"{what}: {err:.3g} vs scale {ref.abs().max().item():.3g}"
+    )
 
 
 def assert_same_training(dp, fs, exact: bool, param_rel: float = 1e-5, bounds=None):
@@ -346,15 +425,17 @@ def sparse_bytes(fs, step: int):
     others (and itself) ask of its shard, the gradient rows of its own tokens, and the ids and counts."""
     if not fs["sparse"]:
         return {}
-    (a, b), = [bounds[fs["rank"]] for bounds in fs["sparse"].values()]
+    ((a, b),) = [bounds[fs["rank"]] for bounds in fs["sparse"].values()]
     dp, dim = fs["dp"], CFG.dim
     ids = {(r, i): batch(_Rank(r), step, i)[0].unique() for r in range(dp) for i in range(ACCUM)}
     mine = [ids[fs["rank"], i] for i in range(ACCUM)]
     served = sum(int(((v >= a) & (v < b)).sum()) for v in ids.values())
     reduced = [torch.cat(mine).unique()] if fs["defer"] else mine
-    return {"dp_cp/sparse_all_gather": F32 * dim * served,
-            "dp_cp/sparse_reduce_scatter": F32 * dim * sum(len(r) for r in reduced),
-            "dp_cp/all_to_all": 8 * sum(dp + len(u) for u in mine + reduced)}
+    return {
+        "dp_cp/sparse_all_gather": F32 * dim * served,
+        "dp_cp/sparse_reduce_scatter": F32 * dim * sum(len(r) for r in reduced),
+        "dp_cp/all_to_all": 8 * sum(dp + len(u) for u in mine + reduced),
+    }
 
 
 def assert_bytes(dp, fs, reshard: bool = True, defer: bool = True):
@@ -374,11 +455,17 @@ def assert_bytes(dp, fs, reshard: bool = True, defer: bool = True):
         assert step["dp_cp/reduce_scatter"] == (1 if defer else ACCUM) * (blocks + rest + pad)
         assert step.get("dp_cp/all_reduce", 0) == replicated
     for i, step in enumerate(fs["comm"]):
-        sparse = {k: v for k, v in step.items() if k in ("dp_cp/sparse_all_gather", "dp_cp/sparse_reduce_scatter", "dp_cp/all_to_all")}
+        sparse = {
+            k: v
+            for k, v in step.items()
+            if k in ("dp_cp/sparse_all_gather", "dp_cp/sparse_reduce_scatter", "dp_cp/all_to_all")
+        }
         assert sparse == sparse_bytes(fs, i)
     assert fs["last_step"] == {k: v for k, v in fs["comm"][-1].items() if k.startswith("dp_cp")}
     # The plain run all-reduces every gradient once per step.
-    assert {k: v for k, v in dp["comm"][0].items() if k.startswith("dp_cp")} == {"dp_cp/all_reduce": F32 * sum(dp["sizes"].values())}
+    assert {k: v for k, v in dp["comm"][0].items() if k.startswith("dp_cp")} == {
+        "dp_cp/all_reduce": F32 * sum(dp["sizes"].values())
+    }
 
 
 def optim_bytes_of(shape, optim: str) -> int:
@@ -409,7 +496,8 @@ def assert_one_over_dp(dp_ranks, fs_ranks, dp: int, optim: str):
     shard_optim = sum(optim_bytes_of(r["shards"][n], optim) for r in fs_ranks for n in sharded)
     assert shard_optim == sum(optim_bytes_of(logical_shapes[n], optim) for n in sharded)  # groups survive sharding
     assert max(r["mem"]["optim_tensors"] for r in fs_ranks) < dp0["mem"]["optim_tensors"] / dp * 1.1 + 2 * sum(
-        optim_bytes_of(logical_shapes[n], optim) for n in fs0["replicated"])
+        optim_bytes_of(logical_shapes[n], optim) for n in fs0["replicated"]
+    )
 
 
 def ranks_of(dp: int, res):
@@ -429,13 +517,17 @@ def test_matches_data_parallel(pool, dp, method):
         assert_bytes(dp_res, fs_res)
         dp_res, fs_res = r["coat"]
         assert_same_training(dp_res, fs_res, exact=dp == 2, param_rel=1e-2, bounds=bounds["coat"])
-        assert all(st["exp_avg"].dtype == torch.uint8 and "exp_avg_meta" in st for st in fs_res["ostate"].values())  # all FP8
+        assert all(
+            st["exp_avg"].dtype == torch.uint8 and "exp_avg_meta" in st for st in fs_res["ostate"].values()
+        )  # all FP8
         assert_bytes(dp_res, fs_res)
     for o in OPTIMS:
         assert_one_over_dp([r[o][0] for r in res], [r[o][1] for r in res], dp, o)
     fs_res = res[0]["adamw"][1]
     assert {k for k, _ in fs_res["specs"].values()} == {"shard"} and list(fs_res["sparse"]) == ["tok_embeddings.weight"]
-    assert sorted(fs_res["replicated"]) == sorted(n for n in fs_res["shards"] if n.endswith("norm.weight"))  # norm gains
+    assert sorted(fs_res["replicated"]) == sorted(
+        n for n in fs_res["shards"] if n.endswith("norm.weight")
+    )  # norm gains
     assert (fs_res["padding"] > 0) == (method == "sltrain")  # 409 sparse values = 3 full groups + 25, never even
 
 
@@ -481,7 +573,11 @@ def test_bf16_and_fp8_gathers(pool):
         # tensor's scale (7e-3, 0.15, 6e-3) and the mean parameter difference after 3 AdamW steps of lr 1e-2
         # (2e-4, 2e-3, 1.3e-4); the max difference is not a useful bound: AdamW moves an element whose
         # gradient nearly cancels by about lr whatever the gradient's size.
-        for r, (loss_tol, grad_tol, param_tol) in ((bf16, (5e-4, 3e-2, 1e-3)), (fp8, (5e-3, 0.5, 1e-2)), (rs_bf16, (5e-4, 3e-2, 1e-3))):
+        for r, (loss_tol, grad_tol, param_tol) in (
+            (bf16, (5e-4, 3e-2, 1e-3)),
+            (fp8, (5e-3, 0.5, 1e-2)),
+            (rs_bf16, (5e-4, 3e-2, 1e-3)),
+        ):
             assert r["losses"] != fp32["losses"]  # it did run in low precision
             torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(dp_res["losses"]), rtol=loss_tol, atol=0)
             for name, g in dp_res["grads"].items():
@@ -499,7 +595,10 @@ def test_heterogeneous_sharding(pool):
     bounds = grad_bounds([r[0] for r in res])
     for dp_res, fs_res, per_micro in res:
         assert_same_training(dp_res, per_micro, exact=False, bounds=bounds)
-        assert per_micro["comm"][0]["dp_cp_cross/reduce_scatter"] == ACCUM * per_micro["comm"][0]["dp_cp_node/all_reduce"] * 2
+        assert (
+            per_micro["comm"][0]["dp_cp_cross/reduce_scatter"]
+            == ACCUM * per_micro["comm"][0]["dp_cp_node/all_reduce"] * 2
+        )
         assert not fs_res["sparse"] and "tok_embeddings.weight" in fs_res["specs"]
         assert_same_training(dp_res, fs_res, exact=False, bounds=bounds)
         hybrid = [n for n, (kind, _) in fs_res["specs"].items() if kind == "hybrid"]
@@ -521,7 +620,10 @@ def test_checkpoint_round_trip_is_exact(pool, tmp_path):
         assert r["single_sd"].keys() == r["sd"].keys()
         assert all(torch.equal(r["single_sd"][k], v) for k, v in r["sd"].items())
         for n, st in r["osd"].items():
-            assert all(torch.equal(r["single_osd"][n][k], v) if torch.is_tensor(v) else r["single_osd"][n][k] == v for k, v in st.items()), n
+            assert all(
+                torch.equal(r["single_osd"][n][k], v) if torch.is_tensor(v) else r["single_osd"][n][k] == v
+                for k, v in st.items()
+            ), n
         for other in ("2", "3"):
             assert all(torch.equal(r["shards" + other][n], t) for n, t in r["shards1"].items())
             for n, st in r["st1"].items():
@@ -537,7 +639,9 @@ def test_tensor_parallel_underneath(pool):
     for dp_res, fs_res in res:
         assert_same_training(dp_res, fs_res, exact=True)
         assert_bytes(dp_res, fs_res)
-    assert all(torch.equal(t, res[1][1]["params"][n]) for n, t in res[0][1]["params"].items())  # tp peers: one logical model
+    assert all(
+        torch.equal(t, res[1][1]["params"][n]) for n, t in res[0][1]["params"].items()
+    )  # tp peers: one logical model
 
 
 def test_group_of_one_is_a_no_op():

@@ -17,9 +17,19 @@ pytestmark = pytest.mark.slow
 STEPS = 10
 # eps 1e-6: AdamW divides by sqrt(v) + eps, and with 1e-8 the last-bit differences of another summation order
 # grow where a gradient element nearly cancels (test_fssdp.py measures it).
-COMMON = ["experiment=smoke", "model.n_layers=4", "method.rank=8", "optim.eps=1e-6", f"train.steps={STEPS}",
-          "train.log_interval=1", "train.eval_interval=5", "train.plot=false", "optim.warmup_steps=2",
-          f"train.ckpt_interval={STEPS}", "train.grad_accum=2"]
+COMMON = [
+    "experiment=smoke",
+    "model.n_layers=4",
+    "method.rank=8",
+    "optim.eps=1e-6",
+    f"train.steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=5",
+    "train.plot=false",
+    "optim.warmup_steps=2",
+    f"train.ckpt_interval={STEPS}",
+    "train.grad_accum=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +52,16 @@ WIDE = ["model.dim=128", "model.ffn_dim=352", "model.n_heads=4"]
 
 
 def test_dp4_matches_single_process_with_a_quarter_of_the_state(single, tmp_path):
-    out = train(tmp_path / "run", *COMMON, *WIDE, "method=lost", "parallel.dp=4", "parallel.dp_impl=fssdp",
-                "train.micro_batch_size=1", nproc=4)
+    out = train(
+        tmp_path / "run",
+        *COMMON,
+        *WIDE,
+        "method=lost",
+        "parallel.dp=4",
+        "parallel.dp_impl=fssdp",
+        "train.micro_batch_size=1",
+        nproc=4,
+    )
     assert "fssdp: " in out
     assert_same_run(single("lost", *WIDE), tmp_path / "run", STEPS)
     ref, got = records(single("lost", *WIDE))[0], records(tmp_path / "run")[0]
@@ -54,8 +72,15 @@ def test_dp4_matches_single_process_with_a_quarter_of_the_state(single, tmp_path
 
 
 def test_tp2_pp2_dp2_on_eight_ranks(single, tmp_path):
-    train(tmp_path / "run", *COMMON, "method=sltrain", "parallel=tp2_pp2_dp2", "parallel.dp_impl=fssdp",
-          "train.micro_batch_size=2", nproc=8)
+    train(
+        tmp_path / "run",
+        *COMMON,
+        "method=sltrain",
+        "parallel=tp2_pp2_dp2",
+        "parallel.dp_impl=fssdp",
+        "train.micro_batch_size=2",
+        nproc=8,
+    )
     assert_same_run(single("sltrain"), tmp_path / "run", STEPS)
 
 

@@ -22,7 +22,10 @@ pool = pool_fixture(4)
 def _coords_and_groups(dims):
     import torch.distributed as dist
 
-    sizes = {n: (dist.get_world_size(dims.group(n)) if dims.group(n) is not None else 1) for n in ("tp", "cp", "dp", "pp", "dp_cp", "tp_cp")}
+    sizes = {
+        n: (dist.get_world_size(dims.group(n)) if dims.group(n) is not None else 1)
+        for n in ("tp", "cp", "dp", "pp", "dp_cp", "tp_cp")
+    }
     ranks = {n: dims.group_ranks(n) for n in ("tp", "dp", "dp_cp")}
     # A real collective over each group: the sum of global ranks in my group.
     sums = {}
@@ -75,7 +78,9 @@ def _collectives(dims):
     run("copy", lambda x: mappings.copy_to_region(x, cg), mine, g * (r + 1))
     run("reduce", lambda x: mappings.reduce_from_region(x, cg), mine, g)
     run("gather_seq", lambda x: mappings.gather_seq(x, cg, 1), mine[:, : 8 // p], g * (r + 1))
-    run("reduce_scatter_seq", lambda x: mappings.reduce_scatter_seq(x, cg, 1), mine, g[:, r * 8 // p : (r + 1) * 8 // p])
+    run(
+        "reduce_scatter_seq", lambda x: mappings.reduce_scatter_seq(x, cg, 1), mine, g[:, r * 8 // p : (r + 1) * 8 // p]
+    )
     w = 12 // p
     run("split", lambda x: mappings.split_last(x, cg), full, g[..., r * w : (r + 1) * w])
     run("gather", lambda x: mappings.gather_last(x, cg), mine[..., :w], g)
@@ -130,7 +135,12 @@ def test_autograd_collectives_values_grads_and_bytes(pool, tp):
     for r in ranks:
         out = res[r]
         y, dx, fwd, bwd = out["copy"]
-        assert torch.equal(y, full * (r + 1)) and torch.allclose(dx, gsum) and fwd == {} and bwd == {"tp/all_reduce": n * e}
+        assert (
+            torch.equal(y, full * (r + 1))
+            and torch.allclose(dx, gsum)
+            and fwd == {}
+            and bwd == {"tp/all_reduce": n * e}
+        )
         y, dx, fwd, bwd = out["reduce"]
         assert torch.allclose(y, total) and torch.equal(dx, g) and fwd == {"tp/all_reduce": n * e} and bwd == {}
         y, dx, fwd, bwd = out["gather_seq"]

@@ -14,8 +14,14 @@ from tests.helpers import PYTHON, cli_env
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["experiment=smoke", "train.steps=6", "train.log_interval=1", "train.eval_interval=0", "train.plot=false",
-          "optim.warmup_steps=1"]
+COMMON = [
+    "experiment=smoke",
+    "train.steps=6",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.plot=false",
+    "optim.warmup_steps=1",
+]
 
 
 def free_port() -> int:
@@ -32,16 +38,22 @@ def losses(run_dir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run = tmp_path_factory.mktemp("single") / "run"
-    proc = subprocess.run([PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=4", "train.grad_accum=2",
-                           f"run_dir={run}"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    proc = subprocess.run(
+        [PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=4", "train.grad_accum=2", f"run_dir={run}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return losses(run)
 
 
 def spawn_two(argv_for_rank, env_for_rank, cwd):
     procs = [
-        subprocess.Popen(argv_for_rank(r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=env_for_rank(r), cwd=cwd)
+        subprocess.Popen(
+            argv_for_rank(r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env_for_rank(r), cwd=cwd
+        )
         for r in range(2)
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
@@ -62,9 +74,23 @@ def assert_matches(reference, run_dir):
 def test_torchrun_two_ranks_match_single_process(reference, tmp_path):
     """No run_dir given: rank 0 picks the timestamped directory and both ranks use it."""
     proc = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megaeff.train", *COMMON,
-         "train.micro_batch_size=4", "train.grad_accum=1"],
-        capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300,
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "megaeff.train",
+            *COMMON,
+            "train.micro_batch_size=4",
+            "train.grad_accum=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = list((tmp_path / "runs").iterdir())
@@ -83,8 +109,16 @@ def test_torchrun_two_ranks_match_single_process(reference, tmp_path):
 def test_deepspeed_style_local_rank_argument(reference, tmp_path):
     port = free_port()
     run = tmp_path / "run"
-    argv = lambda r: [PYTHON, "-m", "megaeff.train", f"--local_rank={r}", *COMMON, "train.micro_batch_size=4",
-                      "train.grad_accum=1", f"run_dir={run}"]
+    argv = lambda r: [
+        PYTHON,
+        "-m",
+        "megaeff.train",
+        f"--local_rank={r}",
+        *COMMON,
+        "train.micro_batch_size=4",
+        "train.grad_accum=1",
+        f"run_dir={run}",
+    ]
     env = lambda r: cli_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     spawn_two(argv, env, tmp_path)
     assert_matches(reference, run)
@@ -93,10 +127,18 @@ def test_deepspeed_style_local_rank_argument(reference, tmp_path):
 def test_slurm_environment_without_torchrun(reference, tmp_path):
     port = free_port()
     run = tmp_path / "run"
-    argv = lambda r: [PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=2", "train.grad_accum=2",
-                      f"run_dir={run}"]
-    env = lambda r: cli_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(port))
+    argv = lambda r: [
+        PYTHON,
+        "-m",
+        "megaeff.train",
+        *COMMON,
+        "train.micro_batch_size=2",
+        "train.grad_accum=2",
+        f"run_dir={run}",
+    ]
+    env = lambda r: cli_env(
+        SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     spawn_two(argv, env, tmp_path)
     assert_matches(reference, run)
 
@@ -107,15 +149,41 @@ def test_resume_from_one_rank_onto_two(reference, tmp_path):
 
     run = tmp_path / "run"
     first = subprocess.run(
-        [PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=4", "train.grad_accum=2",
-         "train.exit_interval=3", f"run_dir={run}"],
-        capture_output=True, text=True, env=cli_env(), timeout=300,
+        [
+            PYTHON,
+            "-m",
+            "megaeff.train",
+            *COMMON,
+            "train.micro_batch_size=4",
+            "train.grad_accum=2",
+            "train.exit_interval=3",
+            f"run_dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
     )
     assert first.returncode == EXIT_PREEMPTED, first.stdout + first.stderr
     second = subprocess.run(
-        [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megaeff.train", *COMMON,
-         "train.micro_batch_size=4", "train.grad_accum=1", f"run_dir={run}"],
-        capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=300,
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "megaeff.train",
+            *COMMON,
+            "train.micro_batch_size=4",
+            "train.grad_accum=1",
+            f"run_dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+        timeout=300,
     )
     assert second.returncode == 0, second.stdout + second.stderr
     assert "at step 3 (24 samples consumed)" in second.stdout

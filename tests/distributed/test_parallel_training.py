@@ -15,8 +15,16 @@ from tests.helpers import assert_same_run, cli_env, records, train
 pytestmark = pytest.mark.slow
 
 STEPS = 10
-COMMON = ["experiment=smoke", f"train.steps={STEPS}", "train.log_interval=1", "train.eval_interval=0",
-          "train.plot=false", "optim.warmup_steps=2", "method.rank=8", f"train.ckpt_interval={STEPS}"]
+COMMON = [
+    "experiment=smoke",
+    f"train.steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.plot=false",
+    "optim.warmup_steps=2",
+    "method.rank=8",
+    f"train.ckpt_interval={STEPS}",
+]
 SINGLE = ["train.micro_batch_size=4", "train.grad_accum=2"]
 # tp2 x dp2: the same global batch of 8 (micro 2 x dp 2 x accum 2); a small bucket gives several buckets.
 TP2_DP2 = ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.bucket_mb=0.02"]
@@ -60,8 +68,18 @@ def test_sequence_parallel_bytes_are_megatrons(tmp_path):
     """Dense tp2 + SP: per block the attention and MLP inputs are all-gathered once (shared by q/k/v and
     gate/up) and o/down reduce-scattered, plus the embedding's reduce-scatter and the head's all-gather: 2L+1
     all-gathers of the full B x T x h activation forward, and their conjugates backward."""
-    train(tmp_path / "run", *COMMON, "method=dense", "parallel=tp2_sp", "train.steps=1", "optim.warmup_steps=0", "train.ckpt_interval=0",
-          "train.micro_batch_size=4", "train.grad_accum=1", nproc=2)
+    train(
+        tmp_path / "run",
+        *COMMON,
+        "method=dense",
+        "parallel=tp2_sp",
+        "train.steps=1",
+        "optim.warmup_steps=0",
+        "train.ckpt_interval=0",
+        "train.micro_batch_size=4",
+        "train.grad_accum=1",
+        nproc=2,
+    )
     rec = records(tmp_path / "run")[0]
     activation = 4 * 32 * 32 * 4  # smoke: batch 4 x seq 32 x dim 32, fp32
     per_direction = (2 * 2 + 1) * activation  # 2 layers
@@ -87,8 +105,16 @@ def test_distributed_experts_match_single_process(tmp_path, impl):
     args = [*COMMON, "method=lost", "model.moe_experts=4", "model.moe_aux_loss_coef=0.01", "train.grad_accum=1"]
     train(tmp_path / "single", *args, "train.micro_batch_size=4")
     run = tmp_path / "run"
-    out = train(run, *args, "train.micro_batch_size=2", "parallel=dp2", f"parallel.expert_impl={impl}",
-                "train.exit_interval=5", nproc=2, expect=1)  # torchrun reports the requeue exit 75 as 1
+    out = train(
+        run,
+        *args,
+        "train.micro_batch_size=2",
+        "parallel=dp2",
+        f"parallel.expert_impl={impl}",
+        "train.exit_interval=5",
+        nproc=2,
+        expect=1,
+    )  # torchrun reports the requeue exit 75 as 1
     assert "checkpoint saved at step 5" in out
     train(run, *args, "train.micro_batch_size=4")
     assert_same_run(tmp_path / "single", run, STEPS)
@@ -99,7 +125,9 @@ def test_checkpoints_move_between_layouts(single, tmp_path):
     uninterrupted single-process run (SLTrain: sparse values are split by the logical support)."""
     ref = single("sltrain")
     a = tmp_path / "tp_then_single"
-    train(a, *COMMON, "method=sltrain", "parallel=tp2_sp", *SINGLE, "train.exit_interval=5", nproc=2, expect=1)  # torchrun: 75 -> 1
+    train(
+        a, *COMMON, "method=sltrain", "parallel=tp2_sp", *SINGLE, "train.exit_interval=5", nproc=2, expect=1
+    )  # torchrun: 75 -> 1
     train(a, *COMMON, "method=sltrain", *SINGLE)
     b = tmp_path / "single_then_tp"
     train(b, *COMMON, "method=sltrain", *SINGLE, "train.exit_interval=5", expect=75)
@@ -113,9 +141,25 @@ def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     proc = subprocess.run(
-        ["deepspeed", "--num_gpus", "4", "--master_port", str(free_port()), "--module", "megaeff.train", *COMMON,
-         "method=lost", "parallel=tp2_dp2", *TP2_DP2, f"run_dir={run}"],
-        capture_output=True, text=True, env=cli_env(), timeout=300, cwd=tmp_path,
+        [
+            "deepspeed",
+            "--num_gpus",
+            "4",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "megaeff.train",
+            *COMMON,
+            "method=lost",
+            "parallel=tp2_dp2",
+            *TP2_DP2,
+            f"run_dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "--local_rank=3" in proc.stdout + proc.stderr
@@ -125,8 +169,8 @@ def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
 @pytest.mark.parametrize(
     "args,field",
     [
-        (["parallel.tp=3", "parallel.dp=1"], "parallel"),                 # 3 x 1 ranks != 2
-        (["parallel.tp=3"], "parallel.dp"),                               # 2 ranks do not divide by 3
+        (["parallel.tp=3", "parallel.dp=1"], "parallel"),  # 3 x 1 ranks != 2
+        (["parallel.tp=3"], "parallel.dp"),  # 2 ranks do not divide by 3
         (["parallel=tp2", "model.n_heads=3", "model.dim=48"], "model.n_heads"),
         (["parallel=tp2", "model.ffn_dim=63"], "model.ffn_dim"),
         (["parallel=tp2", "parallel.sequence_parallel=true", "data.seq_len=31"], "data.seq_len"),

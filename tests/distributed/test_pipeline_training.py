@@ -15,9 +15,18 @@ pytestmark = pytest.mark.slow
 
 STEPS = 10
 # 8 blocks: pp=4 x 2 chunks still gets one block per virtual stage; 4 micro-batches per step (divisible by pp).
-COMMON = ["experiment=smoke", "model.n_layers=8", f"train.steps={STEPS}", "train.log_interval=1",
-          "train.eval_interval=5", "train.plot=false", "optim.warmup_steps=2", f"train.ckpt_interval={STEPS}",
-          "train.micro_batch_size=2", "train.grad_accum=4"]
+COMMON = [
+    "experiment=smoke",
+    "model.n_layers=8",
+    f"train.steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=5",
+    "train.plot=false",
+    "optim.warmup_steps=2",
+    f"train.ckpt_interval={STEPS}",
+    "train.micro_batch_size=2",
+    "train.grad_accum=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +39,14 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("pp", [2, 4])
 @pytest.mark.parametrize("schedule,virtual", [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)])
 def test_schedules_match_single_process(single, tmp_path, pp, schedule, virtual):
-    out = train(tmp_path / "run", *COMMON, f"parallel.pp={pp}", f"parallel.pp_schedule={schedule}",
-                f"parallel.pp_virtual={virtual}", nproc=pp)
+    out = train(
+        tmp_path / "run",
+        *COMMON,
+        f"parallel.pp={pp}",
+        f"parallel.pp_schedule={schedule}",
+        f"parallel.pp_virtual={virtual}",
+        nproc=pp,
+    )
     assert f"pipeline: {schedule} over pp={pp}" in out
     assert_same_run(single, tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[-1]
@@ -46,8 +61,16 @@ def test_tp2_pp2_dp2_on_eight_ranks(tmp_path_factory, tmp_path):
     args = [*COMMON, "method=sltrain", "method.rank=8"]
     ref = tmp_path_factory.mktemp("single_sltrain") / "run"
     train(ref, *args)
-    train(tmp_path / "run", *args, "train.micro_batch_size=1", "parallel.tp=2", "parallel.pp=2", "parallel.dp=2",
-          "parallel.sequence_parallel=true", nproc=8)
+    train(
+        tmp_path / "run",
+        *args,
+        "train.micro_batch_size=1",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.dp=2",
+        "parallel.sequence_parallel=true",
+        nproc=8,
+    )
     assert_same_run(ref, tmp_path / "run", STEPS)
 
 
@@ -62,11 +85,14 @@ def test_stage_checkpoints_resume_on_another_degree(single, tmp_path):
 @pytest.mark.parametrize(
     "overrides,world,field",
     [
-        (["model.n_layers=3", "parallel.pp=2"], 2, "parallel.pp"),                           # 3 blocks, 2 stages
-        (["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2",
-          "train.grad_accum=3"], 2, "train.grad_accum"),                                   # 3 micro-batches, pp 2
-        (["parallel.pp=2", "parallel.pp_virtual=2"], 2, "parallel.pp_virtual"),            # chunks need interleaved
-        (["parallel.pp=2", "parallel.pp_boundaries=[8]"], 2, "parallel.pp_boundaries"),     # out of range
+        (["model.n_layers=3", "parallel.pp=2"], 2, "parallel.pp"),  # 3 blocks, 2 stages
+        (
+            ["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2", "train.grad_accum=3"],
+            2,
+            "train.grad_accum",
+        ),  # 3 micro-batches, pp 2
+        (["parallel.pp=2", "parallel.pp_virtual=2"], 2, "parallel.pp_virtual"),  # chunks need interleaved
+        (["parallel.pp=2", "parallel.pp_boundaries=[8]"], 2, "parallel.pp_boundaries"),  # out of range
         (["parallel.pp=4", "parallel.pp_boundaries=[2,2,5]"], 4, "parallel.pp_boundaries"),  # not increasing
         (["parallel.pp=2", "parallel.pp_schedule=zigzag"], 2, "parallel.pp_schedule"),
     ],

@@ -78,7 +78,9 @@ def logical_layer(method: str, n: int, m: int, name: str, seed: int = 3, perturb
 
 def data(n: int, m: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(B, S, n, generator=gen, dtype=torch.float64), torch.randn(B, S, m, generator=gen, dtype=torch.float64)
+    return torch.randn(B, S, n, generator=gen, dtype=torch.float64), torch.randn(
+        B, S, m, generator=gen, dtype=torch.float64
+    )
 
 
 def part(t, dim, i, p):
@@ -120,11 +122,20 @@ def _single_layers(dims):
             grads_ref = {k: v.grad for k, v in ref.named_parameters()}
             for sp in (False, True):
                 tp = parallel_linear(ref, dims, style, sequence_parallel=sp)
-                y, dx, fwd, bwd = run_layer(tp, local_input(x, style, sp, i, p), local_output(g, style, sp, i, p), dims.comm_stats)
+                y, dx, fwd, bwd = run_layer(
+                    tp, local_input(x, style, sp, i, p), local_output(g, style, sp, i, p), dims.comm_stats
+                )
                 out[(method, style, sp)] = dict(
-                    y=y, dx=dx, fwd=fwd, bwd=bwd, grads=tp.logical_grads(), params=tp.logical_params(),
-                    y_ref=local_output(y_ref, style, sp, i, p), dx_ref=local_input(dx_ref, style, sp, i, p),
-                    grads_ref=grads_ref, params_ref={k: v.detach() for k, v in ref.named_parameters()},
+                    y=y,
+                    dx=dx,
+                    fwd=fwd,
+                    bwd=bwd,
+                    grads=tp.logical_grads(),
+                    params=tp.logical_params(),
+                    y_ref=local_output(y_ref, style, sp, i, p),
+                    dx_ref=local_input(dx_ref, style, sp, i, p),
+                    grads_ref=grads_ref,
+                    params_ref={k: v.detach() for k, v in ref.named_parameters()},
                     splits={k: getattr(tp, k).tp_split for k in tp.SPLITS},
                 )
     return out
@@ -144,10 +155,18 @@ def _pairs(dims):
             col = parallel_linear(up, dims, "column", sequence_parallel=sp)
             row = parallel_linear(down, dims, "row", sequence_parallel=sp)
             before = ops.calls
-            y, dx, fwd, bwd = run_layer(lambda t: row(col(t)), part(x, 1, i, p) if sp else x,
-                                        part(g, 1, i, p) if sp else g, dims.comm_stats)
-            out[(method, sp)] = dict(y=y, dx=dx, fwd=fwd, bwd=bwd, ops_calls=ops.calls - before,
-                                     y_ref=part(y_ref, 1, i, p) if sp else y_ref, dx_ref=part(dx_ref, 1, i, p) if sp else dx_ref)
+            y, dx, fwd, bwd = run_layer(
+                lambda t: row(col(t)), part(x, 1, i, p) if sp else x, part(g, 1, i, p) if sp else g, dims.comm_stats
+            )
+            out[(method, sp)] = dict(
+                y=y,
+                dx=dx,
+                fwd=fwd,
+                bwd=bwd,
+                ops_calls=ops.calls - before,
+                y_ref=part(y_ref, 1, i, p) if sp else y_ref,
+                dx_ref=part(dx_ref, 1, i, p) if sp else dx_ref,
+            )
     return out
 
 
@@ -186,9 +205,15 @@ def _vocab(dims):
         y.backward(part(g, 1, i, p) if sp else g)
         fresh = VocabParallelEmbedding(VOCAB, HIDDEN, dims)
         fresh.init_weights("tok_embeddings", init)
-        out[("emb", sp)] = dict(y=y.detach(), y_ref=part(y_ref, 1, i, p) if sp else y_ref, fwd=fwd,
-                                dw=vp.weight.grad, dw_ref=part(emb.weight.grad, 0, i, p),
-                                init=fresh.weight.detach(), init_ref=part(emb.weight.detach().float(), 0, i, p))
+        out[("emb", sp)] = dict(
+            y=y.detach(),
+            y_ref=part(y_ref, 1, i, p) if sp else y_ref,
+            fwd=fwd,
+            dw=vp.weight.grad,
+            dw_ref=part(emb.weight.grad, 0, i, p),
+            init=fresh.weight.detach(),
+            init_ref=part(emb.weight.detach().float(), 0, i, p),
+        )
     logits = torch.randn(B, S, VOCAB, generator=gen, dtype=torch.float64) * 3
     target = torch.randint(VOCAB, (B, S), generator=gen)
     target[0, :3] = -100
@@ -202,8 +227,14 @@ def _vocab(dims):
     fwd = dims.comm_stats.snapshot()
     dims.comm_stats.reset()
     (loss * w).sum().backward()
-    out["ce"] = dict(loss=loss.detach(), loss_ref=ref.detach(), grad=mine.grad, grad_ref=part(full.grad, -1, i, p),
-                     fwd=fwd, bwd=dims.comm_stats.snapshot())
+    out["ce"] = dict(
+        loss=loss.detach(),
+        loss_ref=ref.detach(),
+        grad=mine.grad,
+        grad_ref=part(full.grad, -1, i, p),
+        fwd=fwd,
+        bwd=dims.comm_stats.snapshot(),
+    )
     return out
 
 
@@ -348,15 +379,22 @@ def test_indivisible_layer_widths_raise(method):
 def test_indivisible_vocab_and_sequence_raise():
     with pytest.raises(ValueError, match="vocab_size=66 must be divisible by tp=4"):
         VocabParallelEmbedding(66, 8, _dims(4))
-    row = parallel_linear(logical_layer("dense", 32, 16, "layers.0.o", perturb=False), _dims(4), "row", sequence_parallel=True)
+    row = parallel_linear(
+        logical_layer("dense", 32, 16, "layers.0.o", perturb=False), _dims(4), "row", sequence_parallel=True
+    )
     with pytest.raises(ValueError, match="sequence .* of size 6 is not divisible by the tp degree 4"):
         row(torch.zeros(2, 6, 8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
     "field,overrides",
-    [("model.n_heads", dict(n_heads=6)), ("model.n_kv_heads", dict(n_kv_heads=2)), ("model.dim", dict(dim=126, n_heads=4)),
-     ("model.ffn_dim", dict(ffn_dim=350)), ("model.vocab_size", dict(vocab_size=32001))],
+    [
+        ("model.n_heads", dict(n_heads=6)),
+        ("model.n_kv_heads", dict(n_kv_heads=2)),
+        ("model.dim", dict(dim=126, n_heads=4)),
+        ("model.ffn_dim", dict(ffn_dim=350)),
+        ("model.vocab_size", dict(vocab_size=32001)),
+    ],
 )
 def test_check_tp_layout_names_the_field(field, overrides):
     cfg = ModelConfig(**{**dict(dim=128, n_heads=4, ffn_dim=352, vocab_size=32000), **overrides})

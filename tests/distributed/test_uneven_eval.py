@@ -26,8 +26,17 @@ DP = 4
 COUNTS = (1, 2, 3, 5)
 # Wide enough that FSSDP shards every block's compact tensors (the smoke model's factors are below one group
 # per rank and stay replicated).
-COMMON = ["experiment=smoke", "model.dim=128", "model.ffn_dim=352", "model.n_heads=4", "method=lost",
-          "method.rank=8", "train.plot=false", "train.threads=1", "train.eval_batch_size=3"]
+COMMON = [
+    "experiment=smoke",
+    "model.dim=128",
+    "model.ffn_dim=352",
+    "model.n_heads=4",
+    "method=lost",
+    "method.rank=8",
+    "train.plot=false",
+    "train.threads=1",
+    "train.eval_batch_size=3",
+]
 LAYOUTS = {
     "allreduce": [],
     "fssdp": ["parallel.dp_impl=fssdp"],
@@ -65,8 +74,13 @@ def _single_process(overrides, run_dir):
 def test_every_rank_runs_the_same_forwards(pool, tmp_path, impl):
     moe = [o for o in LAYOUTS[impl] if o.startswith("model.")]
     ref = _single_process([*COMMON, *moe], tmp_path / "single")
-    got = pool.run(_evaluations, [*COMMON, *LAYOUTS[impl], f"parallel.dp={DP}"], str(tmp_path / "dp"),
-                   layout=dict(dp=DP), timeout=240)
+    got = pool.run(
+        _evaluations,
+        [*COMMON, *LAYOUTS[impl], f"parallel.dp={DP}"],
+        str(tmp_path / "dp"),
+        layout=dict(dp=DP),
+        timeout=240,
+    )
     losses = [ref[n]["val_loss"] for n in COUNTS]
     assert max(losses) - min(losses) > 1e-3 * min(losses), "batches too alike to tell a lost one from the rest"
     for n in COUNTS:

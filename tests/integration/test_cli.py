@@ -17,7 +17,12 @@ pytestmark = pytest.mark.slow
 
 def train(*overrides, cwd=None, timeout=240):
     return subprocess.run(
-        [PYTHON, "-m", "megaeff.train", *overrides], capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=timeout
+        [PYTHON, "-m", "megaeff.train", *overrides],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -32,11 +37,21 @@ def assert_clean_error(proc, *fragments):
 def test_short_run_beats_unigram_baseline_and_writes_outputs(tmp_path):
     run = tmp_path / "run"
     proc = train(
-        "experiment=smoke", f"run_dir={run}", "train.steps=60", "train.eval_interval=30", "train.ckpt_interval=30",
-        "optim.lr=1e-2", "optim.warmup_steps=5", "model.dim=64", "model.ffn_dim=176", "train.micro_batch_size=8",
+        "experiment=smoke",
+        f"run_dir={run}",
+        "train.steps=60",
+        "train.eval_interval=30",
+        "train.ckpt_interval=30",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=5",
+        "model.dim=64",
+        "model.ffn_dim=176",
+        "train.micro_batch_size=8",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    final = re.search(r"final: step 60 \| val_loss [\d.]+ \| val_ppl ([\d.]+) \(byte-level unigram baseline ([\d.]+)\)", proc.stdout)
+    final = re.search(
+        r"final: step 60 \| val_loss [\d.]+ \| val_ppl ([\d.]+) \(byte-level unigram baseline ([\d.]+)\)", proc.stdout
+    )
     assert final, proc.stdout
     assert float(final.group(1)) < float(final.group(2))
     png = (run / "loss_curve.png").read_bytes()
@@ -44,8 +59,18 @@ def test_short_run_beats_unigram_baseline_and_writes_outputs(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     assert train_steps == list(range(2, 61, 2))
-    for key in ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu",
-                "mem_params_bytes", "mem_grads_bytes", "mem_optim_bytes"):
+    for key in (
+        "loss",
+        "ppl",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "step_time_s",
+        "mfu",
+        "mem_params_bytes",
+        "mem_grads_bytes",
+        "mem_optim_bytes",
+    ):
         assert key in records[0], key
     # AdamW: two fp32 moments per weight plus one fp32 step counter per tensor (2 layers x 9 + 3 tensors).
     assert records[0]["mem_optim_bytes"] == 2 * records[0]["mem_params_bytes"] + 4 * 21
@@ -104,13 +129,28 @@ def test_sigterm_saves_and_exits_with_documented_code(tmp_path):
 
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [PYTHON, "-m", "megaeff.train", "experiment=smoke", f"run_dir={run}", "train.steps=100000",
-         "train.ckpt_interval=0", "train.log_interval=1", "train.eval_interval=0", "optim.warmup_steps=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cli_env(),
+        [
+            PYTHON,
+            "-m",
+            "megaeff.train",
+            "experiment=smoke",
+            f"run_dir={run}",
+            "train.steps=100000",
+            "train.ckpt_interval=0",
+            "train.log_interval=1",
+            "train.eval_interval=0",
+            "optim.warmup_steps=1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
     )
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text():
-        assert time.time() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "timeout"
+        assert time.time() < deadline and proc.poll() is None, (
+            proc.stdout.read() if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -120,7 +160,14 @@ def test_sigterm_saves_and_exits_with_documented_code(tmp_path):
     assert 1 <= step < 100000
     assert f"checkpoint saved at step {step}" in out
 
-    resumed = train("experiment=smoke", f"run_dir={run}", f"train.steps={step + 2}", "train.ckpt_interval=0",
-                    "train.log_interval=1", "train.eval_interval=0", "optim.warmup_steps=1")
+    resumed = train(
+        "experiment=smoke",
+        f"run_dir={run}",
+        f"train.steps={step + 2}",
+        "train.ckpt_interval=0",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "optim.warmup_steps=1",
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resumed from {run / 'checkpoints' / saved} at step {step}" in resumed.stdout

@@ -11,9 +11,18 @@ from megaeff.distributed.dims import ParallelDims
 from megaeff.train.trainer import Trainer
 from tests.helpers import compose
 
-SHORT_RUN = ["train.steps=100", "train.micro_batch_size=8", "data.seq_len=128", "train.eval_interval=0",
-             "train.eval_max_batches=16", "train.ckpt_interval=0", "train.plot=false", "optim.warmup_steps=10",
-             "logging.progress=false", "train.threads=1"]
+SHORT_RUN = [
+    "train.steps=100",
+    "train.micro_batch_size=8",
+    "data.seq_len=128",
+    "train.eval_interval=0",
+    "train.eval_max_batches=16",
+    "train.ckpt_interval=0",
+    "train.plot=false",
+    "optim.warmup_steps=10",
+    "logging.progress=false",
+    "train.threads=1",
+]
 
 
 def train(run_dir: Path, *overrides):

@@ -31,15 +31,28 @@ def write_plays(prefix, names, max_bytes=60_000, dtype=np.uint16):
 @pytest.fixture(scope="module")
 def two_corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("indexed")
-    comedies = ["as-you-like-it", "much-ado-about-nothing", "twelfth-night", "the-comedy-of-errors", "love-s-labours-lost"]
+    comedies = [
+        "as-you-like-it",
+        "much-ado-about-nothing",
+        "twelfth-night",
+        "the-comedy-of-errors",
+        "love-s-labours-lost",
+    ]
     tragedies = ["hamlet", "macbeth", "othello", "king-lear", "romeo-and-juliet"]
     return write_plays(root / "comedies", comedies), write_plays(root / "tragedies", tragedies)
 
 
 def indexed_overrides(two_corpora, *extra):
     a, b = two_corpora
-    return ["data=indexed", f"data.paths=[0.3,{a},0.7,{b}]", "data.split='4,1,0'", "data.seq_len=32",
-            "model.vocab_size=264", "model.max_seq_len=64", *extra]
+    return [
+        "data=indexed",
+        f"data.paths=[0.3,{a},0.7,{b}]",
+        "data.split='4,1,0'",
+        "data.seq_len=32",
+        "model.vocab_size=264",
+        "model.max_seq_len=64",
+        *extra,
+    ]
 
 
 def make_trainer(cfg):
@@ -103,7 +116,10 @@ def test_token_outside_the_model_vocabulary_is_reported(tmp_path, smoke_cfg):
 @pytest.mark.parametrize(
     "override, fragments",
     [
-        ("data.paths=[/nonexistent/corpus]", ["megaeff: error: data '/nonexistent/corpus'", "no /nonexistent/corpus.bin"]),
+        (
+            "data.paths=[/nonexistent/corpus]",
+            ["megaeff: error: data '/nonexistent/corpus'", "no /nonexistent/corpus.bin"],
+        ),
         ("data.paths=[0.5,a,b]", ["megaeff: error: data 'data.paths'", "odd number"]),
         ("data.paths=[heavy,a,0.5,b]", ["megaeff: error: data 'data.paths'", "'heavy'", "not a number"]),
         ("data.split='9,x'", ["data.split", "not a comma-separated list"]),
@@ -112,8 +128,13 @@ def test_token_outside_the_model_vocabulary_is_reported(tmp_path, smoke_cfg):
 def test_bad_indexed_config_is_one_clear_message(tmp_path, two_corpora, override, fragments):
     a, _ = two_corpora
     args = ["data=indexed", f"data.paths=[{a}]", "model.vocab_size=264", "data.seq_len=32", override]
-    proc = subprocess.run([PYTHON, "-m", "megaeff.train", "experiment=smoke", f"run_dir={tmp_path}", *args],
-                          capture_output=True, text=True, env=cli_env(), timeout=120)
+    proc = subprocess.run(
+        [PYTHON, "-m", "megaeff.train", "experiment=smoke", f"run_dir={tmp_path}", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out, out
     for frag in fragments:

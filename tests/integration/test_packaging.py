@@ -24,8 +24,12 @@ def _bare_venv(path: Path) -> Path:
     pyproject.toml names, as it does for a user."""
     venv.EnvBuilder(with_pip=True).create(path)
     py = path / "bin" / "python"
-    site_dir = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    site_dir = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(site_dir) / "outer_site.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     return py
 
@@ -41,8 +45,14 @@ def _source_copy(dest: Path) -> Path:
 
 
 def _pip(py: Path, *args: str, cwd: Path) -> None:
-    proc = subprocess.run([str(py), "-m", "pip", *args], capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env=cli_env(PIP_DISABLE_PIP_VERSION_CHECK="1", MEGAEFF_BUILD_CSRC="0"))
+    proc = subprocess.run(
+        [str(py), "-m", "pip", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env=cli_env(PIP_DISABLE_PIP_VERSION_CHECK="1", MEGAEFF_BUILD_CSRC="0"),
+    )
     assert proc.returncode == 0, " ".join(args) + "\n" + proc.stdout + proc.stderr
 
 
@@ -64,26 +74,42 @@ def test_wheel_and_install_in_a_bare_venv_ship_configs_and_entry_points(tmp_path
     elsewhere.mkdir()
     proc = subprocess.run(
         [str(py.parent / "megaeff-train"), "model=llama_60m", "--cfg", "job"],
-        capture_output=True, text=True, env=cli_env(), cwd=elsewhere, timeout=120,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=elsewhere,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "name: llama_60m" in proc.stdout and "dim: 512" in proc.stdout
     located = subprocess.run(
         [str(py), "-c", "from megaeff.cli.train import conf_dir; print(conf_dir())"],
-        capture_output=True, text=True, env=cli_env(), cwd=elsewhere, timeout=60,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=elsewhere,
+        timeout=60,
     )
     assert located.stdout.strip().endswith("megaeff/_conf"), located.stdout + located.stderr
     # The CPU FP8 AdamW kernel compiles from the shipped sources.
     kernel = subprocess.run(
         [str(py), "-c", "from megaeff.kernels.fp8_adamw_cpp import csrc_dir; print(csrc_dir())"],
-        capture_output=True, text=True, env=cli_env(), cwd=elsewhere, timeout=60,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=elsewhere,
+        timeout=60,
     )
     assert kernel.stdout.strip().endswith("megaeff/_csrc"), kernel.stdout + kernel.stderr
     # `pip install -e .` (the README's command) in the same bare venv: the package is then the source tree's.
     _pip(py, "install", "--no-deps", "--quiet", "-e", ".", cwd=src)
     editable = subprocess.run(
         [str(py), "-c", "import megaeff.cli.train as t; print(t.__file__); print(t.conf_dir())"],
-        capture_output=True, text=True, env=cli_env(), cwd=elsewhere, timeout=60,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=elsewhere,
+        timeout=60,
     )
     assert editable.stdout.split() == [str(src / "megaeff" / "cli" / "train.py"), str(src / "conf")], (
         editable.stdout + editable.stderr
@@ -92,7 +118,13 @@ def test_wheel_and_install_in_a_bare_venv_ship_configs_and_entry_points(tmp_path
 
 @pytest.mark.parametrize(
     "script",
-    ["launch/torchrun_single_node.sh", "launch/torchrun_multi_node.sh", "launch/deepspeed.sh", "launch/slurm/train.sbatch", ".ci/run"],
+    [
+        "launch/torchrun_single_node.sh",
+        "launch/torchrun_multi_node.sh",
+        "launch/deepspeed.sh",
+        "launch/slurm/train.sbatch",
+        ".ci/run",
+    ],
 )
 def test_launch_scripts_are_valid_bash(script):
     proc = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)

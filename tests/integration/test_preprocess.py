@@ -77,12 +77,20 @@ def tokenizers(docs, tmp_path_factory):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(docs, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<eos>"], show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<eos>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     bpe.save(str(root / "tokenizer.json"))
     (root / "sp.txt").write_text("\n".join(docs), encoding="utf-8")
     sentencepiece.SentencePieceTrainer.train(
-        input=str(root / "sp.txt"), model_prefix=str(root / "sp"), vocab_size=200, model_type="unigram", minloglevel=2)
+        input=str(root / "sp.txt"), model_prefix=str(root / "sp"), vocab_size=200, model_type="unigram", minloglevel=2
+    )
     return {
         "byte": build_tokenizer("byte"),
         "hf": build_tokenizer("hf", str(root / "tokenizer.json")),
@@ -135,10 +143,16 @@ def test_plain_text_documents_lines_and_directories(tmp_path, docs, tokenizers):
 
     # ...or one per non-empty line, CRLF endings stripped.
     lines = ["First line, naïve 東京", "", "  ", "Second line", "Third\r"]
-    (tmp_path / "lines.txt").write_bytes(("\n".join(lines) + "\n").encode("utf-8").replace(b"Second line", b"Second line\r"))
+    (tmp_path / "lines.txt").write_bytes(
+        ("\n".join(lines) + "\n").encode("utf-8").replace(b"Second line", b"Second line\r")
+    )
     for workers in (1, 2):
-        stats = preprocess([tmp_path / "lines.txt"], tmp_path / f"lines{workers}", tok, text_mode="lines", workers=workers)
-        assert read_docs(tmp_path / f"lines{workers}") == expected(tok, ["First line, naïve 東京", "Second line", "Third"], False)
+        stats = preprocess(
+            [tmp_path / "lines.txt"], tmp_path / f"lines{workers}", tok, text_mode="lines", workers=workers
+        )
+        assert read_docs(tmp_path / f"lines{workers}") == expected(
+            tok, ["First line, naïve 東京", "Second line", "Third"], False
+        )
         assert stats["docs"] == 3 and stats["empty_docs"] == 0
     assert same_bytes(tmp_path / "lines1", tmp_path / "lines2")
 
@@ -233,8 +247,9 @@ def test_empty_inputs(tmp_path, docs, tokenizers):
             preprocess([good, tmp_path / name], tmp_path / "out", tokenizers["byte"], workers=2)
         assert exc.value.path == str(tmp_path / name)
         assert not list(tmp_path.glob("out*"))
-    stats = preprocess([good, tmp_path / "empty.jsonl", tmp_path / "empty.txt"], tmp_path / "out",
-                       tokenizers["byte"], allow_empty=True)
+    stats = preprocess(
+        [good, tmp_path / "empty.jsonl", tmp_path / "empty.txt"], tmp_path / "out", tokenizers["byte"], allow_empty=True
+    )
     assert stats["empty_files"] == 2 and stats["docs"] == 5
     (tmp_path / "nothing").mkdir()
     with pytest.raises(InputError, match=r"nothing: directory has no \*\.jsonl, \*\.json, \*\.txt files"):
@@ -259,25 +274,50 @@ def test_append_eod_needs_an_eos_token(tmp_path, docs):
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "megaeff.cli.preprocess_data", *map(str, args)],
-                          capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "megaeff.cli.preprocess_data", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def test_cli(tmp_path, docs, tokenizers):
     src = write_jsonl(tmp_path / "c.jsonl", docs)
-    proc = cli("--input", src, "--output-prefix", tmp_path / "ds", "--append-eod", "--workers", "2",
-               "--log-interval", "0", "--stats-json", tmp_path / "stats.json", cwd=tmp_path)
+    proc = cli(
+        "--input",
+        src,
+        "--output-prefix",
+        tmp_path / "ds",
+        "--append-eod",
+        "--workers",
+        "2",
+        "--log-interval",
+        "0",
+        "--stats-json",
+        tmp_path / "stats.json",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "MB/s" in proc.stdout and "199 docs" in proc.stdout and "1 empty doc(s)" in proc.stdout
     assert "docs/s" in proc.stderr  # progress lines
     assert read_docs(tmp_path / "ds") == expected(tokenizers["byte"], docs, True)
     assert json.loads((tmp_path / "stats.json").read_text())["docs"] == 199
 
-    proc = cli("--input", src, "--output-prefix", tmp_path / "sh", "--append-eod", "--num-shards", "2", "--quiet",
-               cwd=tmp_path)
+    proc = cli(
+        "--input", src, "--output-prefix", tmp_path / "sh", "--append-eod", "--num-shards", "2", "--quiet", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = cli("--merge-shards", tmp_path / "sh_shard0of2", tmp_path / "sh_shard1of2", "--output-prefix",
-               tmp_path / "merged", cwd=tmp_path)
+    proc = cli(
+        "--merge-shards",
+        tmp_path / "sh_shard0of2",
+        tmp_path / "sh_shard1of2",
+        "--output-prefix",
+        tmp_path / "merged",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "merged 2 shard(s): 199 docs" in proc.stdout
     assert same_bytes(tmp_path / "merged", tmp_path / "ds")
@@ -296,8 +336,10 @@ def test_cli_bad_input_exit_2_without_traceback(tmp_path):
     for args, fragment in [
         (["--input", "missing.jsonl", "--output-prefix", "x"], "preprocess: error: missing.jsonl: no such file"),
         (["--input", "bad.jsonl", "--output-prefix", "x", "--tokenizer", "hf"], "needs a path"),
-        (["--input", "bad.jsonl", "--output-prefix", "x", "--tokenizer", "hf", "--tokenizer-path", "nope.json"],
-         "nope.json: no such file or directory"),
+        (
+            ["--input", "bad.jsonl", "--output-prefix", "x", "--tokenizer", "hf", "--tokenizer-path", "nope.json"],
+            "nope.json: no such file or directory",
+        ),
         (["--output-prefix", "x"], "give either --input or --merge-shards"),
         (["--merge-shards", "nope", "--output-prefix", "x"], "nope.bin: shard file not found"),
     ]:

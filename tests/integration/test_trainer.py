@@ -47,8 +47,13 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, smoke_cfg):
     """4 micro-batches of 2 give the same loss and gradients as 1 batch of 8, with unequal padding."""
     results = []
     for micro, accum in ((8, 1), (2, 4)):
-        cfg = smoke_cfg(tmp_path / f"m{micro}", f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
-                        "optim.grad_clip=0", "train.ckpt_interval=0")
+        cfg = smoke_cfg(
+            tmp_path / f"m{micro}",
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            "optim.grad_clip=0",
+            "train.ckpt_interval=0",
+        )
         tr = make_trainer(cfg)
         tr.data.train = PaddedView(tr.data.train)
         m = tr.train_step()

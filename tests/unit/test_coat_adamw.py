@@ -132,6 +132,7 @@ def trajectory(make_opt, stop=None, batch: int = 32, seed: int = 1):
 @pytest.fixture(scope="module")
 def adamw_band():
     """FP32 AdamW's checkpoint losses and the relative bound at each (see the comment above)."""
+
     def adamw(lr):
         return trajectory(lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.1))
 
@@ -176,8 +177,9 @@ class _Forgetful(CoatAdamW):
         return super().step(closure)
 
 
-@pytest.mark.parametrize("variant", ["no_update", "wrong_sign", "no_bias_correction", "forgets_moments",
-                                     "swapped_betas"])
+@pytest.mark.parametrize(
+    "variant", ["no_update", "wrong_sign", "no_bias_correction", "forgets_moments", "swapped_betas"]
+)
 def test_the_tracking_bound_rejects_broken_optimizers(adamw_band, variant, monkeypatch):
     make = coat_lr(LR)
     if variant == "no_update":
@@ -232,8 +234,10 @@ def test_state_dict_round_trip_is_bit_exact():
         for key, value in opt.state[p].items():
             other = clone_opt.state[q][key]
             assert other.dtype == value.dtype, key
-            assert torch.equal(other.view(torch.uint8) if other.dtype.itemsize == 1 else other,
-                               value.view(torch.uint8) if value.dtype.itemsize == 1 else value), key
+            assert torch.equal(
+                other.view(torch.uint8) if other.dtype.itemsize == 1 else other,
+                value.view(torch.uint8) if value.dtype.itemsize == 1 else value,
+            ), key
     assert run(model, opt, 4, seed=9) == run(clone, clone_opt, 4, seed=9)
     for p, q in zip(model.parameters(), clone.parameters()):
         assert torch.equal(p, q)
@@ -245,7 +249,9 @@ def test_check_state_names_the_mismatch():
     run(model, opt, 1)
     w = model[0].weight
     bad = dict(opt.state[w], exp_avg=opt.state[w]["exp_avg"].float())
-    assert "exp_avg is (300, 256) torch.float32, expected (300, 256) torch.float8_e4m3fn" in opt.check_state("w", w, bad)
+    assert "exp_avg is (300, 256) torch.float32, expected (300, 256) torch.float8_e4m3fn" in opt.check_state(
+        "w", w, bad
+    )
     adamw_state = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w)}
     assert "missing 'exp_avg_meta'" in opt.check_state("w", w, adamw_state)
     assert opt.check_state("w", w, opt.state[w]) is None

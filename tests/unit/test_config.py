@@ -47,14 +47,32 @@ def test_default_config(compose_cfg):
     assert cfg.method.name == "dense"
     o = cfg.optim
     assert (o.name, o.lr, list(o.betas), o.warmup_steps, o.min_lr_ratio, o.schedule) == (
-        "adamw", 3e-3, [0.9, 0.95], 30, 0.1, "cosine")
+        "adamw",
+        3e-3,
+        [0.9, 0.95],
+        30,
+        0.1,
+        "cosine",
+    )
     assert cfg.precision.name == "fp32"
     assert (cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.pp) == (1, 1, -1, 1)
     d = cfg.data
     assert (d.name, d.tokenizer, d.seq_len, list(d.valid_docs), d.cache_dir) == (
-        "default", "byte", 256, ["hamlet", "the-tempest", "twelfth-night"], None)
+        "default",
+        "byte",
+        256,
+        ["hamlet", "the-tempest", "twelfth-night"],
+        None,
+    )
     t = cfg.train
-    assert (t.steps, t.micro_batch_size, t.grad_accum, t.seed, t.resume, t.eval_batch_size) == (300, 16, 1, 1234, "auto", 32)
+    assert (t.steps, t.micro_batch_size, t.grad_accum, t.seed, t.resume, t.eval_batch_size) == (
+        300,
+        16,
+        1,
+        1234,
+        "auto",
+        32,
+    )
     assert cfg.logging.backend == "jsonl" and cfg.logging.wandb_mode == "offline"
     assert cfg.name == "megaeff"
     assert cfg.run_dir.startswith("runs/")
@@ -228,8 +246,16 @@ def test_two_wild_degrees_in_parallel_dims():
         (["model.moe_experts=4", "model.moe_top_k=5"], "model.moe_top_k"),
         (["model.moe_experts=4", "model.moe_aux_loss_coef=-0.1"], "model.moe_aux_loss_coef"),
         (["model.moe_experts=4", "parallel.expert_impl=ep", "optim=coat_adamw"], "parallel.expert_impl"),
-        (["model.moe_experts=4", "parallel.expert_impl=fssdp", "method=sltrain", "method.rank=8", "optim.weight_decay=0.1"],
-         "parallel.expert_impl"),
+        (
+            [
+                "model.moe_experts=4",
+                "parallel.expert_impl=fssdp",
+                "method=sltrain",
+                "method.rank=8",
+                "optim.weight_decay=0.1",
+            ],
+            "parallel.expert_impl",
+        ),
         (["model.moe_experts=4", "parallel.expert_impl=star"], "parallel.expert_impl"),
     ],
 )
@@ -285,12 +311,21 @@ def _registries():
     from megaeff.precision.fp8 import FORMATS
 
     return {
-        "method.name": linear.LINEAR_METHODS, "method.sltrain_path": sltrain.PATHS, "method.lost_act": lost.ACTIVATIONS,
-        "method.lost_sparse_init": lost.SPARSE_INITS, "optim.first_moment": FORMATS, "optim.second_moment": FORMATS,
-        "optim.fp8_backend": ("auto", *PROBES), "parallel.pp_schedule": pipeline.PIPELINE_SCHEDULES,
-        "parallel.cp_impl": context_parallel.IMPLS, "parallel.cp_sharding": cp_sharding.SHARDINGS,
-        "parallel.fssdp_gather_dtype": fssdp_layout.GATHER_DTYPES, "parallel.fssdp_reduce_dtype": fssdp_layout.REDUCE_DTYPES,
-        "parallel.expert_impl": ("replicated", *expert_parallel.IMPLS), "data.name": DATASETS, "data.tokenizer": TOKENIZERS,
+        "method.name": linear.LINEAR_METHODS,
+        "method.sltrain_path": sltrain.PATHS,
+        "method.lost_act": lost.ACTIVATIONS,
+        "method.lost_sparse_init": lost.SPARSE_INITS,
+        "optim.first_moment": FORMATS,
+        "optim.second_moment": FORMATS,
+        "optim.fp8_backend": ("auto", *PROBES),
+        "parallel.pp_schedule": pipeline.PIPELINE_SCHEDULES,
+        "parallel.cp_impl": context_parallel.IMPLS,
+        "parallel.cp_sharding": cp_sharding.SHARDINGS,
+        "parallel.fssdp_gather_dtype": fssdp_layout.GATHER_DTYPES,
+        "parallel.fssdp_reduce_dtype": fssdp_layout.REDUCE_DTYPES,
+        "parallel.expert_impl": ("replicated", *expert_parallel.IMPLS),
+        "data.name": DATASETS,
+        "data.tokenizer": TOKENIZERS,
     }
 
 
@@ -344,8 +379,17 @@ def test_saved_config_is_plain(tmp_path, compose_cfg):
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())
-    path = ckpt.save_checkpoint(tmp_path / "ckpt", 1, model=model, optimizer=opt, trainer_state={"step": 1, "config": plain},
-                                config_yaml=to_yaml(cfg), rank=0, world_size=1, keep_last=1)
+    path = ckpt.save_checkpoint(
+        tmp_path / "ckpt",
+        1,
+        model=model,
+        optimizer=opt,
+        trainer_state={"step": 1, "config": plain},
+        config_yaml=to_yaml(cfg),
+        rank=0,
+        world_size=1,
+        keep_last=1,
+    )
     ckpt.verify_checkpoint(path)
     assert ckpt._load(path / "trainer.pt")["config"] == plain
     reloaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / "config.yaml"))
@@ -365,6 +409,7 @@ def test_trainer_does_not_validate_again(tmp_path, monkeypatch):
         def wrapped(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapped
 
     monkeypatch.setattr(schema, "validate_model", counting("sections", schema.validate_model))
@@ -394,11 +439,18 @@ def test_world_checks_agree_with_the_implementations(world):
             return exc.field, str(exc)
         return None
 
-    for degrees in ({"tp": 2, "cp": 1, "dp": -1, "pp": 1}, {"tp": 1, "cp": 3, "dp": 1, "pp": -1}, {"tp": 2, "cp": 2, "dp": 2, "pp": 1}):
+    for degrees in (
+        {"tp": 2, "cp": 1, "dp": -1, "pp": 1},
+        {"tp": 1, "cp": 3, "dp": 1, "pp": -1},
+        {"tp": 2, "cp": 2, "dp": 2, "pp": 1},
+    ):
         assert verdict(resolve_degrees, degrees, world) == verdict(dims_mod.resolve_degrees, degrees, world)
     for n_layers, virtual, bounds in ((8, 1, []), (6, 2, []), (7, 1, [3]), (8, 2, [2, 4, 6]), (8, 1, [9])):
-        cfg = valid_config(model=dict(n_layers=n_layers), parallel=dict(pp=world, dp=1, pp_virtual=virtual,
-                           pp_boundaries=bounds, pp_schedule="interleaved"), train=dict(grad_accum=world * 2))
+        cfg = valid_config(
+            model=dict(n_layers=n_layers),
+            parallel=dict(pp=world, dp=1, pp_virtual=virtual, pp_boundaries=bounds, pp_schedule="interleaved"),
+            train=dict(grad_accum=world * 2),
+        )
         ours = verdict(validate_config, cfg, world)
         theirs = verdict(split_layers, n_layers, world, virtual, bounds) if world > 1 else None
         assert ours == theirs, (n_layers, virtual, bounds)

@@ -113,9 +113,13 @@ def test_default_corpus(default_data):
     n_tokens = int(d.valid.indexed.sequence_lengths[d.valid.document_index].sum())
     assert len(d.valid) == (n_tokens - 1) // 256
     # The samples tile the three held-out plays, each followed by the end-of-document id, in order.
-    covered = np.concatenate([d.valid.tokens(i)[:-1] for i in range(len(d.valid))] + [d.valid.tokens(len(d.valid) - 1)[-1:]])
+    covered = np.concatenate(
+        [d.valid.tokens(i)[:-1] for i in range(len(d.valid))] + [d.valid.tokens(len(d.valid) - 1)[-1:]]
+    )
     tok = d.tokenizer
-    stream = np.concatenate([np.append(tok.encode_array(plays[n]), tok.eod_id) for n in ["hamlet", "the-tempest", "twelfth-night"]])
+    stream = np.concatenate(
+        [np.append(tok.encode_array(plays[n]), tok.eod_id) for n in ["hamlet", "the-tempest", "twelfth-night"]]
+    )
     assert np.array_equal(covered, stream[: len(covered)])
     assert len(stream) - len(covered) < 256  # only the last partial sample is left out
 

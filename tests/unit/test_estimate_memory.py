@@ -46,13 +46,26 @@ def test_json_bytes_are_exact_for_each_method(capsys):
     rc, out, _ = run(capsys, "--model", "llama_60m", "--json")
     assert rc == 0
     data = json.loads(out)
-    assert data["settings"] == {"param_dtype": "fp32", "grad_dtype": "fp32", "state_dtype": "fp32", "index_dtype": "int32"}
+    assert data["settings"] == {
+        "param_dtype": "fp32",
+        "grad_dtype": "fp32",
+        "state_dtype": "fp32",
+        "index_dtype": "int32",
+    }
     rows = {r["preset"]: r for r in data["rows"]}
     assert set(rows) == set(EXACT_60M)
-    tensors = {"dense": 2 + 17 + LINEARS_60M, "lowrank_60m": 19 + 2 * LINEARS_60M,
-               "sltrain_60m": 19 + 3 * LINEARS_60M, "lost_60m": 19 + 3 * LINEARS_60M}
-    index = {"dense": 0, "lowrank_60m": 0, "sltrain_60m": 4 * NNZ_60M + 8 * LINEARS_60M,
-             "lost_60m": 4 * LOST_60M_CHANNELS + 8 * LINEARS_60M}
+    tensors = {
+        "dense": 2 + 17 + LINEARS_60M,
+        "lowrank_60m": 19 + 2 * LINEARS_60M,
+        "sltrain_60m": 19 + 3 * LINEARS_60M,
+        "lost_60m": 19 + 3 * LINEARS_60M,
+    }
+    index = {
+        "dense": 0,
+        "lowrank_60m": 0,
+        "sltrain_60m": 4 * NNZ_60M + 8 * LINEARS_60M,
+        "lost_60m": 4 * LOST_60M_CHANNELS + 8 * LINEARS_60M,
+    }
     for preset, (exact, _) in EXACT_60M.items():
         r = rows[preset]
         assert r["params"] == r["trainable_params"] == exact
@@ -69,18 +82,44 @@ def test_json_bytes_are_exact_for_each_method(capsys):
 def test_paper_formula_reproduces_sltrain_figure_at_1b(capsys):
     """SLTrain's estimate (2 B per weight, 4 B of Adam state per trainable weight, 8 B per index): Fig. 1 puts
     LLaMA-1B at full rank 8.03 GB, low-rank 3.66 GB, SLTrain 4.16 GB."""
-    rc, out, _ = run(capsys, "--model", "llama_1b", "--paper-formula", "--method", "dense",
-                     "--method", "lowrank_1b", "--method", "sltrain_1b", "--json")
+    rc, out, _ = run(
+        capsys,
+        "--model",
+        "llama_1b",
+        "--paper-formula",
+        "--method",
+        "dense",
+        "--method",
+        "lowrank_1b",
+        "--method",
+        "sltrain_1b",
+        "--json",
+    )
     assert rc == 0
     rows = {r["preset"]: r for r in json.loads(out)["rows"]}
     assert {k: round(r["mem_total_bytes"] / 1e9, 2) for k, r in rows.items()} == {
-        "dense": 8.03, "lowrank_1b": 3.66, "sltrain_1b": 4.16}
+        "dense": 8.03,
+        "lowrank_1b": 3.66,
+        "sltrain_1b": 4.16,
+    }
     assert rows["sltrain_1b"]["nnz"] == 36_237_240 and rows["sltrain_1b"]["mem_grads_bytes"] == 0
 
 
 def test_overrides_and_dtypes(capsys):
-    rc, out, _ = run(capsys, "--model", "llama_60m", "--method", "sltrain_60m", "--set", "method.density=0.05",
-                     "--state-dtype", "bf16", "--index-dtype", "int64", "--json")
+    rc, out, _ = run(
+        capsys,
+        "--model",
+        "llama_60m",
+        "--method",
+        "sltrain_60m",
+        "--set",
+        "method.density=0.05",
+        "--state-dtype",
+        "bf16",
+        "--index-dtype",
+        "int64",
+        "--json",
+    )
     assert rc == 0
     r = json.loads(out)["rows"][0]
     nnz = 8 * (4 * 13107 + 3 * 35225)  # floor(0.05 * 512 * 512), floor(0.05 * 512 * 1376)
@@ -88,10 +127,13 @@ def test_overrides_and_dtypes(capsys):
     assert r["mem_optim_bytes"] == 4 * r["params"] + 4 * (19 + 3 * LINEARS_60M)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--model", "llama_nope"], "llama_nope"),
-    (["--model", "tiny", "--method", "sltrain_7b"], "method.rank"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "llama_nope"], "llama_nope"),
+        (["--model", "tiny", "--method", "sltrain_7b"], "method.rank"),
+    ],
+)
 def test_errors_are_one_line_with_exit_2(capsys, argv, needle):
     rc, _, err = run(capsys, *argv)
     assert rc == 2 and needle in err and err.startswith("megaeff-estimate-memory: error:")

@@ -310,7 +310,9 @@ def _step(method, act, autocast=False):
     name = method.split("_")[0]
     model = materialize(
         build_llama(TINY, MethodConfig(name=name, **METHODS[method]), device="meta", act=act),
-        torch.device("cpu"), 0, TINY.init_std,
+        torch.device("cpu"),
+        0,
+        TINY.init_std,
     )
     tokens = torch.randint(0, TINY.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
     with SavedBytes(model) as saved, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

@@ -55,8 +55,22 @@ def sqrt_inputs() -> np.ndarray:
     uniform = (rng.random(1 << 18) * 10).astype(np.float32)
     f = np.finfo(np.float32)
     specials = np.array(
-        [0.0, -0.0, np.inf, -np.inf, np.nan, -1.0, -1e-45, f.smallest_subnormal, f.smallest_normal, f.max, 1.0, 2.0,
-         np.nextafter(f.smallest_normal, np.float32(0)), np.nextafter(f.max, np.float32(0))],
+        [
+            0.0,
+            -0.0,
+            np.inf,
+            -np.inf,
+            np.nan,
+            -1.0,
+            -1e-45,
+            f.smallest_subnormal,
+            f.smallest_normal,
+            f.max,
+            1.0,
+            2.0,
+            np.nextafter(f.smallest_normal, np.float32(0)),
+            np.nextafter(f.max, np.float32(0)),
+        ],
         dtype=np.float32,
     )
     k = np.arange(1, 1 << 12, dtype=np.float32)

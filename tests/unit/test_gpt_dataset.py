@@ -89,8 +89,17 @@ def test_one_rank_builds_while_the_others_wait(corpus, tmp_path):
     results = {}
 
     def rank(r):
-        results[r] = GPTDataset(ds, np.arange(len(ds)), 30, 0, SampleOptions(8, EOD), name="t",
-                                cache_dir=tmp_path / "shared", is_builder=(r == 0), barrier=barrier.wait)
+        results[r] = GPTDataset(
+            ds,
+            np.arange(len(ds)),
+            30,
+            0,
+            SampleOptions(8, EOD),
+            name="t",
+            cache_dir=tmp_path / "shared",
+            is_builder=(r == 0),
+            barrier=barrier.wait,
+        )
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
     for t in threads:
@@ -155,8 +164,13 @@ def test_parse_blend_megatron_syntax():
     assert parse_blend(["0.3", "a", "0.7", "b"], "f") == ([pytest.approx(0.3), pytest.approx(0.7)], ["a", "b"])
     assert parse_blend(["1 a 3 b"], "f") == ([0.25, 0.75], ["a", "b"])
     assert parse_blend(["/data/x_text_document"], "f") == ([1.0], ["/data/x_text_document"])
-    for bad, msg in ([["0.3", "a", "0.7"], "odd number"], [["x", "a", "1", "b"], "not a number"],
-                     [["-1", "a", "2", "b"], "positive"], [["nan", "a", "1", "b"], "positive"], [[], "no dataset"]):
+    for bad, msg in (
+        [["0.3", "a", "0.7"], "odd number"],
+        [["x", "a", "1", "b"], "not a number"],
+        [["-1", "a", "2", "b"], "positive"],
+        [["nan", "a", "1", "b"], "positive"],
+        [[], "no dataset"],
+    ):
         with pytest.raises(DataError, match=msg) as exc:
             parse_blend(bad, "data.paths")
         assert exc.value.path == "data.paths"

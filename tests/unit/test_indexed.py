@@ -52,7 +52,14 @@ def prefix(tmp_path):
 # ----------------------------------------------------------------------------- dtypes and paths
 def test_dtype_codes_match_megatron_numbering():
     assert {c: np.dtype(t).name for c, t in DTYPE_CODES.items()} == {
-        1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"
+        1: "uint8",
+        2: "int8",
+        3: "int16",
+        4: "int32",
+        5: "int64",
+        6: "float64",
+        7: "float32",
+        8: "uint16",
     }
     assert dtype_code(np.uint16) == 8 and dtype_code(np.dtype("int32")) == 4 and dtype_code(">i8") == 5
     with pytest.raises(ValueError, match="uint32"):

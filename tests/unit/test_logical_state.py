@@ -42,9 +42,13 @@ def test_global_grad_norm_and_clipping_match_torch():
     norm = clip_grad_norm_(model.parameters(), ref / 4, ONE)
     assert norm == pytest.approx(ref, rel=1e-6)
     clipped = ref * (ref / 4) / (ref + 1e-6)  # torch's coefficient max_norm / (norm + 1e-6)
-    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(clipped, rel=1e-6)
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(
+        clipped, rel=1e-6
+    )
     clip_grad_norm_(model.parameters(), float("inf"), ONE)  # no clipping: gradients untouched
-    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(clipped, rel=1e-6)
+    assert float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])) == pytest.approx(
+        clipped, rel=1e-6
+    )
 
 
 def shard(shape, spec, logical_shape):
@@ -56,13 +60,13 @@ def shard(shape, spec, logical_shape):
 @pytest.mark.parametrize(
     "shape,spec,logical,ok",
     [
-        ((64, 256), "rows", (128, 256), True),     # whole rows of whole groups
-        ((2, 64), "rows", (4, 64), True),          # 2 rows per group (64 columns), 2 local rows
-        ((1, 64), "rows", (2, 64), False),         # a group of 2 rows would be split
-        ((32, 128), "cols", (32, 256), True),      # 128-column shards of 128-wide groups
-        ((32, 64), "cols", (32, 128), False),      # half a group per shard
-        ((32, 32), "cols", (32, 64), False),       # logical groups span 2 rows of 64
-        ((100,), "support", (200,), False),        # sparse values split by the support
+        ((64, 256), "rows", (128, 256), True),  # whole rows of whole groups
+        ((2, 64), "rows", (4, 64), True),  # 2 rows per group (64 columns), 2 local rows
+        ((1, 64), "rows", (2, 64), False),  # a group of 2 rows would be split
+        ((32, 128), "cols", (32, 256), True),  # 128-column shards of 128-wide groups
+        ((32, 64), "cols", (32, 128), False),  # half a group per shard
+        ((32, 32), "cols", (32, 64), False),  # logical groups span 2 rows of 64
+        ((100,), "support", (200,), False),  # sparse values split by the support
         ((64, 64), "replicated", (64, 64), True),
     ],
 )

@@ -29,13 +29,21 @@ METHODS = ("dense", "lowrank", "sltrain", "lost")
 
 # Published totals (vocab 32000, untied head): GaLore/SLTrain Table 2 and the research notes' LOST formula.
 PUBLISHED = {
-    ("llama_60m", "lowrank_60m"): "42.77M", ("llama_130m", "lowrank_130m"): "94.00M",
-    ("llama_350m", "lowrank_350m"): "185.22M", ("llama_1b", "lowrank_1b"): "609.31M",
-    ("llama_60m", "sltrain_60m"): "43.53M", ("llama_130m", "sltrain_130m"): "96.55M",
-    ("llama_350m", "sltrain_350m"): "194.29M", ("llama_1b", "sltrain_1b"): "645.55M",
-    ("llama_60m", "lost_60m"): "44.01M", ("llama_130m", "lost_130m"): "98.21M",
-    ("llama_350m", "lost_350m"): "200.28M", ("llama_1b", "lost_1b"): "669.52M",
-    ("llama_7b", "lost_7b"): "3143.7M", ("llama_7b", "lowrank_7b"): "2820.94M", ("llama_7b", "sltrain_7b"): "3144.74M",
+    ("llama_60m", "lowrank_60m"): "42.77M",
+    ("llama_130m", "lowrank_130m"): "94.00M",
+    ("llama_350m", "lowrank_350m"): "185.22M",
+    ("llama_1b", "lowrank_1b"): "609.31M",
+    ("llama_60m", "sltrain_60m"): "43.53M",
+    ("llama_130m", "sltrain_130m"): "96.55M",
+    ("llama_350m", "sltrain_350m"): "194.29M",
+    ("llama_1b", "sltrain_1b"): "645.55M",
+    ("llama_60m", "lost_60m"): "44.01M",
+    ("llama_130m", "lost_130m"): "98.21M",
+    ("llama_350m", "lost_350m"): "200.28M",
+    ("llama_1b", "lost_1b"): "669.52M",
+    ("llama_7b", "lost_7b"): "3143.7M",
+    ("llama_7b", "lowrank_7b"): "2820.94M",
+    ("llama_7b", "sltrain_7b"): "3144.74M",
 }
 PUBLISHED_NNZ = {"llama_60m": "0.76M", "llama_130m": "2.55M", "llama_350m": "9.07M", "llama_1b": "36.24M"}
 
@@ -159,7 +167,9 @@ def test_supports_and_channels_are_identical_across_processes():
     results = []
     for threads in ("1", "2"):
         env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(REPO))
-        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], env=env, cwd=REPO, capture_output=True, text=True, check=True
+        )
         results.append(json.loads(out.stdout))
     namespace = {}
     exec(compile(_PROBE, "probe", "exec"), namespace)  # the same code in this process (stdout is captured)
@@ -185,8 +195,15 @@ def _train(model, steps=12, lr=1e-2):
 
 
 @pytest.mark.parametrize(
-    "name,kw", [("dense", {}), ("lowrank", {}), ("sltrain", dict(sltrain_path="dense")),
-                ("sltrain", dict(sltrain_path="sparse")), ("lost", {}), ("lost", dict(lost_act="none"))],
+    "name,kw",
+    [
+        ("dense", {}),
+        ("lowrank", {}),
+        ("sltrain", dict(sltrain_path="dense")),
+        ("sltrain", dict(sltrain_path="sparse")),
+        ("lost", {}),
+        ("lost", dict(lost_act="none")),
+    ],
     ids=["dense", "lowrank", "sltrain-dense", "sltrain-sparse", "lost-silu", "lost-none"],
 )
 def test_each_method_trains(name, kw):
@@ -207,8 +224,17 @@ def test_each_method_trains(name, kw):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 def _save(model, opt, root):
-    return ckpt.save_checkpoint(root, 2, model=model, optimizer=opt, trainer_state={"step": 2, "consumed_samples": 8},
-                                config_yaml="{}", rank=0, world_size=1, keep_last=2)
+    return ckpt.save_checkpoint(
+        root,
+        2,
+        model=model,
+        optimizer=opt,
+        trainer_state={"step": 2, "consumed_samples": 8},
+        config_yaml="{}",
+        rank=0,
+        world_size=1,
+        keep_last=2,
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -21,8 +21,18 @@ DIM, HIDDEN, E, K = 16, 24, 4, 2
 
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(name="t", dim=DIM, n_layers=2, n_heads=2, ffn_dim=32, vocab_size=40, max_seq_len=16,
-                moe_experts=E, moe_top_k=K, moe_ffn_dim=HIDDEN)
+    base = dict(
+        name="t",
+        dim=DIM,
+        n_layers=2,
+        n_heads=2,
+        ffn_dim=32,
+        vocab_size=40,
+        max_seq_len=16,
+        moe_experts=E,
+        moe_top_k=K,
+        moe_ffn_dim=HIDDEN,
+    )
     return ModelConfig(**{**base, **kw})
 
 

@@ -80,8 +80,19 @@ class Recorder:
 def test_plain_schedule_prepares_each_backward_and_flags_the_last():
     rec = Recorder()
     accumulate(plain_actions(3), rec, rec)
-    assert rec.events == ["F0c0", "prepare(False)", "B0c0", "F1c0", "prepare(False)", "B1c0",
-                          "F2c0", "prepare(True)", "B2c0", "drain", "finish"]
+    assert rec.events == [
+        "F0c0",
+        "prepare(False)",
+        "B0c0",
+        "F1c0",
+        "prepare(False)",
+        "B1c0",
+        "F2c0",
+        "prepare(True)",
+        "B2c0",
+        "drain",
+        "finish",
+    ]
 
 
 def test_pipeline_schedules_share_the_loop():

@@ -65,12 +65,8 @@ def test_interleaved_pp2_m4_v2_matches_megatron():
     # Megatron's schedule table with group size pp=2: (mb, chunk) = 00 10 01 11 20 30 21 31; backward walks it with
     # the chunk mirrored. Warm-up = 2*(pp - r - 1) + (v - 1)*pp: 4 on rank 0, 2 on rank 1.
     ranks = build_schedule("interleaved", 2, 4, 2)
-    assert labels(ranks[0], 2) == (
-        "F0c0 F1c0 F0c1 F1c1 F2c0 B0c1 F3c0 B1c1 F2c1 B0c0 F3c1 B1c0 B2c1 B3c1 B2c0 B3c0"
-    )
-    assert labels(ranks[1], 2) == (
-        "F0c0 F1c0 F0c1 B0c1 F1c1 B1c1 F2c0 B0c0 F3c0 B1c0 F2c1 B2c1 F3c1 B3c1 B2c0 B3c0"
-    )
+    assert labels(ranks[0], 2) == ("F0c0 F1c0 F0c1 F1c1 F2c0 B0c1 F3c0 B1c1 F2c1 B0c0 F3c1 B1c0 B2c1 B3c1 B2c0 B3c0")
+    assert labels(ranks[1], 2) == ("F0c0 F1c0 F0c1 B0c1 F1c1 B1c1 F2c0 B0c0 F3c0 B1c0 F2c1 B2c1 F3c1 B3c1 B2c0 B3c0")
 
 
 def test_interleaved_all_warmup_on_rank0_when_m_equals_pp():
@@ -110,8 +106,9 @@ def test_every_schedule_complete_deadlock_free_and_bubble_exact():
 def test_bubble_closed_form_holds_for_other_backward_costs(t_b):
     for name, pp, m, v in [("gpipe", 4, 6, 1), ("1f1b", 5, 7, 1), ("interleaved", 4, 8, 2), ("interleaved", 3, 6, 3)]:
         schedule = build_schedule(name, pp, m, v)
-        assert bubble_fraction(schedule, pp, v, 1.0, t_b) == pytest.approx(closed_form_bubble(name, pp, m, v),
-                                                                           rel=1e-12)
+        assert bubble_fraction(schedule, pp, v, 1.0, t_b) == pytest.approx(
+            closed_form_bubble(name, pp, m, v), rel=1e-12
+        )
 
 
 def test_closed_forms():
@@ -221,8 +218,20 @@ def test_cli_prints_and_writes_png_and_json(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png, out = tmp_path / "s.png", tmp_path / "s.json"
     tool = _load_tool()
-    argv = ["--schedule", "interleaved", "--pp", "4", "--microbatches", "8", "--virtual", "2",
-            "--png", str(png), "--json", str(out)]
+    argv = [
+        "--schedule",
+        "interleaved",
+        "--pp",
+        "4",
+        "--microbatches",
+        "8",
+        "--virtual",
+        "2",
+        "--png",
+        str(png),
+        "--json",
+        str(out),
+    ]
     assert tool.main(argv) == 0
     printed = capsys.readouterr().out
     assert "simulated 0.187500, closed form 0.187500" in printed

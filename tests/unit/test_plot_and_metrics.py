@@ -59,7 +59,9 @@ def test_plot_runs_writes_png(tmp_path):
     import matplotlib.image as mpimg
 
     a = write_metrics(tmp_path / "a" / METRICS_FILE, sample_records())
-    b = write_metrics(tmp_path / "b" / METRICS_FILE, [{"kind": "train", "step": s, "loss": 6.0 - s} for s in range(1, 5)])
+    b = write_metrics(
+        tmp_path / "b" / METRICS_FILE, [{"kind": "train", "step": s, "loss": 6.0 - s} for s in range(1, 5)]
+    )
     out = plot_runs([a.parent, b], tmp_path / "plots" / "cmp.png", ["first", "second"])
     assert out == tmp_path / "plots" / "cmp.png"
     data = out.read_bytes()
@@ -97,8 +99,15 @@ def _lcfg():
 
 
 def _train_metrics(loss):
-    return {"loss": loss, "ppl": math.exp(loss), "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12345.0, "mfu": 0.01,
-            "step_time_s": 0.1}
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_s": 12345.0,
+        "mfu": 0.01,
+        "step_time_s": 0.1,
+    }
 
 
 def _read(path):
@@ -119,13 +128,26 @@ def test_metrics_logger_writes_jsonl_and_trims_on_resume(tmp_path, capsys):
     path = tmp_path / METRICS_FILE
     recs = _read(path)
     assert [(r["kind"], r["step"]) for r in recs] == [
-        ("train", 1), ("train", 2), ("train", 3), ("eval", 3), ("train", 4), ("train", 5), ("train", 6), ("eval", 6)]
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("eval", 3),
+        ("train", 4),
+        ("train", 5),
+        ("train", 6),
+        ("eval", 6),
+    ]
     assert recs[0]["loss"] == pytest.approx(4.9) and recs[3]["val_tokens"] == 1000
 
     # Resume from step 4: records after step 4 are dropped, new ones append.
     log = MetricsLogger(tmp_path, _lcfg(), enabled=True, total_steps=10, start_step=4, run_name="t", config={})
     assert [(r["kind"], r["step"]) for r in _read(path)] == [
-        ("train", 1), ("train", 2), ("train", 3), ("eval", 3), ("train", 4)]
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("eval", 3),
+        ("train", 4),
+    ]
     log.log_train(5, _train_metrics(1.0))
     log.close()
     recs = _read(path)
@@ -164,8 +186,18 @@ def test_trim_jsonl_drops_truncated_lines(tmp_path):
 # ----------------------------------------------------------------------------- formatting
 @pytest.mark.parametrize(
     "seconds,text",
-    [(0, "0s"), (59.4, "59s"), (59.6, "1m00s"), (61, "1m01s"), (3599, "59m59s"), (3600, "1h00m"), (3 * 3600 + 125, "3h02m"),
-     (float("nan"), "?"), (float("inf"), "?"), (-1, "?")],
+    [
+        (0, "0s"),
+        (59.4, "59s"),
+        (59.6, "1m00s"),
+        (61, "1m01s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (3 * 3600 + 125, "3h02m"),
+        (float("nan"), "?"),
+        (float("inf"), "?"),
+        (-1, "?"),
+    ],
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text

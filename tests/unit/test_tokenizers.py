@@ -31,7 +31,9 @@ def train_bpe(text: str, special_tokens=("<eos>",)):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=list(special_tokens), show_progress=False,
+        vocab_size=300,
+        special_tokens=list(special_tokens),
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(text.splitlines(), trainer)

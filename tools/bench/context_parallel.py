@@ -79,8 +79,10 @@ def attention_step(cg, stats, impl, sharding, T, hkv, device, dtype=torch.bfloat
     attn = ContextParallelAttention(cg, impl, sharding, counter=counter)
     Tl = T // cg.size
     gen = torch.Generator().manual_seed(cg.rank) if device.type != "meta" else None
-    q, k, v = (torch.randn(1, h, Tl, HEAD_DIM, generator=gen, device=device).to(dtype).requires_grad_(True)
-               for h in (HEADS, hkv, hkv))
+    q, k, v = (
+        torch.randn(1, h, Tl, HEAD_DIM, generator=gen, device=device).to(dtype).requires_grad_(True)
+        for h in (HEADS, hkv, hkv)
+    )
     stats.reset()
     t0 = time.perf_counter()
     out = attn(q, k, v)
@@ -96,8 +98,7 @@ def layer_step(cg, impl, sharding, T, hkv, device):
     with tracker:
         attn = ContextParallelAttention(cg, impl, sharding)
         Tl = T // cg.size
-        w = [(torch.randn(HIDDEN, h * HEAD_DIM, device=device) * 0.02).requires_grad_(True)
-             for h in (HEADS, hkv, hkv)]
+        w = [(torch.randn(HIDDEN, h * HEAD_DIM, device=device) * 0.02).requires_grad_(True) for h in (HEADS, hkv, hkv)]
         wo = (torch.randn(HEADS * HEAD_DIM, HIDDEN, device=device) * 0.02).requires_grad_(True)
         x = torch.randn(1, Tl, HIDDEN, device=device).requires_grad_(True)
         cos, sin = rope_tables(HEAD_DIM, T, 10000.0, device=device)
@@ -171,9 +172,20 @@ def bytes_phase(args, real):
         for hkv in args.kv_heads:
             for cp in args.cps:
                 N = T  # batch 1
-                rows.append(dict(seq=T, kv_heads=hkv, cp=cp, scheme="Megatron TP+SP (closed form)", source="formula",
-                                 recorded_mb=10 * N * HIDDEN * 2 / MB, sent_mb=10 * (cp - 1) / cp * N * HIDDEN * 2 / MB,
-                                 formula_mb=10 * N * HIDDEN * 2 / MB, min_sent_mb=None, match=None))
+                rows.append(
+                    dict(
+                        seq=T,
+                        kv_heads=hkv,
+                        cp=cp,
+                        scheme="Megatron TP+SP (closed form)",
+                        source="formula",
+                        recorded_mb=10 * N * HIDDEN * 2 / MB,
+                        sent_mb=10 * (cp - 1) / cp * N * HIDDEN * 2 / MB,
+                        formula_mb=10 * N * HIDDEN * 2 / MB,
+                        min_sent_mb=None,
+                        match=None,
+                    )
+                )
                 for impl, sharding in SCHEMES:
                     if impl == "ulysses" and (HEADS % cp or hkv % cp):
                         continue
@@ -182,14 +194,25 @@ def bytes_phase(args, real):
                     key = ("bytes", impl, sharding, T, hkv)
                     per_rank = real.get((cp, key)) or dry_attention(impl, sharding, cp, T, hkv)
                     rec = [sum(r["fwd"].values()) + sum(r["bwd"].values()) for r in per_rank]
-                    formula = [sum(comm_bytes(impl, B=1, T=T, cp=cp, Hq=HEADS, Hkv=hkv, D=HEAD_DIM, elem=2, rank=r))
-                               for r in range(cp)]
-                    rows.append(dict(seq=T, kv_heads=hkv, cp=cp, scheme=f"{impl}/{sharding}",
-                                     source="real gloo run" if (cp, key) in real else "meta dry run",
-                                     recorded_mb=max(rec) / MB, formula_mb=max(formula) / MB,
-                                     sent_mb=sent_bytes(impl, max(rec), cp) / MB,
-                                     min_sent_mb=sent_bytes(impl, min(rec), cp) / MB, match=rec == formula,
-                                     per_rank_recorded=rec))
+                    formula = [
+                        sum(comm_bytes(impl, B=1, T=T, cp=cp, Hq=HEADS, Hkv=hkv, D=HEAD_DIM, elem=2, rank=r))
+                        for r in range(cp)
+                    ]
+                    rows.append(
+                        dict(
+                            seq=T,
+                            kv_heads=hkv,
+                            cp=cp,
+                            scheme=f"{impl}/{sharding}",
+                            source="real gloo run" if (cp, key) in real else "meta dry run",
+                            recorded_mb=max(rec) / MB,
+                            formula_mb=max(formula) / MB,
+                            sent_mb=sent_bytes(impl, max(rec), cp) / MB,
+                            min_sent_mb=sent_bytes(impl, min(rec), cp) / MB,
+                            match=rec == formula,
+                            per_rank_recorded=rec,
+                        )
+                    )
     return rows
 
 
@@ -206,9 +229,18 @@ def memory_phase(args, real):
                     lo, hi = hi, hi * 2
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    lo, hi = (mid, hi) if dry_peak(impl, sharding, cp, mid * unit, hkv) <= args.budget_gib * 2**30 else (lo, mid)
-                row = dict(kv_heads=hkv, cp=cp, scheme=f"{impl}/{sharding}" if cp > 1 else "none", max_seq=lo * unit,
-                           peak_gib_at_max=dry_peak(impl, sharding, cp, lo * unit, hkv) / 2**30 if lo else None)
+                    lo, hi = (
+                        (mid, hi)
+                        if dry_peak(impl, sharding, cp, mid * unit, hkv) <= args.budget_gib * 2**30
+                        else (lo, mid)
+                    )
+                row = dict(
+                    kv_heads=hkv,
+                    cp=cp,
+                    scheme=f"{impl}/{sharding}" if cp > 1 else "none",
+                    max_seq=lo * unit,
+                    peak_gib_at_max=dry_peak(impl, sharding, cp, lo * unit, hkv) / 2**30 if lo else None,
+                )
                 check = real.get((cp, ("memory", impl, sharding, args.check_seq, hkv)))
                 if check is not None:
                     row["check_seq"] = args.check_seq
@@ -228,9 +260,16 @@ def balance_phase(args, real):
             per_rank = real.get((cp, key)) or dry_attention(impl, sharding, cp, args.seqs[0], args.kv_heads[0])
             blocks = [r["counter"]["forward_blocks"] for r in per_rank]
             work = [r["counter"]["forward_work"] for r in per_rank]
-            rows.append(dict(cp=cp, scheme=f"{impl}/{sharding}", blocks=blocks, work_max_over_min=max(work) / min(work),
-                             work_max_over_mean=max(work) / (sum(work) / len(work)),
-                             wall_s=[round(r["wall_s"], 2) for r in per_rank] if (cp, key) in real else None))
+            rows.append(
+                dict(
+                    cp=cp,
+                    scheme=f"{impl}/{sharding}",
+                    blocks=blocks,
+                    work_max_over_min=max(work) / min(work),
+                    work_max_over_mean=max(work) / (sum(work) / len(work)),
+                    wall_s=[round(r["wall_s"], 2) for r in per_rank] if (cp, key) in real else None,
+                )
+            )
     return rows
 
 
@@ -249,26 +288,39 @@ def main(argv=None):
     t0 = time.time()
     real: Dict[tuple, list] = {}
     for cp in args.cps:
-        cases = [("bytes", impl, sharding, T, hkv) for T in args.real_seqs for hkv in args.kv_heads
-                 for impl, sharding in SCHEMES if not (impl == "ulysses" and (HEADS % cp or hkv % cp))]
+        cases = [
+            ("bytes", impl, sharding, T, hkv)
+            for T in args.real_seqs
+            for hkv in args.kv_heads
+            for impl, sharding in SCHEMES
+            if not (impl == "ulysses" and (HEADS % cp or hkv % cp))
+        ]
         cases += [("memory", impl, sharding, args.check_seq, args.kv_heads[0]) for impl, sharding in SCHEMES]
         print(f"real gloo runs, cp={cp}: {len(cases)} cases", flush=True)
         for case, per_rank in zip(cases, real_runs(cp, cases)):
             real[(cp, case)] = per_rank
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
-    result = dict(shapes=dict(hidden=HIDDEN, heads=HEADS, head_dim=HEAD_DIM, batch=1, activations="bf16",
-                              accumulation="fp32"), budget_gib=args.budget_gib,
-                  bytes=bytes_phase(args, real), memory=memory_phase(args, real), balance=balance_phase(args, real))
+    result = dict(
+        shapes=dict(hidden=HIDDEN, heads=HEADS, head_dim=HEAD_DIM, batch=1, activations="bf16", accumulation="fp32"),
+        budget_gib=args.budget_gib,
+        bytes=bytes_phase(args, real),
+        memory=memory_phase(args, real),
+        balance=balance_phase(args, real),
+    )
     result["seconds"] = round(time.time() - t0, 1)
 
     print("\nBytes per layer per rank (attention fwd + bwd; TP+SP: the whole layer), MB; LightSeq: max over ranks")
-    print("| seq | kv heads | cp | scheme | source | recorded | closed form | sent by rank (max / min) | counter = formula |")
+    print(
+        "| seq | kv heads | cp | scheme | source | recorded | closed form | sent by rank (max / min) | counter = formula |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["bytes"]:
         low = "" if r["min_sent_mb"] is None or r["min_sent_mb"] == r["sent_mb"] else f" / {r['min_sent_mb']:.1f}"
-        print(f"| {r['seq']} | {r['kv_heads']} | {r['cp']} | {r['scheme']} | {r['source']} | {r['recorded_mb']:.1f} | "
-              f"{r['formula_mb']:.1f} | {r['sent_mb']:.1f}{low} | {'-' if r['match'] is None else ('yes' if r['match'] else 'NO')} |")
+        print(
+            f"| {r['seq']} | {r['kv_heads']} | {r['cp']} | {r['scheme']} | {r['source']} | {r['recorded_mb']:.1f} | "
+            f"{r['formula_mb']:.1f} | {r['sent_mb']:.1f}{low} | {'-' if r['match'] is None else ('yes' if r['match'] else 'NO')} |"
+        )
     print(f"\nLongest trainable sequence, one fp32 attention layer, {args.budget_gib:g} GiB of live tensors per rank")
     print("| kv heads | cp | scheme | max seq | peak GiB at max | real vs meta peak at check seq (GiB) |")
     print("|---|---|---|---|---|---|")
@@ -280,7 +332,9 @@ def main(argv=None):
     print("| cp | scheme | blocks per rank | visible work max/min | max/mean |")
     print("|---|---|---|---|---|")
     for r in result["balance"]:
-        print(f"| {r['cp']} | {r['scheme']} | {r['blocks']} | {r['work_max_over_min']:.2f} | {r['work_max_over_mean']:.2f} |")
+        print(
+            f"| {r['cp']} | {r['scheme']} | {r['blocks']} | {r['work_max_over_min']:.2f} | {r['work_max_over_mean']:.2f} |"
+        )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out} ({result['seconds']} s)")
 

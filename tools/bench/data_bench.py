@@ -94,9 +94,24 @@ def _tree_rss_bytes(pid: int) -> Optional[int]:
 
 def run_preprocess(corpus: Path, prefix: Path, args) -> Dict[str, object]:
     stats_path = prefix.parent / "preprocess_stats.json"
-    cmd = [sys.executable, "-m", "megaeff.cli.preprocess_data", "--input", str(corpus), "--output-prefix", str(prefix),
-           "--workers", str(args.workers), "--tokenizer", args.tokenizer, "--append-eod",
-           "--log-interval", "10", "--stats-json", str(stats_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megaeff.cli.preprocess_data",
+        "--input",
+        str(corpus),
+        "--output-prefix",
+        str(prefix),
+        "--workers",
+        str(args.workers),
+        "--tokenizer",
+        args.tokenizer,
+        "--append-eod",
+        "--log-interval",
+        "10",
+        "--stats-json",
+        str(stats_path),
+    ]
     if args.tokenizer_path:
         cmd += ["--tokenizer-path", args.tokenizer_path]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
@@ -196,8 +211,16 @@ def read_bench(prefix: str, window: int, random_samples: int, seed: int) -> Dict
 
 
 def run_read(prefix: Path, args) -> Dict[str, object]:
-    cmd = [sys.executable, __file__, "--read-only", str(prefix), "--window", str(args.window),
-           "--random-samples", str(args.random_samples)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--read-only",
+        str(prefix),
+        "--window",
+        str(args.window),
+        "--random-samples",
+        str(args.random_samples),
+    ]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -210,19 +233,35 @@ def table(r: Dict[str, object]) -> str:
         return "n/a" if v is None else f"{v:,.0f} MB"
 
     rows = [
-        ("corpus", f"{r['corpus_bytes'] / 1e6:,.0f} MB JSONL, {r['corpus_docs']:,} docs (written in {r['corpus_write_s']:.1f} s)"),
+        (
+            "corpus",
+            f"{r['corpus_bytes'] / 1e6:,.0f} MB JSONL, {r['corpus_docs']:,} docs (written in {r['corpus_write_s']:.1f} s)",
+        ),
         ("dataset", f"{r['docs']:,} docs, {r['tokens']:,} tokens ({r['dtype']}), .bin {r['bin_bytes'] / 1e6:,.0f} MB"),
-        (f"preprocess ({r['workers']} workers, {r['tokenizer']})",
-         f"{r['preprocess_mb_per_s']:,.1f} MB/s | {r['preprocess_docs_per_s']:,.0f} docs/s | "
-         f"{r['preprocess_tokens_per_s'] / 1e6:,.2f} M tokens/s | {r['preprocess_seconds']:.1f} s"),
-        ("preprocess peak RSS", f"largest process {mb(r['preprocess_peak_rss_single_mb'])}, "
-                                f"whole tree {mb(r['preprocess_peak_rss_tree_mb'])}"),
-        (f"random {r['window']}-token reads",
-         f"{r['random_samples_per_s']:,.0f} samples/s | p50 {r['random_p50_us']:.1f} us | p99 {r['random_p99_us']:.1f} us"),
-        ("sequential reads", f"{r['sequential_samples_per_s']:,.0f} samples/s | "
-                             f"{r['sequential_tokens_per_s'] / 1e6:,.0f} M tokens/s ({r['sequential_samples']:,} windows)"),
-        ("read peak RSS", f"{mb(r['read_peak_rss_mb'])} (at end: anonymous {mb(r['read_rss_anon_end_mb'])}, "
-                          f"file-backed mmap {mb(r['read_rss_file_end_mb'])})"),
+        (
+            f"preprocess ({r['workers']} workers, {r['tokenizer']})",
+            f"{r['preprocess_mb_per_s']:,.1f} MB/s | {r['preprocess_docs_per_s']:,.0f} docs/s | "
+            f"{r['preprocess_tokens_per_s'] / 1e6:,.2f} M tokens/s | {r['preprocess_seconds']:.1f} s",
+        ),
+        (
+            "preprocess peak RSS",
+            f"largest process {mb(r['preprocess_peak_rss_single_mb'])}, "
+            f"whole tree {mb(r['preprocess_peak_rss_tree_mb'])}",
+        ),
+        (
+            f"random {r['window']}-token reads",
+            f"{r['random_samples_per_s']:,.0f} samples/s | p50 {r['random_p50_us']:.1f} us | p99 {r['random_p99_us']:.1f} us",
+        ),
+        (
+            "sequential reads",
+            f"{r['sequential_samples_per_s']:,.0f} samples/s | "
+            f"{r['sequential_tokens_per_s'] / 1e6:,.0f} M tokens/s ({r['sequential_samples']:,} windows)",
+        ),
+        (
+            "read peak RSS",
+            f"{mb(r['read_peak_rss_mb'])} (at end: anonymous {mb(r['read_rss_anon_end_mb'])}, "
+            f"file-backed mmap {mb(r['read_rss_file_end_mb'])})",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -251,8 +290,12 @@ def main(argv=None) -> int:
     created = [corpus, Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), workdir / "preprocess_stats.json"]
     try:
         print(f"writing {args.size_mb:,.0f} MB corpus to {corpus}", file=sys.stderr, flush=True)
-        result: Dict[str, object] = {"size_mb": args.size_mb, "workers": args.workers, "tokenizer": args.tokenizer,
-                                     "window": args.window}
+        result: Dict[str, object] = {
+            "size_mb": args.size_mb,
+            "workers": args.workers,
+            "tokenizer": args.tokenizer,
+            "window": args.window,
+        }
         result.update(write_corpus(corpus, args.size_mb))
         result.update(run_preprocess(corpus, prefix, args))
         result.update(run_read(prefix, args))
@@ -264,8 +307,11 @@ def main(argv=None) -> int:
                 for path in created:
                     path.unlink(missing_ok=True)
     result["machine"] = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
     }
     print(table(result))
     args.out.write_text(json.dumps(result, indent=2))

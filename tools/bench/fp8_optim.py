@@ -58,7 +58,9 @@ def make_optimizer(kind: str, params, lr: float, betas, wd: float, backend: str 
     if kind.startswith("COAT"):
         expand = "no expansion" not in kind
         second = "e5m2" if "E5M2" in kind else "e4m3"
-        return CoatAdamW(params, lr=lr, betas=betas, weight_decay=wd, expand=expand, second_moment=second, backend=backend)
+        return CoatAdamW(
+            params, lr=lr, betas=betas, weight_decay=wd, expand=expand, second_moment=second, backend=backend
+        )
     return torchao_optimizers()[kind](params, lr=lr, betas=betas, weight_decay=wd)
 
 
@@ -82,8 +84,17 @@ def state_bytes(opt) -> int:
 
 
 def error_phase(args, kinds) -> Dict:
-    cfg = compose(["train.resume=none", "train.ckpt_interval=0", "train.eval_interval=0", "train.plot=false",
-                   f"train.threads={args.threads}", f"run_dir={args.workdir / 'error_driver'}", "logging.progress=false"])
+    cfg = compose(
+        [
+            "train.resume=none",
+            "train.ckpt_interval=0",
+            "train.eval_interval=0",
+            "train.plot=false",
+            f"train.threads={args.threads}",
+            f"run_dir={args.workdir / 'error_driver'}",
+            "logging.progress=false",
+        ]
+    )
     with open(args.workdir / "error_driver.log", "w") as log, contextlib.redirect_stdout(log):
         driver = Trainer(cfg, ParallelDims.from_config(cfg.parallel, 1), args.workdir / "error_driver")
     o = cfg.optim
@@ -111,16 +122,29 @@ def error_phase(args, kinds) -> Dict:
                     m, v = moments(opts[kind], copies[kind][i])
                     ref = exact.state[copies["fp32 AdamW"][i]]
                     m0, v0 = ref["exp_avg"], ref["exp_avg_sq"]
-                    num_m += float(((m - m0) ** 2).sum()); den_m += float((m0 ** 2).sum())
-                    num_v += float(((v - v0) ** 2).sum()); den_v += float((v0 ** 2).sum())
+                    num_m += float(((m - m0) ** 2).sum())
+                    den_m += float((m0**2).sum())
+                    num_v += float(((v - v0) ** 2).sum())
+                    den_v += float((v0**2).sum())
                     mask = (v0 > 0) & (v > 0)
                     r0 = m0[mask] / v0[mask].sqrt()
-                    num_r += float(((m[mask] / v[mask].sqrt() - r0) ** 2).sum()); den_r += float((r0 ** 2).sum())
-                row[kind] = {"m_rel_err": (num_m / den_m) ** 0.5, "v_rel_err": (num_v / den_v) ** 0.5,
-                             "m_over_sqrt_v_rel_mse": num_r / den_r}
+                    num_r += float(((m[mask] / v[mask].sqrt() - r0) ** 2).sum())
+                    den_r += float((r0**2).sum())
+                row[kind] = {
+                    "m_rel_err": (num_m / den_m) ** 0.5,
+                    "v_rel_err": (num_v / den_v) ** 0.5,
+                    "m_over_sqrt_v_rel_mse": num_r / den_r,
+                }
             history.append(row)
-            print(f"step {step}: " + "; ".join(f"{k} m {row[k]['m_rel_err']:.4f} v {row[k]['v_rel_err']:.4f} "
-                                               f"m/sqrt(v) {row[k]['m_over_sqrt_v_rel_mse']:.2e}" for k in kinds), flush=True)
+            print(
+                f"step {step}: "
+                + "; ".join(
+                    f"{k} m {row[k]['m_rel_err']:.4f} v {row[k]['v_rel_err']:.4f} "
+                    f"m/sqrt(v) {row[k]['m_over_sqrt_v_rel_mse']:.2e}"
+                    for k in kinds
+                ),
+                flush=True,
+            )
     n_params = sum(p.numel() for p in driver.model.parameters())
     bytes_per_param = {k: state_bytes(opts[k]) / n_params for k in ["fp32 AdamW", *kinds]}
     driver.close()
@@ -137,10 +161,21 @@ def train_phase(args, torchao_kinds) -> Dict:
     out = {}
     for label, overrides in runs.items():
         run_dir = args.workdir / label.split(" (")[0].replace(" ", "_")
-        cfg = compose([f"train.steps={args.train_steps}", "train.resume=none", "train.ckpt_interval=0",
-                       "train.eval_interval=0", "train.plot=false", f"train.threads={args.threads}",
-                       f"optim.fp8_backend={args.backend}", f"optim.warmup_steps={min(30, max(1, args.train_steps // 10))}",
-                       f"run_dir={run_dir}", "logging.progress=false", *overrides])
+        cfg = compose(
+            [
+                f"train.steps={args.train_steps}",
+                "train.resume=none",
+                "train.ckpt_interval=0",
+                "train.eval_interval=0",
+                "train.plot=false",
+                f"train.threads={args.threads}",
+                f"optim.fp8_backend={args.backend}",
+                f"optim.warmup_steps={min(30, max(1, args.train_steps // 10))}",
+                f"run_dir={run_dir}",
+                "logging.progress=false",
+                *overrides,
+            ]
+        )
         with open(f"{run_dir}.log", "w") as log, contextlib.redirect_stdout(log):
             tr = Trainer(cfg, ParallelDims.from_config(cfg.parallel, 1), run_dir)
             if label in torchao_kinds:  # the trainer has no builder for torchao: swap it in before step 1
@@ -152,10 +187,17 @@ def train_phase(args, torchao_kinds) -> Dict:
             wall = time.perf_counter() - t0
             tr.close()
         tail = [float(x) for x in result.losses[-20:]]
-        out[label] = {"final_train_loss_last20": sum(tail) / len(tail), "val_loss": float(result.final_eval["val_loss"]),
-                      "val_ppl": float(result.final_eval["val_ppl"]), "seconds": wall}
-        print(f"{label:<40} train loss (last 20) {out[label]['final_train_loss_last20']:.4f}  "
-              f"val loss {out[label]['val_loss']:.4f}  ({wall:.0f} s)", flush=True)
+        out[label] = {
+            "final_train_loss_last20": sum(tail) / len(tail),
+            "val_loss": float(result.final_eval["val_loss"]),
+            "val_ppl": float(result.final_eval["val_ppl"]),
+            "seconds": wall,
+        }
+        print(
+            f"{label:<40} train loss (last 20) {out[label]['final_train_loss_last20']:.4f}  "
+            f"val loss {out[label]['val_loss']:.4f}  ({wall:.0f} s)",
+            flush=True,
+        )
     return out
 
 
@@ -168,8 +210,12 @@ def timing_phase(args, torchao_kinds) -> Dict:
     n = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     rows = {}
-    impls = [("fp32 AdamW (foreach)", "fp32 AdamW", None), ("COAT, torch reference", "COAT", "torch"),
-             ("COAT, C++ kernel", "COAT", "cpp"), *[(k, k, None) for k in torchao_kinds]]
+    impls = [
+        ("fp32 AdamW (foreach)", "fp32 AdamW", None),
+        ("COAT, torch reference", "COAT", "torch"),
+        ("COAT, C++ kernel", "COAT", "cpp"),
+        *[(k, k, None) for k in torchao_kinds],
+    ]
     for label, kind, backend in impls:
         params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
         try:
@@ -186,8 +232,10 @@ def timing_phase(args, torchao_kinds) -> Dict:
             if i >= 2:  # the first steps allocate state (and compile, for torchao)
                 times.append(time.perf_counter() - t0)
         rows[label] = {"median_s": statistics.median(times), "ns_per_param": statistics.median(times) / n * 1e9}
-        print(f"{label:<28} {rows[label]['median_s'] * 1e3:8.1f} ms/step  {rows[label]['ns_per_param']:6.2f} ns/param",
-              flush=True)
+        print(
+            f"{label:<28} {rows[label]['median_s'] * 1e3:8.1f} ms/step  {rows[label]['ns_per_param']:6.2f} ns/param",
+            flush=True,
+        )
     return {"model": args.timing_model, "params": n, "threads": torch.get_num_threads(), "rows": rows}
 
 
@@ -211,8 +259,11 @@ def main(argv=None) -> int:
     result = {"torch": torch.__version__}
     if "error" in args.phases:
         result["error"] = error_phase(args, coat_kinds + tao)
-        print("state bytes per parameter (all state tensors / all parameters): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in result["error"]["bytes_per_param"].items()), flush=True)
+        print(
+            "state bytes per parameter (all state tensors / all parameters): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in result["error"]["bytes_per_param"].items()),
+            flush=True,
+        )
     if "train" in args.phases:
         result["train"] = train_phase(args, tao)
     if "timing" in args.phases:

@@ -135,8 +135,11 @@ def _worker(rank: int, args, port: int, results) -> None:
         annotate_parameters(model)
         masters[kind] = model
         if rank == 0:
-            print(f"built {kind} llama_60m ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) in "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            print(
+                f"built {kind} llama_60m ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) in "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
     tokens = args.dp * args.batch * args.seq
     out = []
     for label, kind, layout, options in LAYOUTS:
@@ -193,12 +196,16 @@ def _worker(rank: int, args, port: int, results) -> None:
             else:
                 recorded = {k: v for k, v in dims.comm_stats.snapshot().items() if k.startswith("dp_cp")}
             params = list(model.parameters())
-            steps.append(dict(
-                recorded=recorded, seconds=seconds,
-                params=local_bytes(params), grads=local_bytes(p.grad for p in params),
-                optim=local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
-                peak_gathered=fs.peak_gathered_bytes if fs is not None else None,
-            ))
+            steps.append(
+                dict(
+                    recorded=recorded,
+                    seconds=seconds,
+                    params=local_bytes(params),
+                    grads=local_bytes(p.grad for p in params),
+                    optim=local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
+                    peak_gathered=fs.peak_gathered_bytes if fs is not None else None,
+                )
+            )
         if fs is not None:
             fs.remove()
         out.append(dict(label=label, model=kind, layout=layout, options=options, optim=optim, steps=steps))
@@ -222,13 +229,23 @@ def summarize(per_rank):
         gathered = rec.get("all_gather", 0) + rec.get("sparse_all_gather", 0)
         reduced = rec.get("reduce_scatter", 0) + rec.get("sparse_reduce_scatter", 0) + rec.get("all_reduce", 0)
         row = dict(
-            label=cell["label"], model=cell["model"], layout=cell["layout"], optim=cell["optim"],
-            params_mb=max(s["params"] for s in last) / mb, grads_mb=max(s["grads"] for s in last) / mb,
+            label=cell["label"],
+            model=cell["model"],
+            layout=cell["layout"],
+            optim=cell["optim"],
+            params_mb=max(s["params"] for s in last) / mb,
+            grads_mb=max(s["grads"] for s in last) / mb,
             optim_mb=max(s["optim"] for s in last) / mb,
-            gathered_mb=gathered / mb, reduced_mb=reduced / mb, other_mb=rec.get("all_to_all", 0) / mb,
+            gathered_mb=gathered / mb,
+            reduced_mb=reduced / mb,
+            other_mb=rec.get("all_to_all", 0) / mb,
             recorded_mean_bytes_per_rank=rec,
-            peak_gathered_mb=(max(s["peak_gathered"] for s in last) / mb) if last[0]["peak_gathered"] is not None else None,
-            step_seconds_rank0=statistics.median(s["seconds"] for s in per_rank[0][i]["steps"][1:] or per_rank[0][i]["steps"]),
+            peak_gathered_mb=(max(s["peak_gathered"] for s in last) / mb)
+            if last[0]["peak_gathered"] is not None
+            else None,
+            step_seconds_rank0=statistics.median(
+                s["seconds"] for s in per_rank[0][i]["steps"][1:] or per_rank[0][i]["steps"]
+            ),
         )
         if cell["label"].startswith("fsdp2, dense"):
             anchor = row["gathered_mb"]
@@ -239,14 +256,18 @@ def summarize(per_rank):
 
 
 def print_table(rows):
-    head = (f"{'layout':<36} {'params':>8} {'grads':>8} {'optim':>8} {'gathered':>9} {'reduced':>8} {'other':>6} "
-            f"{'vs FSDP2':>8} {'step s':>7}")
+    head = (
+        f"{'layout':<36} {'params':>8} {'grads':>8} {'optim':>8} {'gathered':>9} {'reduced':>8} {'other':>6} "
+        f"{'vs FSDP2':>8} {'step s':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['label']:<36} {r['params_mb']:>8.1f} {r['grads_mb']:>8.1f} {r['optim_mb']:>8.1f} "
-              f"{r['gathered_mb']:>9.1f} {r['reduced_mb']:>8.1f} {r['other_mb']:>6.3f} "
-              f"{r['gathered_vs_fsdp2_dense']:>8.3f} {r['step_seconds_rank0']:>7.1f}")
+        print(
+            f"{r['label']:<36} {r['params_mb']:>8.1f} {r['grads_mb']:>8.1f} {r['optim_mb']:>8.1f} "
+            f"{r['gathered_mb']:>9.1f} {r['reduced_mb']:>8.1f} {r['other_mb']:>6.3f} "
+            f"{r['gathered_vs_fsdp2_dense']:>8.3f} {r['step_seconds_rank0']:>7.1f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -259,8 +280,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     per_rank = run_gloo_ranks(_worker, args, args.dp)
     rows = summarize(per_rank)
-    print(f"llama_60m, dp={args.dp}, {args.batch} x {args.seq} tokens per rank per step, fp32 master weights; "
-          "MB = 1e6 bytes per rank (memory: the largest rank; bytes: mean over ranks) for the last step")
+    print(
+        f"llama_60m, dp={args.dp}, {args.batch} x {args.seq} tokens per rank per step, fp32 master weights; "
+        "MB = 1e6 bytes per rank (memory: the largest rank; bytes: mean over ranks) for the last step"
+    )
     print_table(rows)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps(dict(config=config, rows=rows), indent=1))

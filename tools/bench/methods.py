@@ -73,13 +73,27 @@ def measure_speed(rounds: int, batch: int, seq_len: int, threads: int) -> dict:
 
 
 def train_one(method: str, lr: float, args, run_dir: Path) -> dict:
-    cfg = compose([
-        f"model={args.model}", *method_overrides(method), f"optim.lr={lr}", f"train.steps={args.steps}",
-        f"optim.warmup_steps={max(args.steps // 10, 1)}", f"train.micro_batch_size={args.batch}",
-        f"data.seq_len={args.seq_len}", "train.eval_interval=50", "train.eval_max_batches=8", "train.ckpt_interval=0",
-        "train.log_interval=10", "train.resume=none", "train.plot=false", f"train.threads={args.threads}",
-        f"run_dir={run_dir}", f"name={method}_lr{lr:g}", *args.extra,
-    ])
+    cfg = compose(
+        [
+            f"model={args.model}",
+            *method_overrides(method),
+            f"optim.lr={lr}",
+            f"train.steps={args.steps}",
+            f"optim.warmup_steps={max(args.steps // 10, 1)}",
+            f"train.micro_batch_size={args.batch}",
+            f"data.seq_len={args.seq_len}",
+            "train.eval_interval=50",
+            "train.eval_max_batches=8",
+            "train.ckpt_interval=0",
+            "train.log_interval=10",
+            "train.resume=none",
+            "train.plot=false",
+            f"train.threads={args.threads}",
+            f"run_dir={run_dir}",
+            f"name={method}_lr{lr:g}",
+            *args.extra,
+        ]
+    )
     trainer = Trainer(cfg, ParallelDims.from_config(cfg.parallel, 1), run_dir)
     t0 = time.perf_counter()
     trainer.fit()
@@ -88,9 +102,17 @@ def train_one(method: str, lr: float, args, run_dir: Path) -> dict:
     final = trainer.evaluate()
     mem = state_memory(trainer.model, trainer.optimizer)
     trainer.close()
-    return {"method": method, "lr": lr, "val_ppl": final["val_ppl"], "val_loss": final["val_loss"],
-            "params": trainer.n_params, "state_bytes": sum(mem.values()), **mem, "train_seconds": wall,
-            "run_dir": str(run_dir)}
+    return {
+        "method": method,
+        "lr": lr,
+        "val_ppl": final["val_ppl"],
+        "val_loss": final["val_loss"],
+        "params": trainer.n_params,
+        "state_bytes": sum(mem.values()),
+        **mem,
+        "train_seconds": wall,
+        "run_dir": str(run_dir),
+    }
 
 
 def main(argv=None) -> int:
@@ -111,9 +133,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     work = {m: count_work(m) for m in METHODS}
-    print("linear MACs/token at llama_60m: " + ", ".join(
-        f"{m} {w['linear_macs_per_token_60m'] / 1e6:.2f}M ({w['linear_macs_per_token_60m'] / work['dense']['linear_macs_per_token_60m']:.3f}x)"
-        for m, w in work.items()), flush=True)
+    print(
+        "linear MACs/token at llama_60m: "
+        + ", ".join(
+            f"{m} {w['linear_macs_per_token_60m'] / 1e6:.2f}M ({w['linear_macs_per_token_60m'] / work['dense']['linear_macs_per_token_60m']:.3f}x)"
+            for m, w in work.items()
+        ),
+        flush=True,
+    )
     speed = measure_speed(args.speed_rounds, args.speed_batch, args.seq_len, args.threads)
     print("tokens/s at llama_60m shapes: " + ", ".join(f"{m} {v:.0f}" for m, v in speed.items()), flush=True)
 
@@ -128,18 +155,31 @@ def main(argv=None) -> int:
             print(f"{method:<8} lr {lr:<7g} val_ppl {r['val_ppl']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
 
     best = {m: min((r for r in runs if r["method"] == m), key=lambda r: r["val_ppl"]) for m in args.methods}
-    header = (f"{'method':<8}{'best lr':>9}{'val ppl':>9}{'params':>10}{'state MB':>10}{'lin MACs/tok 60m':>18}"
-              f"{'vs dense':>9}{'tok/s 60m':>11}")
+    header = (
+        f"{'method':<8}{'best lr':>9}{'val ppl':>9}{'params':>10}{'state MB':>10}{'lin MACs/tok 60m':>18}"
+        f"{'vs dense':>9}{'tok/s 60m':>11}"
+    )
     print("\n" + header + "\n" + "-" * len(header))
     dense_macs = work["dense"]["linear_macs_per_token_60m"]
     for m, r in best.items():
         macs = work[m]["linear_macs_per_token_60m"]
-        print(f"{m:<8}{r['lr']:>9g}{r['val_ppl']:>9.3f}{r['params'] / 1e6:>9.3f}M{r['state_bytes'] / 2**20:>10.2f}"
-              f"{macs / 1e6:>17.2f}M{macs / dense_macs:>9.3f}{speed[m]:>11.0f}")
+        print(
+            f"{m:<8}{r['lr']:>9g}{r['val_ppl']:>9.3f}{r['params'] / 1e6:>9.3f}M{r['state_bytes'] / 2**20:>10.2f}"
+            f"{macs / 1e6:>17.2f}M{macs / dense_macs:>9.3f}{speed[m]:>11.0f}"
+        )
     plot_runs([Path(best[m]["run_dir"]) for m in best], args.png, [f"{m} (lr {best[m]['lr']:g})" for m in best])
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "work": work,
-                                    "tokens_per_s_60m": speed, "runs": runs,
-                                    "best": {m: r["lr"] for m, r in best.items()}}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "work": work,
+                "tokens_per_s_60m": speed,
+                "runs": runs,
+                "best": {m: r["lr"] for m, r in best.items()},
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out} and {args.png}")
     return 0
 

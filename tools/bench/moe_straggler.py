@@ -77,7 +77,9 @@ def _worker(rank: int, args, port: int, results) -> None:
             layer = ExpertParallel(moe, dims) if name == "ep" else ExpertFSSDP(moe, dims, **options)
             cells = []
             for step in range(args.steps + 1):  # step 0 warms up
-                table = routing_logits(step, n_local * args.dp, args.experts, skew)[rank * n_local : (rank + 1) * n_local]
+                table = routing_logits(step, n_local * args.dp, args.experts, skew)[
+                    rank * n_local : (rank + 1) * n_local
+                ]
                 layer.router_override = lambda f, t=table: t
                 g = torch.Generator().manual_seed(10 * step + rank)
                 x = torch.randn(1, n_local, args.dim, generator=g, requires_grad=True)
@@ -91,16 +93,18 @@ def _worker(rank: int, args, port: int, results) -> None:
                     continue
                 st = layer.last_stats
                 param_passes = 0 if name == "ep" else (3 if layer.rematerialize else 2)
-                cells.append(dict(
-                    straggler=st.straggler,
-                    rows_per_rank=st.rows_per_rank,
-                    replicas=[len(h) for h in st.hosts],
-                    recorded=dims.comm_stats.snapshot(),
-                    # Summed over ranks by the tables, averaged here: identical on every rank.
-                    off_rank_token_bytes=4 * st.token_rows_off_rank * args.dim * 4 / args.dp,
-                    off_rank_param_bytes=param_passes * st.param_elems_off_rank * 4 / args.dp,
-                    seconds=seconds,
-                ))
+                cells.append(
+                    dict(
+                        straggler=st.straggler,
+                        rows_per_rank=st.rows_per_rank,
+                        replicas=[len(h) for h in st.hosts],
+                        recorded=dims.comm_stats.snapshot(),
+                        # Summed over ranks by the tables, averaged here: identical on every rank.
+                        off_rank_token_bytes=4 * st.token_rows_off_rank * args.dim * 4 / args.dp,
+                        off_rank_param_bytes=param_passes * st.param_elems_off_rank * 4 / args.dp,
+                        seconds=seconds,
+                    )
+                )
             out.append(dict(router=router, layout=name, steps=cells))
     results.put((rank, out))
     dist.barrier()
@@ -113,34 +117,42 @@ def summarize(per_rank, args):
         steps = cell["steps"]
         kinds = sorted({k for r in per_rank for s in r[i]["steps"] for k in s["recorded"]})
         recorded = {
-            k.split("/", 1)[1]: statistics.mean(s["recorded"].get(k, 0) for r in per_rank for s in r[i]["steps"]) for k in kinds
+            k.split("/", 1)[1]: statistics.mean(s["recorded"].get(k, 0) for r in per_rank for s in r[i]["steps"])
+            for k in kinds
         }
-        rows.append(dict(
-            router=cell["router"], layout=cell["layout"],
-            straggler=statistics.mean(s["straggler"] for s in steps),
-            straggler_max=max(s["straggler"] for s in steps),
-            hot_replicas=statistics.mean(s["replicas"][HOT] for s in steps),
-            recorded_bytes_per_rank=recorded,
-            off_rank_token_bytes=statistics.mean(s["off_rank_token_bytes"] for s in steps),
-            off_rank_param_bytes=statistics.mean(s["off_rank_param_bytes"] for s in steps),
-            step_seconds_rank0=statistics.median(s["seconds"] for s in steps),
-        ))
+        rows.append(
+            dict(
+                router=cell["router"],
+                layout=cell["layout"],
+                straggler=statistics.mean(s["straggler"] for s in steps),
+                straggler_max=max(s["straggler"] for s in steps),
+                hot_replicas=statistics.mean(s["replicas"][HOT] for s in steps),
+                recorded_bytes_per_rank=recorded,
+                off_rank_token_bytes=statistics.mean(s["off_rank_token_bytes"] for s in steps),
+                off_rank_param_bytes=statistics.mean(s["off_rank_param_bytes"] for s in steps),
+                step_seconds_rank0=statistics.median(s["seconds"] for s in steps),
+            )
+        )
     return rows
 
 
 def print_table(rows):
     mb = 1e6
-    head = (f"{'router':<9} {'layout':<15} {'straggler':>9} {'worst':>6} {'hot r':>5} {'tok rec MB':>10} "
-            f"{'exp rec MB':>10} {'tok off MB':>10} {'exp off MB':>10} {'step s':>7}")
+    head = (
+        f"{'router':<9} {'layout':<15} {'straggler':>9} {'worst':>6} {'hot r':>5} {'tok rec MB':>10} "
+        f"{'exp rec MB':>10} {'tok off MB':>10} {'exp off MB':>10} {'step s':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         rec = r["recorded_bytes_per_rank"]
         expert = rec.get("sparse_all_gather", 0) + rec.get("sparse_reduce_scatter", 0)
-        print(f"{r['router']:<9} {r['layout']:<15} {r['straggler']:>9.3f} {r['straggler_max']:>6.2f} "
-              f"{r['hot_replicas']:>5.1f} {rec.get('all_to_all', 0) / mb:>10.2f} {expert / mb:>10.2f} "
-              f"{r['off_rank_token_bytes'] / mb:>10.2f} {r['off_rank_param_bytes'] / mb:>10.2f} "
-              f"{r['step_seconds_rank0']:>7.3f}")
+        print(
+            f"{r['router']:<9} {r['layout']:<15} {r['straggler']:>9.3f} {r['straggler_max']:>6.2f} "
+            f"{r['hot_replicas']:>5.1f} {rec.get('all_to_all', 0) / mb:>10.2f} {expert / mb:>10.2f} "
+            f"{r['off_rank_token_bytes'] / mb:>10.2f} {r['off_rank_param_bytes'] / mb:>10.2f} "
+            f"{r['step_seconds_rank0']:>7.3f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -153,7 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per rank per step")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--skews", type=float, nargs="*", default=[0.3, 0.5, 0.7, 0.9])
-    ap.add_argument("--slots", type=int, nargs="*", default=None, help="FSSDP experts per rank (default: EP's share and one more)")
+    ap.add_argument(
+        "--slots", type=int, nargs="*", default=None, help="FSSDP experts per rank (default: EP's share and one more)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench_moe_straggler.json"))
     args = ap.parse_args(argv)
     share = -(-args.experts // args.dp)
@@ -161,8 +175,10 @@ def main(argv=None) -> int:
 
     per_rank = run_gloo_ranks(_worker, args, args.dp)
     rows = summarize(per_rank, args)
-    print(f"dp={args.dp}, {args.experts} experts, top-{args.top_k}, dim {args.dim}, hidden {args.hidden}, "
-          f"{args.tokens} tokens/rank/step, fp32, {args.steps} steps (MB = 1e6 bytes per rank per step)")
+    print(
+        f"dp={args.dp}, {args.experts} experts, top-{args.top_k}, dim {args.dim}, hidden {args.hidden}, "
+        f"{args.tokens} tokens/rank/step, fp32, {args.steps} steps (MB = 1e6 bytes per rank per step)"
+    )
     print_table(rows)
     config = {k: v for k, v in vars(args).items() if k != "out"}
     args.out.write_text(json.dumps(dict(config=config, rows=rows), indent=1))

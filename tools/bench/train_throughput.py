@@ -43,7 +43,9 @@ def load_flavor(name: str) -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
 
 
-def bench_one(mcfg: ModelConfig, precision: str, attention: str, batch: int, seq_len: int, steps: int, warmup: int, device):
+def bench_one(
+    mcfg: ModelConfig, precision: str, attention: str, batch: int, seq_len: int, steps: int, warmup: int, device
+):
     torch.manual_seed(0)
     model = materialize(build_llama(mcfg, MethodConfig(), "meta"), device, seed=0, std=mcfg.init_std)
     model.attention_backend = select_attention(attention, device)
@@ -111,8 +113,11 @@ def main(argv=None) -> int:
             for attention in args.attention:
                 r = bench_one(mcfg, precision, attention, args.batch, args.seq_len, args.steps, args.warmup, device)
                 rows.append(r)
-                print(f"{r['model']:<11}{r['params_m']:>8.2f}M{r['precision']:>6}{r['attention']:>6}{r['step_ms']:>10.1f}"
-                      f"{r['tokens_per_s']:>10.0f}{r['tflops']:>9.3f}{100 * r['mfu']:>7.2f}%", flush=True)
+                print(
+                    f"{r['model']:<11}{r['params_m']:>8.2f}M{r['precision']:>6}{r['attention']:>6}{r['step_ms']:>10.1f}"
+                    f"{r['tokens_per_s']:>10.0f}{r['tflops']:>9.3f}{100 * r['mfu']:>7.2f}%",
+                    flush=True,
+                )
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),

@@ -74,8 +74,17 @@ DEFAULT_SHARDING = {"ring": "zigzag", "lightseq": "contiguous", "ulysses": "cont
 _ENGINES = {"ring": RingEngine, "lightseq": LightSeqEngine, "ulysses": UlyssesEngine}
 
 __all__ = [
-    "IMPLS", "SHARDINGS", "ContextParallelAttention", "ContextParallelError", "AttentionCounter", "comm_bytes",
-    "shard_sequence", "sequence_positions", "gather_sequence", "unshard_sequence", "lightseq_block_counts",
+    "IMPLS",
+    "SHARDINGS",
+    "ContextParallelAttention",
+    "ContextParallelError",
+    "AttentionCounter",
+    "comm_bytes",
+    "shard_sequence",
+    "sequence_positions",
+    "gather_sequence",
+    "unshard_sequence",
+    "lightseq_block_counts",
 ]
 
 
@@ -108,8 +117,13 @@ class _CPAttentionFn(torch.autograd.Function):
         else:
             out, saved, lse = engine.forward(q, k, v, want_lse)
             if mode == "record":  # kept for the recomputation; everything else of the segment is dropped
-                cache.append((out.detach(), None if lse is None else lse.detach(),
-                              tuple(t.detach() for t in engine.cache_tail(saved))))
+                cache.append(
+                    (
+                        out.detach(),
+                        None if lse is None else lse.detach(),
+                        tuple(t.detach() for t in engine.cache_tail(saved)),
+                    )
+                )
         ctx.engine = engine
         ctx.save_for_backward(*saved)
         if want_lse:
@@ -131,10 +145,18 @@ class ContextParallelAttention:
     ("auto"/"math"/"sdpa" -> the math kernel, or an object); counter: an `AttentionCounter` to count into.
     """
 
-    def __init__(self, cg, impl: str = "ring", sharding: Optional[str] = None, backend="auto",
-                 counter: Optional[AttentionCounter] = None):
+    def __init__(
+        self,
+        cg,
+        impl: str = "ring",
+        sharding: Optional[str] = None,
+        backend="auto",
+        counter: Optional[AttentionCounter] = None,
+    ):
         if impl not in IMPLS:
-            raise ContextParallelError("parallel.cp_impl", f"unknown context-parallel impl {impl!r}; available: {', '.join(IMPLS)}")
+            raise ContextParallelError(
+                "parallel.cp_impl", f"unknown context-parallel impl {impl!r}; available: {', '.join(IMPLS)}"
+            )
         sharding = sharding or DEFAULT_SHARDING[impl]
         check_sharding(sharding)
         if impl == "lightseq":
@@ -150,7 +172,9 @@ class ContextParallelAttention:
         return f"{self.impl}/{self.sharding} over cp={self.cg.size}"
 
     def __repr__(self) -> str:
-        return f"ContextParallelAttention({self.name}, kernel={getattr(self.kernel, 'name', type(self.kernel).__name__)})"
+        return (
+            f"ContextParallelAttention({self.name}, kernel={getattr(self.kernel, 'name', type(self.kernel).__name__)})"
+        )
 
     # ------------------------------------------------------------------ sharding of the token tensors
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -212,8 +236,19 @@ class ContextParallelAttention:
         return checkpoint(fn, *args, use_reentrant=False, context_fn=self.checkpoint_context, **kwargs)
 
 
-def comm_bytes(impl: str, *, B: int, T: int, cp: int, Hq: int, Hkv: int, D: int, elem: int,
-               acc_elem: Optional[int] = None, rank: int = 0) -> Tuple[int, int]:
+def comm_bytes(
+    impl: str,
+    *,
+    B: int,
+    T: int,
+    cp: int,
+    Hq: int,
+    Hkv: int,
+    D: int,
+    elem: int,
+    acc_elem: Optional[int] = None,
+    rank: int = 0,
+) -> Tuple[int, int]:
     """(forward, backward) bytes rank `rank` records for one attention call: "cp/p2p_send" for ring and
     lightseq (all of it leaves the rank), "cp/all_to_all" payload for ulysses ((cp-1)/cp of it leaves)."""
     if acc_elem is None:

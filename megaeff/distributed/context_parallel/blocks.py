@@ -107,7 +107,7 @@ class MathBlockKernel:
         g = H // Hkv
         acc = acc_dtype(q.dtype)
         qg = q.to(acc).reshape(B, Hkv, g * Tq, D)  # query head h = kv_head * g + j, as repeat_interleave pairs them
-        s = torch.matmul(qg, k.to(acc).transpose(-1, -2)).mul_(D ** -0.5)
+        s = torch.matmul(qg, k.to(acc).transpose(-1, -2)).mul_(D**-0.5)
         if mask is not None:
             s = s.view(B, Hkv, g, Tq, Tk).masked_fill_(~mask, float("-inf")).view(B, Hkv, g * Tq, Tk)
         return qg, s
@@ -134,7 +134,7 @@ class MathBlockKernel:
         ds = torch.matmul(dog, v.to(acc).transpose(-1, -2))
         ds.sub_(delta.to(acc).reshape(B, Hkv, g * Tq, 1)).mul_(p)
         del p
-        scale = D ** -0.5
+        scale = D**-0.5
         dq = torch.matmul(ds, k.to(acc)).mul_(scale)
         dk = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale)
         return dq.view(B, H, Tq, D), dk, dv
@@ -144,7 +144,9 @@ def merge_(acc_out: torch.Tensor, acc_lse: torch.Tensor, o: torch.Tensor, lse: t
     """Fold a block result (o, lse) for local rows `rows` into the running (acc_out, acc_lse), in place."""
     old = acc_lse[:, :, rows]
     new = torch.logaddexp(old, lse)
-    acc_out[:, :, rows] = torch.exp(old - new).unsqueeze(-1) * acc_out[:, :, rows] + torch.exp(lse - new).unsqueeze(-1) * o
+    acc_out[:, :, rows] = (
+        torch.exp(old - new).unsqueeze(-1) * acc_out[:, :, rows] + torch.exp(lse - new).unsqueeze(-1) * o
+    )
     acc_lse[:, :, rows] = new
 
 

@@ -199,5 +199,10 @@ def lightseq_bytes(B: int, T: int, P: int, Hq: int, Hkv: int, D: int, elem: int,
     kv = 2 * B * Hkv * Tl * D
     rows = B * Hq * Tl
     fwd = n_kv * kv * elem + n_q * rows * D * elem + n_help * rows * (D + 1) * acc_elem
-    bwd = n_kv * kv * elem + n_q * rows * (2 * D * elem + 2 * acc_elem) + n_help * rows * D * acc_elem + n_loc * kv * acc_elem
+    bwd = (
+        n_kv * kv * elem
+        + n_q * rows * (2 * D * elem + 2 * acc_elem)
+        + n_help * rows * D * acc_elem
+        + n_loc * kv * acc_elem
+    )
     return fwd, bwd

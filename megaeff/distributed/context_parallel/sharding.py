@@ -29,7 +29,9 @@ class ContextParallelError(ConfigError, ValueError):
 
 def check_sharding(sharding: str) -> None:
     if sharding not in SHARDINGS:
-        raise ContextParallelError("parallel.cp_sharding", f"unknown sharding {sharding!r}; available: {', '.join(SHARDINGS)}")
+        raise ContextParallelError(
+            "parallel.cp_sharding", f"unknown sharding {sharding!r}; available: {', '.join(SHARDINGS)}"
+        )
 
 
 def num_chunks(cp: int, sharding: str) -> int:
@@ -108,6 +110,16 @@ def chunk_positions(chunks: Sequence[int], chunk_len: int, device=None) -> torch
 
 
 __all__: List[str] = [
-    "SHARDINGS", "ContextParallelError", "check_sharding", "num_chunks", "rank_chunks", "check_seq_len",
-    "shard_sequence", "sequence_positions", "shard_order", "unshard_sequence", "gather_sequence", "chunk_positions",
+    "SHARDINGS",
+    "ContextParallelError",
+    "check_sharding",
+    "num_chunks",
+    "rank_chunks",
+    "check_seq_len",
+    "shard_sequence",
+    "sequence_positions",
+    "shard_order",
+    "unshard_sequence",
+    "gather_sequence",
+    "chunk_positions",
 ]

@@ -33,7 +33,8 @@ def check_heads(Hq: int, Hkv: int, P: int) -> None:
         )
     if Hkv % P:
         raise ContextParallelError(
-            "model.n_kv_heads", f"ulysses splits heads over cp: the key/value heads (Hkv={Hkv}) must be divisible by cp={P}"
+            "model.n_kv_heads",
+            f"ulysses splits heads over cp: the key/value heads (Hkv={Hkv}) must be divisible by cp={P}",
         )
 
 

@@ -174,15 +174,21 @@ class _DistributedExperts(nn.Module):
         gradient or an optimizer state); a collective over the group."""
         full = self.gather_flat(tensor)
         return {
-            f"{self.prefix}.experts.{e}.{name}": v.clone() for e in range(self.n_experts) for name, v in self.layout.views(full[e]).items()
+            f"{self.prefix}.experts.{e}.{name}": v.clone()
+            for e in range(self.n_experts)
+            for name, v in self.layout.views(full[e]).items()
         }
 
     def shard_logical(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This rank's part of logical expert tensors (the inverse of `gather_logical`, no communication)."""
-        full = torch.stack([
-            self.layout.flatten({name: state[f"{self.prefix}.experts.{e}.{name}"] for name, *_ in self.layout.entries})
-            for e in range(self.n_experts)
-        ])
+        full = torch.stack(
+            [
+                self.layout.flatten(
+                    {name: state[f"{self.prefix}.experts.{e}.{name}"] for name, *_ in self.layout.entries}
+                )
+                for e in range(self.n_experts)
+            ]
+        )
         return self.shard_flat(full)
 
     # ------------------------------------------------------------------ compute
@@ -193,7 +199,9 @@ class _DistributedExperts(nn.Module):
         order, local = sort_assignments(r.experts, self.n_experts)
         counts = all_gather(local.view(1, -1), self.cg, 0)
         loads = counts.sum(0)
-        plan = StepPlan(counts.tolist(), self._placement(loads.tolist()), self.rank, self.layout.shard, self.kind == "fssdp")
+        plan = StepPlan(
+            counts.tolist(), self._placement(loads.tolist()), self.rank, self.layout.shard, self.kind == "fssdp"
+        )
         pos = order[plan.send_perm.to(order.device)]
         # Without re-materialization the experts' graph is kept for backward, unless there will be no backward.
         keep = not self.rematerialize and torch.is_grad_enabled()
@@ -202,7 +210,9 @@ class _DistributedExperts(nn.Module):
         self.last_loads, self.last_stats = loads, plan.stats
         # This rank's share of the global batch's balance loss: the shares (and their gradients) sum to it.
         self.aux_loss = (
-            self.aux_loss_coef * balance_loss(r.probs.sum(0), loads, int(loads.sum()) // k, k) if self.aux_loss_coef else None
+            self.aux_loss_coef * balance_loss(r.probs.sum(0), loads, int(loads.sum()) // k, k)
+            if self.aux_loss_coef
+            else None
         )
         return out.view(*lead, self.dim)
 
@@ -255,11 +265,7 @@ class ExpertFSSDP(_DistributedExperts):
         hosted, s = plan.placement.hosted, self.layout.shard
         n_here = len(plan.hosted_here)
         ref = self.flat_param()
-        send = (
-            torch.stack(grads).view(n_here, self.world, s).transpose(0, 1).reshape(-1)
-            if grads
-            else ref.new_zeros(0)
-        )
+        send = torch.stack(grads).view(n_here, self.world, s).transpose(0, 1).reshape(-1) if grads else ref.new_zeros(0)
         recv = all_to_all_uneven(
             send, self.cg, [n_here * s] * self.world, [len(h) * s for h in hosted], kind="sparse_reduce_scatter"
         )
@@ -312,7 +318,9 @@ class ExpertParallel(_DistributedExperts):
 IMPLS = {"fssdp": ExpertFSSDP, "ep": ExpertParallel}
 
 
-def parallelize_experts(model: nn.Module, dims, impl: str = "fssdp", group: str = "dp_cp", **options) -> Dict[str, nn.Module]:
+def parallelize_experts(
+    model: nn.Module, dims, impl: str = "fssdp", group: str = "dp_cp", **options
+) -> Dict[str, nn.Module]:
     """Replace every MoE of an initialized `model` in place by its `impl` (ParallelConfig.expert_impl: fssdp |
     ep) over `group`; returns the new modules by path. `options` go to the constructor (FSSDP: slots_per_rank,
     rematerialize)."""

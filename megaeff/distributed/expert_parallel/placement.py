@@ -55,7 +55,9 @@ def plan_placement(loads: Sequence[int], world: int, slots: int) -> Placement:
     """Replicas proportional to load and their ranks, a pure function of (loads, world, slots)."""
     n = len(loads)
     if not 1 <= slots <= n or slots * world < n:
-        raise ValueError(f"{slots} expert slots per rank cannot host {n} experts on {world} ranks (need {n} >= slots >= {n}/{world})")
+        raise ValueError(
+            f"{slots} expert slots per rank cannot host {n} experts on {world} ranks (need {n} >= slots >= {n}/{world})"
+        )
     replicas = [1] * n
     heap = [(-loads[e], e) for e in range(n) if world > 1]
     heapq.heapify(heap)
@@ -64,7 +66,9 @@ def plan_placement(loads: Sequence[int], world: int, slots: int) -> Placement:
         replicas[e] += 1
         if replicas[e] < world:
             heapq.heappush(heap, (-loads[e] / replicas[e], e))
-    items = sorted(((e, j) for e in range(n) for j in range(replicas[e])), key=lambda it: (-loads[it[0]] / replicas[it[0]], it))
+    items = sorted(
+        ((e, j) for e in range(n) for j in range(replicas[e])), key=lambda it: (-loads[it[0]] / replicas[it[0]], it)
+    )
     rank_load = [0] * world
     hosts: List[List[int]] = [[] for _ in range(n)]
     for start in range(0, len(items), world):

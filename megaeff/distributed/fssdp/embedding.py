@@ -56,8 +56,19 @@ class SparseRows:
     sync's) says whether a backward keeps its rows for a later micro-batch; `after_lookup` runs after every
     forward (the engine starts gathering the first block)."""
 
-    def __init__(self, module: nn.Module, spec: TensorShard, param: nn.Parameter, cg: CommGroup, *, tally: ByteTally,
-                 sync, after_lookup: Callable[[], None], gather_dtype: str = "fp32", reduce_dtype: str = "fp32"):
+    def __init__(
+        self,
+        module: nn.Module,
+        spec: TensorShard,
+        param: nn.Parameter,
+        cg: CommGroup,
+        *,
+        tally: ByteTally,
+        sync,
+        after_lookup: Callable[[], None],
+        gather_dtype: str = "fp32",
+        reduce_dtype: str = "fp32",
+    ):
         self.module, self.spec, self.param, self.cg = module, spec, param, cg
         self.tally, self.sync, self.after_lookup = tally, sync, after_lookup
         self.gather_dtype, self.reduce_dtype = gather_dtype, reduce_dtype
@@ -91,7 +102,9 @@ class SparseRows:
                 sizes.append(_fp8_bytes(block.shape[0], self.dim))
             payload = torch.cat(parts) if parts else rows.new_empty(0, dtype=torch.uint8)
             self.tally.count("sparse_all_gather", payload.numel(), self.cg)
-            got = all_to_all_uneven(payload, self.cg, sizes, [_fp8_bytes(n, self.dim) for n in send], kind="sparse_all_gather")
+            got = all_to_all_uneven(
+                payload, self.cg, sizes, [_fp8_bytes(n, self.dim) for n in send], kind="sparse_all_gather"
+            )
             out, off = [], 0
             for n in send:
                 if n:

@@ -66,9 +66,17 @@ class FSSDPEngine:
         self._live: "weakref.WeakSet[Instance]" = weakref.WeakSet()
         opts = plan.options
         for site in plan.embedding_sites:
-            rows = SparseRows(site.module, site.spec, site.param, site.cg, tally=tally, sync=grad_sync,
-                              after_lookup=self.prefetch_first_block, gather_dtype=opts.gather_dtype,
-                              reduce_dtype=opts.reduce_dtype)
+            rows = SparseRows(
+                site.module,
+                site.spec,
+                site.param,
+                site.cg,
+                tally=tally,
+                sync=grad_sync,
+                after_lookup=self.prefetch_first_block,
+                gather_dtype=opts.gather_dtype,
+                reduce_dtype=opts.reduce_dtype,
+            )
             site.module.__dict__["forward"] = rows.forward  # found before the class's forward
             grad_sync.track_sparse_rows(rows)
             self.sparse_rows.append(rows)
@@ -252,10 +260,16 @@ class FSSDP:
         local_world_size: Optional[int] = None,
     ):
         options = FSSDPOptions(
-            reshard_after_forward=bool(reshard_after_forward), gather_dtype=gather_dtype, reduce_dtype=reduce_dtype,
-            replicate_below=int(replicate_below), node_size=node_size, replicate_norms=bool(replicate_norms),
-            sparse_embedding=bool(sparse_embedding), defer_accumulation=bool(defer_accumulation),
-            max_inflight=int(max_inflight), group=group,
+            reshard_after_forward=bool(reshard_after_forward),
+            gather_dtype=gather_dtype,
+            reduce_dtype=reduce_dtype,
+            replicate_below=int(replicate_below),
+            node_size=node_size,
+            replicate_norms=bool(replicate_norms),
+            sparse_embedding=bool(sparse_embedding),
+            defer_accumulation=bool(defer_accumulation),
+            max_inflight=int(max_inflight),
+            group=group,
         )
         self.plan = ShardingPlan(model, dims, options, ignored_params, local_world_size)
         self.tally = ByteTally()

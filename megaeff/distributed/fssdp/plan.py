@@ -63,8 +63,10 @@ class FSSDPOptions:
         if self.max_inflight < 1:
             raise ValueError(f"max_inflight must be >= 1, got {self.max_inflight}")
         if self.gather_dtype not in GATHER_DTYPES or self.reduce_dtype not in REDUCE_DTYPES:
-            raise ValueError(f"FSSDP gather dtype {self.gather_dtype!r} / reduce dtype {self.reduce_dtype!r}: "
-                             f"expected one of {', '.join(GATHER_DTYPES)} / {', '.join(REDUCE_DTYPES)}")
+            raise ValueError(
+                f"FSSDP gather dtype {self.gather_dtype!r} / reduce dtype {self.reduce_dtype!r}: "
+                f"expected one of {', '.join(GATHER_DTYPES)} / {', '.join(REDUCE_DTYPES)}"
+            )
 
 
 class EmbeddingSite(NamedTuple):
@@ -101,8 +103,9 @@ class ShardingPlan:
     (units, prefetch order, hook sites), the gradient sync (units, replicated / hybrid tensors, groups) and the
     logical state (specs, shard groups, shapes). `ignored_params` are left to their owner."""
 
-    def __init__(self, model: nn.Module, dims, options: FSSDPOptions, ignored_params=(),
-                 local_world_size: Optional[int] = None):
+    def __init__(
+        self, model: nn.Module, dims, options: FSSDPOptions, ignored_params=(), local_world_size: Optional[int] = None
+    ):
         if any(p.is_meta for p in model.parameters()):
             raise ValueError("FSSDP needs a materialized model (megaeff.models.init.materialize first)")
         options.check()
@@ -114,8 +117,9 @@ class ShardingPlan:
         ignored = {id(p) for p in ignored_params}
 
         # Recorded before any parameter is replaced: the tp layout and both shapes of every parameter.
-        self.tp_layouts = {n: (lay.owner, lay.local_name, lay.spec)
-                           for n, lay in param_layouts(model).items() if lay.spec in SHARDED}
+        self.tp_layouts = {
+            n: (lay.owner, lay.local_name, lay.spec) for n, lay in param_layouts(model).items() if lay.spec in SHARDED
+        }
         named = dict(model.named_parameters())
         self.full_shapes = {n: tuple(p.shape) for n, p in named.items()}
         self.logical_shapes = {n: self._logical_shape(n, p) for n, p in named.items()}
@@ -218,8 +222,9 @@ class ShardingPlan:
         opts = self.options
         for name, p in named.items():
             if len(unit_of[id(p)]) > 1:
-                raise ValueError(f"FSSDP: parameter {name} is shared by two units; "
-                                 "sharing across blocks is not supported")
+                raise ValueError(
+                    f"FSSDP: parameter {name} is shared by two units; sharing across blocks is not supported"
+                )
             if not p.requires_grad or id(p) in ignored:
                 continue
             u = next(iter(unit_of[id(p)]))

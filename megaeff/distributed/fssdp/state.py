@@ -83,7 +83,9 @@ class FSSDPState:
         return key.endswith("_meta")
 
     def _unsupported(self, name: str, key: str, tensor: torch.Tensor, what: str) -> ValueError:
-        return ValueError(f"{name}: state {key!r} {tuple(tensor.shape)} of a {what} parameter has no layout-independent form")
+        return ValueError(
+            f"{name}: state {key!r} {tuple(tensor.shape)} of a {what} parameter has no layout-independent form"
+        )
 
     # ------------------------------------------------------------------ FSSDP step
     def _fs_plan(self, name: str, t, key: str) -> Optional[List[int]]:
@@ -120,7 +122,12 @@ class FSSDPState:
         if spec is None or not torch.is_tensor(t) or t.dim() == 0:
             return t
         meta_shape = (sum(spec.group_counts), META_FIELDS)
-        if self._is_meta(key) and tuple(t.shape) == meta_shape or not key and tuple(t.shape) == meta_shape != spec.full_shape:
+        if (
+            self._is_meta(key)
+            and tuple(t.shape) == meta_shape
+            or not key
+            and tuple(t.shape) == meta_shape != spec.full_shape
+        ):
             g0, g1 = spec.group_range()
             return t[g0:g1].clone()
         if not self._is_meta(key) and tuple(t.shape) == spec.full_shape:
@@ -178,6 +185,7 @@ class FSSDPState:
     def shard_optimizer(self, saved: Dict) -> Dict:
         """Every tensor a copy: the optimizer keeps what it is given and updates it in place (`step` += 1), so a
         tensor passed through (a scalar, a replicated parameter's state) must not stay shared with `saved`."""
+
         def own(n, k, v):
             out = self.shard(n, v, k)
             return out.clone() if out is v and torch.is_tensor(v) else out
@@ -197,6 +205,8 @@ class FSSDPState:
         """The optimizer state keyed by logical name, every tensor logical (the checkpoint's optimizer.pt form)."""
         return self.gather_optimizer(optimizer_state_by_name(self.model, optimizer))
 
-    def load_logical_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: Dict, path: Optional[str] = None) -> None:
+    def load_logical_optimizer_state(
+        self, optimizer: torch.optim.Optimizer, saved: Dict, path: Optional[str] = None
+    ) -> None:
         """Load a logical optimizer state (`logical_optimizer_state`'s form): every rank keeps its shards."""
         load_optimizer_state_by_name(self.model, optimizer, self.shard_optimizer(saved), Path(path or "<fssdp>"))

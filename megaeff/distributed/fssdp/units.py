@@ -27,7 +27,19 @@ class Instance:
     autograd Function whose context points back here, and a reference cycle through autograd would outlive the
     graph."""
 
-    __slots__ = ("unit", "storages", "shapes", "dtypes", "grad", "open", "freed", "done", "prefetch", "versions", "__weakref__")
+    __slots__ = (
+        "unit",
+        "storages",
+        "shapes",
+        "dtypes",
+        "grad",
+        "open",
+        "freed",
+        "done",
+        "prefetch",
+        "versions",
+        "__weakref__",
+    )
 
     def __init__(self, unit: "Unit", versions):
         self.unit, self.versions = unit, versions

@@ -46,11 +46,20 @@ def run_chunk(model: nn.Module, chunk: StageChunk, x, positions=None, segment_id
 class PipelineRunner:
     """Runs this rank's part of one optimizer step (`start_step`) or of one evaluation forward under a schedule."""
 
-    def __init__(self, model: nn.Module, dims, chunks: Sequence[StageChunk], *, schedule: str = "1f1b",
-                 virtual: int = 1, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        dims,
+        chunks: Sequence[StageChunk],
+        *,
+        schedule: str = "1f1b",
+        virtual: int = 1,
+        sequence_parallel: bool = False,
+    ):
         if schedule not in PIPELINE_SCHEDULES:
-            raise ConfigError("parallel.pp_schedule",
-                              f"unknown schedule {schedule!r}; available: {', '.join(PIPELINE_SCHEDULES)}")
+            raise ConfigError(
+                "parallel.pp_schedule", f"unknown schedule {schedule!r}; available: {', '.join(PIPELINE_SCHEDULES)}"
+            )
         self.model, self.dims, self.chunks = model, dims, list(chunks)
         self.schedule, self.virtual = schedule, virtual
         self.n_stages = dims.pp * virtual
@@ -60,16 +69,23 @@ class PipelineRunner:
         self.step_s = 0.0
 
     def describe(self) -> str:
-        mine = ", ".join(f"stage {c.stage}: layers {c.layers[0]}-{c.layers[-1]}" if c.layers else f"stage {c.stage}: no layers"
-                         for c in self.chunks)
-        return f"pipeline: {self.schedule} over pp={self.dims.pp}" + (f" x {self.virtual} chunks" if self.virtual > 1 else "") + f"; this rank {mine}"
+        mine = ", ".join(
+            f"stage {c.stage}: layers {c.layers[0]}-{c.layers[-1]}" if c.layers else f"stage {c.stage}: no layers"
+            for c in self.chunks
+        )
+        return (
+            f"pipeline: {self.schedule} over pp={self.dims.pp}"
+            + (f" x {self.virtual} chunks" if self.virtual > 1 else "")
+            + f"; this rank {mine}"
+        )
 
     def actions(self, microbatches: int) -> List[Action]:
         """This rank's ordered actions of one optimizer step of `microbatches` micro-batches."""
         return build_schedule(self.schedule, self.dims.pp, microbatches, self.virtual)[self.dims.pp_rank]
 
-    def start_step(self, batches: List[Dict], global_tokens: int, loss_fn: Callable, *, to_device: Callable,
-                   autocast: Callable) -> "PipelineStep":
+    def start_step(
+        self, batches: List[Dict], global_tokens: int, loss_fn: Callable, *, to_device: Callable, autocast: Callable
+    ) -> "PipelineStep":
         """The executor of one step's actions over `batches` (the step's micro-batches)."""
         self.idle_s = 0.0
         return PipelineStep(self, batches, global_tokens, loss_fn, to_device, autocast)
@@ -101,7 +117,11 @@ class PipelineRunner:
         pending: List = []
         total = torch.zeros((), dtype=torch.float64)
         for chunk in self.chunks:  # increasing stage order: each waits for its predecessor only
-            x = inputs["inputs"] if chunk.first else self._recv(self._activation_shape(batch), chunk.stage - 1, self._tag("F", 0, chunk.stage))
+            x = (
+                inputs["inputs"]
+                if chunk.first
+                else self._recv(self._activation_shape(batch), chunk.stage - 1, self._tag("F", 0, chunk.stage))
+            )
             with autocast():
                 out = run_chunk(self.model, chunk, x, inputs.get("positions"), inputs.get("segment_ids"))
                 if chunk.last:
@@ -125,8 +145,15 @@ class PipelineStep:
     `loss_sum` is this rank's sum of token losses (non-zero on the last stage only). A pipeline measures no saved
     activation bytes and no MoE balance loss (MoE trains with data parallelism only): both stay 0."""
 
-    def __init__(self, runner: PipelineRunner, batches: List[Dict], global_tokens: int, loss_fn: Callable,
-                 to_device: Callable, autocast: Callable):
+    def __init__(
+        self,
+        runner: PipelineRunner,
+        batches: List[Dict],
+        global_tokens: int,
+        loss_fn: Callable,
+        to_device: Callable,
+        autocast: Callable,
+    ):
         self.runner, self.batches, self.global_tokens = runner, batches, global_tokens
         self.loss_fn, self.to_device, self.autocast = loss_fn, to_device, autocast
         self.saved: Dict[Tuple[int, int], Tuple] = {}

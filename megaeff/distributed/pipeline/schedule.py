@@ -31,9 +31,9 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 @dataclass(frozen=True)
 class Action:
-    kind: str        # "F" (forward) or "B" (backward)
+    kind: str  # "F" (forward) or "B" (backward)
     microbatch: int  # 0..m-1
-    chunk: int       # model chunk (virtual stage) index on this rank, 0..v-1; always 0 unless interleaved
+    chunk: int  # model chunk (virtual stage) index on this rank, 0..v-1; always 0 unless interleaved
 
     def label(self, virtual: int = 1) -> str:
         return f"{self.kind}{self.microbatch}" + (f"c{self.chunk}" if virtual > 1 else "")
@@ -108,9 +108,7 @@ def build_schedule(name: str, pp: int, microbatches: int, virtual: int = 1) -> L
     else:
         fwd = [Action("F", mb, 0) for mb in range(microbatches)]
         bwd = [Action("B", mb, 0) for mb in range(microbatches)]
-    return [
-        _warmup_steady_cooldown(fwd, bwd, warmup_forwards(name, pp, microbatches, r, virtual)) for r in range(pp)
-    ]
+    return [_warmup_steady_cooldown(fwd, bwd, warmup_forwards(name, pp, microbatches, r, virtual)) for r in range(pp)]
 
 
 def closed_form_bubble(name: str, pp: int, microbatches: int, virtual: int = 1) -> float:
@@ -124,8 +122,8 @@ class SimResult:
     starts: List[List[float]]  # starts[r][i]: start time of schedule[r][i]
     ends: List[List[float]]
     makespan: float
-    busy: List[float]          # per-rank compute time
-    idle: List[float]          # per-rank makespan - busy (includes waiting at the start and the tail)
+    busy: List[float]  # per-rank compute time
+    idle: List[float]  # per-rank makespan - busy (includes waiting at the start and the tail)
 
 
 def validate_schedule(schedule: Sequence[Sequence[Action]], pp: int, virtual: int = 1) -> int:
@@ -180,8 +178,11 @@ def simulate(
                 starts[r].append(start)
                 ends[r].append(free[r])
                 progressed = True
-    stuck = [f"rank {r}: {schedule[r][len(starts[r])].label(virtual)}"
-             for r in range(pp) if len(starts[r]) < len(schedule[r])]
+    stuck = [
+        f"rank {r}: {schedule[r][len(starts[r])].label(virtual)}"
+        for r in range(pp)
+        if len(starts[r]) < len(schedule[r])
+    ]
     if stuck:
         raise PipelineDeadlockError("schedule deadlocks; blocked at " + ", ".join(stuck))
     makespan = max(free)
@@ -246,7 +247,7 @@ def format_timeline(
     step = max(1, math.ceil((len(f"{float(cells * unit):g}") + 1) / width))
     for c in range(0, cells + 1, step):
         tick = f"{float(c * unit):g}"
-        axis[c * width:c * width + len(tick)] = tick
+        axis[c * width : c * width + len(tick)] = tick
     lines.append(" " * len(head[0]) + "".join(axis).rstrip())
     for r, rank in enumerate(schedule):
         row = (["."] + [" "] * (width - 1)) * cells
@@ -254,7 +255,7 @@ def format_timeline(
             c0 = round(Fraction(start).limit_denominator(1000) / unit)
             span = round(Fraction(end).limit_denominator(1000) / unit) - c0
             text = a.label(virtual).ljust(span * width)
-            row[c0 * width:(c0 + span) * width] = text
+            row[c0 * width : (c0 + span) * width] = text
         lines.append(head[r] + "".join(row).rstrip())
     return "\n".join(lines)
 
@@ -266,7 +267,12 @@ def schedule_report(
     schedule = build_schedule(name, pp, microbatches, virtual)
     sim = simulate(schedule, pp, virtual, t_f, t_b)
     return {
-        "schedule": name, "pp": pp, "microbatches": microbatches, "virtual": virtual, "t_f": t_f, "t_b": t_b,
+        "schedule": name,
+        "pp": pp,
+        "microbatches": microbatches,
+        "virtual": virtual,
+        "t_f": t_f,
+        "t_b": t_b,
         "makespan": sim.makespan,
         "bubble_fraction": sum(sim.idle) / sum(sim.busy),
         "bubble_closed_form": closed_form_bubble(name, pp, microbatches, virtual),
@@ -287,8 +293,7 @@ def schedule_report(
     }
 
 
-def format_report(name: str, pp: int, microbatches: int, virtual: int = 1, t_f: float = 1.0,
-                  t_b: float = 2.0) -> str:
+def format_report(name: str, pp: int, microbatches: int, virtual: int = 1, t_f: float = 1.0, t_b: float = 2.0) -> str:
     """Timeline plus the simulated bubble next to its closed form and peak in-flight per rank."""
     report = schedule_report(name, pp, microbatches, virtual, t_f, t_b)
     schedule = build_schedule(name, pp, microbatches, virtual)
@@ -299,7 +304,8 @@ def format_report(name: str, pp: int, microbatches: int, virtual: int = 1, t_f: 
         f"closed form {report['bubble_closed_form']:.6f}",
     ]
     for rank in report["ranks"]:
-        lines.append(f"rank {rank['rank']}: warm-up forwards {rank['warmup_forwards']}, "
-                     f"peak in-flight {rank['peak_in_flight']}, idle {rank['idle']:g}")
+        lines.append(
+            f"rank {rank['rank']}: warm-up forwards {rank['warmup_forwards']}, "
+            f"peak in-flight {rank['peak_in_flight']}, idle {rank['idle']:g}"
+        )
     return "\n".join(lines)
-

@@ -24,15 +24,22 @@ def split_layers(n_layers: int, pp: int, virtual: int = 1, boundaries: Sequence[
     if boundaries:
         cuts = list(boundaries)
         if len(cuts) != stages - 1:
-            raise ConfigError("parallel.pp_boundaries", f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} "
-                                                        f"stages, got {len(cuts)}")
+            raise ConfigError(
+                "parallel.pp_boundaries",
+                f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} stages, got {len(cuts)}",
+            )
         if any(not 1 <= c <= n_layers - 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
-            raise ConfigError("parallel.pp_boundaries", f"{cuts} must be strictly increasing layer indices in "
-                                                        f"1..{n_layers - 1} (model.n_layers={n_layers})")
+            raise ConfigError(
+                "parallel.pp_boundaries",
+                f"{cuts} must be strictly increasing layer indices in 1..{n_layers - 1} (model.n_layers={n_layers})",
+            )
     else:
         if n_layers % stages:
-            raise ConfigError("parallel.pp", f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
-                                             f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries")
+            raise ConfigError(
+                "parallel.pp",
+                f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
+                f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries",
+            )
         cuts = [n_layers // stages * s for s in range(1, stages)]
     edges = [0, *cuts, n_layers]
     return [list(range(a, b)) for a, b in zip(edges, edges[1:])]
@@ -40,11 +47,11 @@ def split_layers(n_layers: int, pp: int, virtual: int = 1, boundaries: Sequence[
 
 @dataclass(frozen=True)
 class StageChunk:
-    chunk: int                 # index of this model chunk on its rank
-    stage: int                 # virtual stage s = chunk * pp + pp_rank
-    layers: Tuple[str, ...]    # keys into the pruned model's `layers` ModuleDict
-    first: bool                # holds the embedding
-    last: bool                 # holds the final norm, the head and the loss
+    chunk: int  # index of this model chunk on its rank
+    stage: int  # virtual stage s = chunk * pp + pp_rank
+    layers: Tuple[str, ...]  # keys into the pruned model's `layers` ModuleDict
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm, the head and the loss
 
 
 def stage_chunks(n_layers: int, dims, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[StageChunk]:

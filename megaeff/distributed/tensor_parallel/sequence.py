@@ -41,5 +41,6 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, dims, ignore_index: int
     megaeff.data's IGNORE_INDEX); logits are vocab-sharded under tensor parallelism."""
     if dims.tp > 1:
         return vocab_parallel_cross_entropy(logits, labels, dims, ignore_index=ignore_index).sum()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )

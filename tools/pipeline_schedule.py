@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Print, plot or dump a pipeline schedule as simulated per rank:
-`python tools/pipeline_schedule.py --schedule 1f1b --pp 4 --microbatches 8 [--virtual 2] [--png out.png] [--json out.json]`."""
+`python tools/pipeline_schedule.py --schedule 1f1b --pp 4 --microbatches 8 [--virtual 2] [--png out.png]
+[--json out.json]`."""
 
 import argparse
 import json

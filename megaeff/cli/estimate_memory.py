@@ -88,9 +88,10 @@ def format_table(rows: Sequence[Dict]) -> str:
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(
-        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )  # noqa: E731
+
+    def fmt(cells):
+        return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
     return "\n".join(out)
 

@@ -197,6 +197,42 @@ class ConcatDataset:
         return collate([self.sample(int(i)) for i in indices])
 
 
+def _indexed_valid(dcfg, ctx: BuildContext, options, cache_for, train_sets, valid_seqs):
+    """The validation set: `data.valid_paths` whole (every validation token counts once), else the validation
+    documents of each training dataset (`valid_seqs`, one array per dataset of `train_sets`)."""
+    if valid_seqs is None:
+        _, v_prefixes = parse_blend(dcfg.valid_paths, "data.valid_paths")
+        v_indexed = _open_all(v_prefixes, "data.valid_paths")
+        valid_pairs = [(p, ds, np.arange(len(ds), dtype=np.int64)) for p, ds in zip(v_prefixes, v_indexed)]
+    else:
+        valid_pairs = [(p, ds, s) for (p, ds), s in zip(train_sets, valid_seqs) if len(s)]
+    valid_sets = []
+    for p, ds, seqs in valid_pairs:
+        n = _one_epoch_samples(int(ds.sequence_lengths[seqs].sum()), dcfg.seq_len)
+        if n > 0:
+            valid_sets.append(
+                GPTDataset(
+                    ds,
+                    seqs,
+                    n,
+                    ctx.seed,
+                    options,
+                    name=f"{p}/valid",
+                    cache_dir=cache_for(p),
+                    shuffle=False,
+                    is_builder=ctx.is_builder,
+                    barrier=ctx.barrier,
+                )
+            )
+    if not valid_sets:
+        raise DataError(
+            "data.split",
+            f"no validation samples: split {dcfg.split!r} leaves no validation documents "
+            "long enough for one sample; change data.split or set data.valid_paths",
+        )
+    return valid_sets[0] if len(valid_sets) == 1 else ConcatDataset(valid_sets)
+
+
 def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
     tokenizer = build_tokenizer(dcfg.tokenizer, dcfg.tokenizer_path)
     if not dcfg.paths:
@@ -245,37 +281,8 @@ def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
             {"blend": list(zip(weights, prefixes)), "seed": ctx.seed},
         )
 
-    if separate_valid:
-        _, v_prefixes = parse_blend(dcfg.valid_paths, "data.valid_paths")  # every validation token counts once
-        v_indexed = _open_all(v_prefixes, "data.valid_paths")
-        valid_pairs = [(p, ds, np.arange(len(ds), dtype=np.int64)) for p, ds in zip(v_prefixes, v_indexed)]
-    else:
-        valid_pairs = [(p, ds, s) for p, ds, s in zip(prefixes, indexed, valid_seqs) if len(s)]
-    valid_sets = []
-    for p, ds, seqs in valid_pairs:
-        n = _one_epoch_samples(int(ds.sequence_lengths[seqs].sum()), dcfg.seq_len)
-        if n > 0:
-            valid_sets.append(
-                GPTDataset(
-                    ds,
-                    seqs,
-                    n,
-                    ctx.seed,
-                    options,
-                    name=f"{p}/valid",
-                    cache_dir=cache_for(p),
-                    shuffle=False,
-                    is_builder=ctx.is_builder,
-                    barrier=ctx.barrier,
-                )
-            )
-    if not valid_sets:
-        raise DataError(
-            "data.split",
-            f"no validation samples: split {dcfg.split!r} leaves no validation documents "
-            "long enough for one sample; change data.split or set data.valid_paths",
-        )
-    valid = valid_sets[0] if len(valid_sets) == 1 else ConcatDataset(valid_sets)
+    valid_seqs = None if separate_valid else valid_seqs
+    valid = _indexed_valid(dcfg, ctx, options, cache_for, list(zip(prefixes, indexed)), valid_seqs)
     blend_desc = " + ".join(f"{w:.3g} x {p}" for w, p in zip(weights, prefixes))
     return DataBundle(
         tokenizer=tokenizer,

@@ -99,7 +99,8 @@ class ParallelDims:
             if degrees[axis] > 1 and axis not in implemented:
                 raise ConfigError(
                     f"parallel.{axis}",
-                    f"degree {degrees[axis]} requested, but only {', '.join(implemented)} > 1 is supported in this build",
+                    f"degree {degrees[axis]} requested, but only {', '.join(implemented)} > 1 is supported "
+                    "in this build",
                 )
         return cls(**degrees, world_size=world_size, rank=rank, device=device or torch.device("cpu"))
 

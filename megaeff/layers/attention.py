@@ -5,7 +5,8 @@ backend returns [B, H, T, D]. `forward_with_lse` also returns the log-sum-exp [B
 (fp32, or float64 for float64 inputs), which context parallelism needs to merge partial results.
 
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention (fused kernels on GPU, default).
-- `math`: explicit softmax accumulated in at least fp32; the exact reference, and the one that exposes the log-sum-exp on CPU.
+- `math`: explicit softmax accumulated in at least fp32; the exact reference, and the one that exposes the
+  log-sum-exp on CPU.
 - `flash`: flash-attn 2 on CUDA when the package is installed.
 """
 

@@ -108,7 +108,8 @@ class SLTrainLinear(nn.Module):
         saved = state_dict.get(prefix + "index_checksum")
         if saved is not None and not self.index_checksum.is_meta and int(saved) != int(self.index_checksum):
             error_msgs.append(
-                f"{prefix}sparse_index: the regenerated SLTrain support differs from the one the checkpoint was trained "
+                f"{prefix}sparse_index: the regenerated SLTrain support differs from the one the checkpoint was "
+                "trained "
                 "with (another train.seed, method.density or torch RNG); build the model with the checkpoint's config"
             )
         super()._load_from_state_dict(
@@ -145,7 +146,10 @@ class SLTrainLinear(nn.Module):
 
     # ------------------------------------------------------------------ accounting and logging
     def summary(self) -> str:
-        return f"sltrain r={self.rank} alpha={self.alpha:g} (scale {self.scale:g}) density={self.density:g} path={self.path}"
+        return (
+            f"sltrain r={self.rank} alpha={self.alpha:g} (scale {self.scale:g}) density={self.density:g} "
+            f"path={self.path}"
+        )
 
     def describe(self, tokens: Optional[int] = None) -> str:
         text = f"nnz {self.nnz}"

@@ -15,8 +15,9 @@ initialization stays a function of (seed, name), so any expert layout starts fro
 Dispatch and combine. Token-expert assignments are sorted by expert (stable, so ties keep token order), each
 expert runs once on its rows, and the results return to their (token, slot) places before the gated sum over
 the k slots. Every expert takes part in every call, even with zero rows, so each expert parameter ends every
-backward with a gradient (an exact zero when unused, without running it). An optimizer then steps every expert on every step, exactly as
-under the sharded layouts of megaeff/distributed/expert_parallel/experts.py, where unused experts get zero gradients.
+backward with a gradient (an exact zero when unused, without running it). An optimizer then steps every expert
+on every step, exactly as under the sharded layouts of megaeff/distributed/expert_parallel/experts.py, where
+unused experts get zero gradients.
 
 Load balancing (Switch Transformer, eq. 4, with top-k): f_e = assignments to e / (N k), P_e = mean router
 probability of e, balance = E * sum_e f_e P_e (1 under a perfectly uniform router). `aux_loss` is

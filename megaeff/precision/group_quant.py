@@ -215,4 +215,7 @@ def shard_group_problem(
     if split == "cols" and logical.rows_per_group == 1 and shape[-1] % group_size == 0:
         return ""
     what = {"rows": "its rows", "cols": f"its {shape[-1]} columns", "support": "its sparse values"}[split]
-    return f"the {split}-split shard holds {what}, which do not tile into whole {group_size}-element groups of the logical tensor"
+    return (
+        f"the {split}-split shard holds {what}, which do not tile into whole {group_size}-element groups of the "
+        "logical tensor"
+    )

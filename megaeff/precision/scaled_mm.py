@@ -51,7 +51,10 @@ def gemm_unsupported(
     if not _row_major(a):
         return f"A must be row-major (contiguous), got strides {a.stride()} for shape {tuple(a.shape)}"
     if not _col_major(b):
-        return f"B must be column-major (the transpose of a contiguous tensor), got strides {b.stride()} for shape {tuple(b.shape)}"
+        return (
+            "B must be column-major (the transpose of a contiguous tensor), got strides "
+            f"{b.stride()} for shape {tuple(b.shape)}"
+        )
     k, n = a.shape[1], b.shape[1]
     if k % ALIGN:
         return f"K = {k} is not a multiple of {ALIGN}"

@@ -189,8 +189,9 @@ class Trainer:
             f"megaeff: run dir {self.run_dir}",
             f"data: {self.data.description}"
             + (f"; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
-            f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, {self.flops_per_token / 1e6:.2f} MFLOPs/token), "
-            f"attention {self.model.attention_backend.name}, optimizer {type(self.optimizer).__name__} ({self.optim_impl}), precision {c.precision.name}",
+            f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, "
+            f"{self.flops_per_token / 1e6:.2f} MFLOPs/token), attention {self.model.attention_backend.name}, "
+            f"optimizer {type(self.optimizer).__name__} ({self.optim_impl}), precision {c.precision.name}",
             f"method: {self.method_summary}; activations saved for backward: {self.act_ops.name}",
             f"layout: tp={self.dims.tp} cp={self.dims.cp} dp={self.dims.dp} pp={self.dims.pp} on {self.device}; "
             f"global batch {self.global_batch_size} x {c.data.seq_len} tokens "

@@ -1,4 +1,5 @@
-"""GradReducer (megaeff/distributed/data_parallel/bucketed.py) on 4 gloo ranks: bucketed, overlapped gradient sums over dp_cp.
+"""GradReducer (megaeff/distributed/data_parallel/bucketed.py) on 4 gloo ranks: bucketed, overlapped gradient
+sums over dp_cp.
 
 Every rank builds the same float64 model from the seed, runs its slice of a global batch in micro-batches with the
 reducer, and also computes the single-process reference (the whole batch, or the sum over the dp shards) in

@@ -1,4 +1,5 @@
-"""Expert FSSDP and fixed expert parallelism (megaeff/distributed/expert_parallel/experts.py) against the single-process MoE.
+"""Expert FSSDP and fixed expert parallelism (megaeff/distributed/expert_parallel/experts.py) against the
+single-process MoE.
 
 The placement and the dispatch table are pure functions, checked here without processes. Then, on 4 gloo ranks
 (dp=4, or tp=2 x dp=2: two independent dp groups of 2), every rank builds the same float64 MoE from the seed and

@@ -90,7 +90,7 @@ def _collectives(dims):
 # ----------------------------------------------------------------------------- tests
 def test_groups_follow_rank_order(pool):
     res = pool.run(_coords_and_groups, layout=dict(tp=2, dp=2))
-    for rank, (coords, sizes, ranks, sums, seed_tp, seed) in enumerate(res):
+    for rank, (coords, sizes, ranks, sums, _seed_tp, seed) in enumerate(res):
         assert coords == {"tp": rank % 2, "cp": 0, "dp": rank // 2, "pp": 0}
         assert sizes == {"tp": 2, "cp": 1, "dp": 2, "pp": 1, "dp_cp": 2, "tp_cp": 2}
         assert ranks == {"tp": [[0, 1], [2, 3]], "dp": [[0, 2], [1, 3]], "dp_cp": [[0, 2], [1, 3]]}

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def losses(run_dir):
-    recs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in recs if r["kind"] == "train"], [r["val_loss"] for r in recs if r["kind"] == "eval"]
 
 
@@ -109,17 +109,14 @@ def test_torchrun_two_ranks_match_single_process(reference, tmp_path):
 def test_deepspeed_style_local_rank_argument(reference, tmp_path):
     port = free_port()
     run = tmp_path / "run"
-    argv = lambda r: [
-        PYTHON,
-        "-m",
-        "megaeff.train",
-        f"--local_rank={r}",
-        *COMMON,
-        "train.micro_batch_size=4",
-        "train.grad_accum=1",
-        f"run_dir={run}",
-    ]
-    env = lambda r: cli_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+    def argv(r):
+        return [PYTHON, "-m", "megaeff.train", f"--local_rank={r}", *COMMON, "train.micro_batch_size=4",
+                "train.grad_accum=1", f"run_dir={run}"]  # fmt: skip
+
+    def env(r):
+        return cli_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
     spawn_two(argv, env, tmp_path)
     assert_matches(reference, run)
 
@@ -127,18 +124,15 @@ def test_deepspeed_style_local_rank_argument(reference, tmp_path):
 def test_slurm_environment_without_torchrun(reference, tmp_path):
     port = free_port()
     run = tmp_path / "run"
-    argv = lambda r: [
-        PYTHON,
-        "-m",
-        "megaeff.train",
-        *COMMON,
-        "train.micro_batch_size=2",
-        "train.grad_accum=2",
-        f"run_dir={run}",
-    ]
-    env = lambda r: cli_env(
-        SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+
+    def argv(r):
+        return [PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=2", "train.grad_accum=2",
+                f"run_dir={run}"]  # fmt: skip
+
+    def env(r):
+        return cli_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))  # fmt: skip
+
     spawn_two(argv, env, tmp_path)
     assert_matches(reference, run)
 

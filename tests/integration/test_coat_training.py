@@ -40,7 +40,8 @@ def test_coat_loss_within_one_percent_of_fp32_with_less_memory(tmp_path):
     fp32_loss, fp32 = train(tmp_path / "fp32", "precision=fp32")
     coat_loss, coat = train(tmp_path / "coat", "precision=coat")
     # Measured val loss: FP32 2.5485, COAT 2.5580 (0.37% off); COAT without Adam's bias correction 2.5807 (1.26%,
-    # fails), an untrained model ln(257) = 5.55. The per-step tracking bound is derived in tests/unit/test_coat_adamw.py.
+    # fails), an untrained model ln(257) = 5.55. The per-step tracking bound is derived in
+    # tests/unit/test_coat_adamw.py.
     assert abs(coat_loss - fp32_loss) / fp32_loss < 0.01, (coat_loss, fp32_loss)
     # FP8 moments: 2 bytes of codes + 24 bytes of metadata per 128-wide group + an int64 step per matrix, FP32 moments
     # for the 9 norm gains; exactly 1,916,600 B against FP32 AdamW's 8 B per parameter + a float step per tensor

@@ -191,7 +191,10 @@ def test_the_tracking_bound_rejects_broken_optimizers(adamw_band, variant, monke
     elif variant == "swapped_betas":
         monkeypatch.setattr(coat_adamw, "StepScalars", _SwappedBetas)
     elif variant == "forgets_moments":
-        make = lambda m: _Forgetful(m.parameters(), lr=LR, weight_decay=0.1, backend="torch")
+
+        def make(m):
+            return _Forgetful(m.parameters(), lr=LR, weight_decay=0.1, backend="torch")
+
     got = trajectory(make, stop=outside(adamw_band))
     assert outside(adamw_band)(max(got), got[max(got)]), got  # left the band (and stopped there)
 

@@ -209,7 +209,7 @@ def test_saved_tensors_are_fp8_and_shared_between_consumers():
         outs = [policy.linear(h, wi) for wi in w] + [policy.linear(h.reshape(-1, 64), w[0])]
     with SavedBytes(w) as ref:
         h = x * 2.0
-        outs = [F.linear(h, wi) for wi in w]
+        outs = [F.linear(h, wi) for wi in w]  # noqa: F841 (the graph, and what it saved, stays alive)
     # One E4M3 copy (1 byte per element) plus its FP32 scale for all four consumers; FP32 saves h once too.
     assert fp8.bytes == h.numel() + 4
     assert ref.bytes == 4 * h.numel()
@@ -280,7 +280,7 @@ def test_saved_bytes_excludes_parameters_and_counts_storages_once():
     x = randn(4, 16).requires_grad_()
     with SavedBytes([w]) as s:
         y = F.linear(x, w)  # saves x and a view of w (W^T)
-        z = (y * y).sum()  # saves y (twice: both operands)
+        z = (y * y).sum()  # noqa: F841 (saves y twice: both operands; kept alive with its graph)
     assert s.bytes == x.numel() * 4 + y.numel() * 4
     with SavedBytes() as s_all:
         F.linear(x, w)

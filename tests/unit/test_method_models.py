@@ -120,11 +120,11 @@ def test_counts_of_tiny_models_match_formula_with_gqa():
 # ----------------------------------------------------------------------------------------------- init
 def test_lost_starts_from_the_dense_models_weights():
     dense, lost = build("dense", seed=4), build("lost", seed=4)
-    for (name, d), (_, l) in zip(method_layers(dense), method_layers(lost)):
-        ref = lost_decompose(d.weight.detach(), l.rank, l.k)
-        assert torch.equal(l.A.detach(), ref.A.float()), name
-        assert torch.equal(l.sparse_weight.detach(), ref.sparse), name
-        assert torch.equal(l.channel_index.long(), ref.channels), name
+    for (name, d), (_, lo) in zip(method_layers(dense), method_layers(lost)):
+        ref = lost_decompose(d.weight.detach(), lo.rank, lo.k)
+        assert torch.equal(lo.A.detach(), ref.A.float()), name
+        assert torch.equal(lo.sparse_weight.detach(), ref.sparse), name
+        assert torch.equal(lo.channel_index.long(), ref.channels), name
 
 
 def test_parallel_lost_init_equals_serial():

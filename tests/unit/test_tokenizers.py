@@ -133,7 +133,7 @@ def test_hf_without_eos_errors_only_when_eod_is_needed(hamlet, tmp_path):
     tok = build_tokenizer("hf", str(tmp_path / "tokenizer.json"))
     assert tok.decode(tok.encode(SAMPLES[0])) == SAMPLES[0]  # usable without EOD
     with pytest.raises(ConfigError, match="no end-of-sequence token") as exc:
-        tok.eod_id
+        _ = tok.eod_id
     assert str(tmp_path / "tokenizer.json") in str(exc.value)
 
 
@@ -156,7 +156,7 @@ def test_sentencepiece_without_eos(hamlet, tmp_path):
     tok = build_tokenizer("sentencepiece", path)
     assert tok.encode("to be")
     with pytest.raises(ConfigError, match="no end-of-sequence token"):
-        tok.eod_id
+        _ = tok.eod_id
 
 
 @pytest.mark.parametrize("kind", ["hf", "sentencepiece"])

@@ -7,7 +7,8 @@ Shapes are LLaMA-7B's attention (hidden 4096, 32 query heads of 128; 32 or 8 key
 1. Bytes per layer per rank. Real runs: `cp` gloo processes (spawned here) run one attention forward + backward
    of bf16 activations (fp32 accumulation, as on GPU) at the `--real-seqs` lengths and report the
    `dims.comm_stats` counters; the other lengths are dry runs of the same code on meta tensors (shapes only,
-   bytes recorded, nothing sent). Both stand next to the closed forms of megaeff/distributed/context_parallel/attention.py
+   bytes recorded, nothing sent). Both stand next to the closed forms of
+   megaeff/distributed/context_parallel/attention.py
    and Megatron TP+SP's (2 all-gathers + 2 reduce-scatters of the N x h activations forward, their conjugates
    plus the re-gather of the inputs for the weight gradients backward: 10 (P-1)/P N h e leave each rank).
    "Sent" = bytes that leave the rank: p2p sends in full, (P-1)/P of an all-to-all or ring collective payload.
@@ -312,14 +313,16 @@ def main(argv=None):
 
     print("\nBytes per layer per rank (attention fwd + bwd; TP+SP: the whole layer), MB; LightSeq: max over ranks")
     print(
-        "| seq | kv heads | cp | scheme | source | recorded | closed form | sent by rank (max / min) | counter = formula |"
+        "| seq | kv heads | cp | scheme | source | recorded | closed form | sent by rank (max / min) "
+        "| counter = formula |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["bytes"]:
         low = "" if r["min_sent_mb"] is None or r["min_sent_mb"] == r["sent_mb"] else f" / {r['min_sent_mb']:.1f}"
+        match = "-" if r["match"] is None else ("yes" if r["match"] else "NO")
         print(
             f"| {r['seq']} | {r['kv_heads']} | {r['cp']} | {r['scheme']} | {r['source']} | {r['recorded_mb']:.1f} | "
-            f"{r['formula_mb']:.1f} | {r['sent_mb']:.1f}{low} | {'-' if r['match'] is None else ('yes' if r['match'] else 'NO')} |"
+            f"{r['formula_mb']:.1f} | {r['sent_mb']:.1f}{low} | {match} |"
         )
     print(f"\nLongest trainable sequence, one fp32 attention layer, {args.budget_gib:g} GiB of live tensors per rank")
     print("| kv heads | cp | scheme | max seq | peak GiB at max | real vs meta peak at check seq (GiB) |")
@@ -333,7 +336,8 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     for r in result["balance"]:
         print(
-            f"| {r['cp']} | {r['scheme']} | {r['blocks']} | {r['work_max_over_min']:.2f} | {r['work_max_over_mean']:.2f} |"
+            f"| {r['cp']} | {r['scheme']} | {r['blocks']} | {r['work_max_over_min']:.2f} | "
+            f"{r['work_max_over_mean']:.2f} |"
         )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out} ({result['seconds']} s)")

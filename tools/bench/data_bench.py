@@ -235,7 +235,8 @@ def table(r: Dict[str, object]) -> str:
     rows = [
         (
             "corpus",
-            f"{r['corpus_bytes'] / 1e6:,.0f} MB JSONL, {r['corpus_docs']:,} docs (written in {r['corpus_write_s']:.1f} s)",
+            f"{r['corpus_bytes'] / 1e6:,.0f} MB JSONL, {r['corpus_docs']:,} docs "
+            f"(written in {r['corpus_write_s']:.1f} s)",
         ),
         ("dataset", f"{r['docs']:,} docs, {r['tokens']:,} tokens ({r['dtype']}), .bin {r['bin_bytes'] / 1e6:,.0f} MB"),
         (
@@ -250,7 +251,8 @@ def table(r: Dict[str, object]) -> str:
         ),
         (
             f"random {r['window']}-token reads",
-            f"{r['random_samples_per_s']:,.0f} samples/s | p50 {r['random_p50_us']:.1f} us | p99 {r['random_p99_us']:.1f} us",
+            f"{r['random_samples_per_s']:,.0f} samples/s | p50 {r['random_p50_us']:.1f} us | "
+            f"p99 {r['random_p99_us']:.1f} us",
         ),
         (
             "sequential reads",

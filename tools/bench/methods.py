@@ -136,7 +136,8 @@ def main(argv=None) -> int:
     print(
         "linear MACs/token at llama_60m: "
         + ", ".join(
-            f"{m} {w['linear_macs_per_token_60m'] / 1e6:.2f}M ({w['linear_macs_per_token_60m'] / work['dense']['linear_macs_per_token_60m']:.3f}x)"
+            f"{m} {w['linear_macs_per_token_60m'] / 1e6:.2f}M "
+            f"({w['linear_macs_per_token_60m'] / work['dense']['linear_macs_per_token_60m']:.3f}x)"
             for m, w in work.items()
         ),
         flush=True,

@@ -9,7 +9,7 @@ arrived from a peer) and merges the partial results. Three pieces are shared by 
   computed grouped: the g = Hq/Hkv query heads of one kv head are stacked along the rows of a single matmul,
   so K and V are never expanded, neither on the wire nor in memory.
 - `plan_blocks`: which (query chunk, key chunk) pairs of a step are visible. Chunks carry global positions
-  (megaeff/distributed/context_parallel/sharding.py): a key chunk after the query chunk is skipped, one before it is fully
+  (context_parallel/sharding.py): a key chunk after the query chunk is skipped, one before it is fully
   visible, the same chunk gets the causal mask built from the positions. Skipped pairs are never computed, so
   no row is ever fully masked (no NaN). The same plan serves contiguous and zigzag shards.
 - `merge_`: out and lse of the rows so far combined with a new block's, in the accumulation dtype:

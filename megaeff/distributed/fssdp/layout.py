@@ -202,7 +202,7 @@ class FlatGroup:
         dev = shards[0].device
         if self.fp8:
             buf = torch.zeros(self.gather_slot, dtype=torch.uint8, device=dev)
-            for s, t, so, co in zip(self.shards, shards, self.scale_offsets, self.code_offsets):
+            for t, so, co in zip(shards, self.scale_offsets, self.code_offsets):
                 codes, scale = fp8_encode(t)
                 buf[so : so + 4 * scale.numel()] = scale.view(torch.uint8)
                 buf[co : co + t.numel()] = codes.reshape(-1).view(torch.uint8)

@@ -8,7 +8,7 @@ refused before any of that code (or any process group) runs.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 from megaeff.config.choices import (
     CpImpl,
@@ -23,6 +23,9 @@ from megaeff.config.choices import (
 )
 from megaeff.config.optim import uses_fp8_states
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.config.schema import Config
 
 AXES = ("tp", "cp", "dp", "pp")  # innermost first, as megaeff.distributed.dims
 
@@ -69,7 +72,7 @@ class ParallelConfig:
     expert_impl: ExpertImpl = ExpertImpl["replicated"]
 
 
-def validate_parallel(p: ParallelConfig, cfg) -> None:
+def validate_parallel(p: ParallelConfig, cfg: "Config") -> None:
     """World-independent checks; `cfg` (the whole Config) for the choices other sections constrain."""
     degrees = {axis: getattr(p, axis) for axis in AXES}
     wild = [k for k, v in degrees.items() if v == -1]
@@ -144,7 +147,7 @@ def resolve_degrees(degrees: Dict[str, int], world_size: int) -> Dict[str, int]:
     return degrees
 
 
-def validate_world(cfg, world_size: int) -> Dict[str, int]:
+def validate_world(cfg: "Config", world_size: int) -> Dict[str, int]:
     """The checks that need the world size; returns the resolved degrees {tp, cp, dp, pp}."""
     dims = resolve_degrees({axis: int(getattr(cfg.parallel, axis)) for axis in AXES}, world_size)
     tp, cp, pp = dims["tp"], dims["cp"], dims["pp"]

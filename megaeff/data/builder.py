@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from megaeff.data.gpt_dataset import (
 from megaeff.data.indexed import IndexedDataset, IndexedDatasetBuilder, data_file_path, index_file_path, optimal_dtype
 from megaeff.data.tokenizer import build_tokenizer
 from megaeff.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from megaeff.config.data import DataConfig
 
 
 @dataclass
@@ -90,7 +93,7 @@ def _write_corpus(prefix: Path, docs: Sequence[str], tokenizer, ctx: BuildContex
     return IndexedDataset(str(prefix))
 
 
-def build_default_data(dcfg, ctx: BuildContext) -> DataBundle:
+def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
     tokenizer = build_tokenizer(dcfg.tokenizer)
     if tokenizer.name != "byte":
         raise ConfigError("data.tokenizer", "the default corpus is tokenized with the byte tokenizer")
@@ -233,7 +236,7 @@ def _indexed_valid(dcfg, ctx: BuildContext, options, cache_for, train_sets, vali
     return valid_sets[0] if len(valid_sets) == 1 else ConcatDataset(valid_sets)
 
 
-def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
+def build_indexed_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
     tokenizer = build_tokenizer(dcfg.tokenizer, dcfg.tokenizer_path)
     if not dcfg.paths:
         raise ConfigError("data.paths", "data=indexed needs data.paths (a prefix, or 'weight prefix' pairs)")
@@ -299,7 +302,7 @@ def build_indexed_data(dcfg, ctx: BuildContext) -> DataBundle:
 DATASETS = {"default": build_default_data, "indexed": build_indexed_data}
 
 
-def build_data(dcfg, ctx: BuildContext) -> DataBundle:
+def build_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
     try:
         builder = DATASETS[dcfg.name]
     except KeyError:

@@ -20,13 +20,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megaeff.distributed.comm import CommGroup, CommStats
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.config.parallel import ParallelConfig
 
 AXES = ("tp", "cp", "dp", "pp")  # innermost first
 IMPLEMENTED_AXES = AXES
@@ -85,7 +88,7 @@ class ParallelDims:
     @classmethod
     def from_config(
         cls,
-        pcfg,
+        pcfg: ParallelConfig,
         world_size: int,
         rank: int = 0,
         device: Optional[torch.device] = None,

@@ -1,12 +1,12 @@
 """Gradient clipping by the global norm of the logical gradient, whatever the layout.
 
-A sharded parameter's (`tp_split` rows | cols | support) squared norm is a partial sum over the tp group; a
-replicated one is complete and identical on every tp rank, so it is counted once. Pipeline stages hold disjoint
-parameters, so their totals add up over pp. Data-parallel replicas hold identical (already reduced) gradients
-and are not summed; under FSSDP (`dp_sharded`) every rank holds a different part of each gradient, so the
-squares are summed over dp x cp, each weighted by 1 / `fssdp_replicas` (the dp x cp ranks holding the same
-values: 1 for a shard, more for a replicated norm). The squares accumulate in float64 so that the norm does not
-depend on how the layout splits the sum.
+A sharded parameter's (`tp_split` rows | cols | support in its `ParamMeta`, megaeff/layers/param_meta.py) squared
+norm is a partial sum over the tp group; a replicated one is complete and identical on every tp rank, so it is
+counted once. Pipeline stages hold disjoint parameters, so their totals add up over pp. Data-parallel replicas
+hold identical (already reduced) gradients and are not summed; under FSSDP (`dp_sharded`) every rank holds a
+different part of each gradient, so the squares are summed over dp x cp, each weighted by 1 / `dp_replicas` (the
+dp x cp ranks holding the same values: 1 for a shard, more for a replicated norm). The squares accumulate in
+float64 so that the norm does not depend on how the layout splits the sum.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from megaeff.distributed.comm import all_reduce
 from megaeff.distributed.logical_state import SHARDED
+from megaeff.layers.param_meta import param_meta
 
 
 def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool = False) -> float:
@@ -25,15 +26,14 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool =
     has_spread = dp_sharded  # decided from the parameters, never from values: every rank must agree to reduce
     for p in params:
         # Expert shards (expert FSSDP / expert parallelism) are distinct on every dp x cp rank, as FSSDP's are.
-        on_dp = dp_sharded or bool(getattr(p, "expert_sharded", False))
+        meta = param_meta(p)
+        on_dp = dp_sharded or meta.expert
         has_spread = has_spread or on_dp
         if p.grad is None:
             continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
         acc = spread if on_dp else local
-        acc[0 if getattr(p, "tp_split", "replicated") in SHARDED else 1] += (
-            sq / getattr(p, "fssdp_replicas", 1) if on_dp else sq
-        )
+        acc[0 if meta.tp_split in SHARDED else 1] += sq / meta.dp_replicas if on_dp else sq
     if has_spread and dims.size("dp_cp") > 1:
         spread = all_reduce(spread.to(dims.device), dims.comm("dp_cp")).cpu()
     sharded, replicated = local[0] + spread[0], local[1] + spread[1]

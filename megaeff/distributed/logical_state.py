@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from megaeff.distributed.comm import all_gather
+from megaeff.layers.param_meta import ParamMeta, param_meta, set_param_meta
 
 SHARDED = ("rows", "cols", "support")
 
@@ -36,17 +37,22 @@ def param_layouts(model: nn.Module) -> Dict[str, ParamLayout]:
 
 
 def annotate_parameters(model: nn.Module) -> None:
-    """Set `tp_split` and `logical_shape` on every parameter, for the consumers that see parameters only
-    (gradient norm, optimizer). Call after materialization: moving off the meta device creates new Parameters."""
+    """Give every parameter its record (`ParamMeta`: tp split and logical shape), for the consumers that see
+    parameters only (gradient norm, optimizer). Call after materialization: moving off the meta device creates new
+    Parameters."""
     layouts = param_layouts(model)
     for name, p in model.named_parameters():
         lay = layouts.get(name)
-        p.tp_split = lay.spec if lay is not None else "replicated"
-        p.logical_shape = tuple(lay.owner.logical_shape(lay.local_name)) if lay is not None else tuple(p.shape)
+        if lay is None:
+            meta = ParamMeta(logical_shape=tuple(p.shape))
+        else:
+            meta = ParamMeta(tp_split=lay.spec, logical_shape=tuple(lay.owner.logical_shape(lay.local_name)))
+        set_param_meta(p, meta)
 
 
 def expert_owners(model: nn.Module) -> Dict[str, nn.Module]:
-    """Flat expert parameters (megaeff/distributed/expert_parallel/experts.py) by full name -> the module that owns them."""
+    """Flat expert parameters (megaeff/distributed/expert_parallel/experts.py) by full name -> the module that owns
+    them."""
     out = {}
     for path, module in model.named_modules():
         if hasattr(module, "gather_logical") and hasattr(module, "flat_param_name"):
@@ -86,7 +92,8 @@ class LogicalState:
 
     def _unsupported(self, name: str, key: str, lay: ParamLayout, tensor: torch.Tensor) -> ValueError:
         return ValueError(
-            f"{name}: state {key!r} {tuple(tensor.shape)} of a {lay.spec}-split parameter has no layout-independent form"
+            f"{name}: state {key!r} {tuple(tensor.shape)} of a {lay.spec}-split parameter has no "
+            "layout-independent form"
         )
 
     def gather(self, name: str, tensor: torch.Tensor, key: str = "") -> torch.Tensor:
@@ -197,5 +204,5 @@ def fp8_group_problem(p: torch.Tensor, group_size: int = 128) -> str:
     """Why this shard's 1x128 FP8 groups would differ from the logical tensor's ('' when they are the same)."""
     from megaeff.precision.group_quant import shard_group_problem
 
-    spec = getattr(p, "tp_split", "replicated")
-    return shard_group_problem(tuple(p.shape), getattr(p, "logical_shape", p.shape), spec, group_size)
+    meta = param_meta(p)
+    return shard_group_problem(tuple(p.shape), meta.logical_shape, meta.tp_split, group_size)

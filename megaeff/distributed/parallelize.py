@@ -10,11 +10,12 @@ whole model: every replaced module keeps its logical name and its `init_weights`
 the seed and keeps this rank's shard (megaeff/models/init.py, megaeff/distributed/tensor_parallel/base.py).
 Context parallelism wraps the attention backend (set `model.attention_backend` before), and activation
 checkpointing wraps the blocks' forwards, replaying context-parallel attention where there is one.
-Materialization then allocates this rank's part, and `annotate_parameters` records each parameter's tp split
-and logical shape (moving off the meta device creates new Parameters, so it comes after). The data-parallel
-step shards real tensors, so it runs last: distributed experts replace each MoE by a module holding one flat
-parameter (reduced by its own exchange, so left out of what follows); FSSDP then shards the other parameters
-in place, reading their annotations, and becomes both the gradient sync and the checkpoint view; without it
+Materialization then allocates this rank's part, and `annotate_parameters` gives each parameter its record
+(`ParamMeta`, megaeff/layers/param_meta.py: tp split and logical shape; moving off the meta device creates new
+Parameters, so it comes after). The data-parallel step shards real tensors, so it runs last: distributed experts
+replace each MoE by a module holding one flat parameter (marked `expert` in its record and reduced by its own
+exchange, so left out of what follows); FSSDP then shards the other parameters in place, reading their records
+(and setting their dp fields), and becomes both the gradient sync and the checkpoint view; without it
 the GradReducer buckets the replicated gradients, and `logical_state.LogicalState` is the checkpoint view.
 The optimizer is built by the caller afterwards, on the parameters of `ParallelModel.module` (FSSDP's shards).
 The GradReducer was built after the optimizer before this function did it; the order does not matter: the
@@ -51,6 +52,7 @@ from megaeff.distributed.tensor_parallel.layers import VocabParallelEmbedding, c
 from megaeff.distributed.tensor_parallel.mappings import gather_seq
 from megaeff.distributed.tensor_parallel.sequence import SequenceParallelRMSNorm
 from megaeff.layers.linear import DenseLinear
+from megaeff.layers.param_meta import param_meta
 from megaeff.models.init import materialize
 
 COLUMN = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up")
@@ -148,7 +150,7 @@ def apply_data_parallel(
     if experts_distributed:
         parallelize_experts(model, dims, pcfg.expert_impl)
     # The experts' flat parameters are reduced by their own exchange, not by the data-parallel step.
-    own_exchange = {id(p) for p in model.parameters() if getattr(p, "expert_sharded", False)}
+    own_exchange = {id(p) for p in model.parameters() if param_meta(p).expert}
     dp_sharded = pcfg.dp_impl == "fssdp" and dp_cp > 1
     if dp_sharded:
         # The model's parameters become this rank's shards; checkpoints gather them back to logical tensors.

@@ -20,7 +20,7 @@ such as the compute path chosen) and `macs_per_token(tokens)`, which `describe_m
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from megaeff.layers.lost import LostLinear
 from megaeff.layers.lowrank import LowRankLinear
 from megaeff.layers.ops import ActivationOps, resolve
 from megaeff.layers.sltrain import SLTrainLinear
+
+if TYPE_CHECKING:
+    from megaeff.config.model import MethodConfig
 
 InitFn = Callable[[str, torch.Tensor], None]  # (logical parameter name, tensor to fill in place)
 
@@ -46,7 +49,9 @@ class DenseLinear(nn.Linear):
         self.ops = resolve(ops)
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "DenseLinear":
+    def from_config(
+        cls, in_features: int, out_features: int, *, name: str, method: MethodConfig, ops=None
+    ) -> "DenseLinear":
         return cls(in_features, out_features, name=name, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +83,7 @@ LINEAR_METHODS: Dict[str, Type[nn.Module]] = {
 
 
 def build_linear(
-    in_features: int, out_features: int, *, name: str, method, act: Optional[ActivationOps] = None
+    in_features: int, out_features: int, *, name: str, method: MethodConfig, act: Optional[ActivationOps] = None
 ) -> nn.Module:
     """`name` is the logical path of the layer (e.g. `layers.3.attn.q`); methods that derive structure from the
     seed (sparse supports, channel sets) key it on this name. `act` is the activation policy every matmul and

@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from megaeff.layers.ops import resolve
 from megaeff.layers.sltrain_ops import index_checksum
+
+if TYPE_CHECKING:
+    from megaeff.config.model import MethodConfig
 
 ACTIVATIONS = ("none", "silu")
 SPARSE_INITS = ("w0", "complement")
@@ -125,7 +128,9 @@ class LostLinear(nn.Module):
         self.register_buffer("index_checksum", torch.zeros((), dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "LostLinear":
+    def from_config(
+        cls, in_features: int, out_features: int, *, name: str, method: MethodConfig, ops=None
+    ) -> "LostLinear":
         return cls(
             in_features,
             out_features,

@@ -19,12 +19,15 @@ step, so we leave it out.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from megaeff.layers.ops import resolve
+
+if TYPE_CHECKING:
+    from megaeff.config.model import MethodConfig
 
 
 class LowRankLinear(nn.Module):
@@ -40,7 +43,9 @@ class LowRankLinear(nn.Module):
         self.B = nn.Parameter(torch.empty(out_features, rank))
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "LowRankLinear":
+    def from_config(
+        cls, in_features: int, out_features: int, *, name: str, method: MethodConfig, ops=None
+    ) -> "LowRankLinear":
         return cls(in_features, out_features, rank=method.rank, name=name, ops=ops)
 
     def init_weights(self, prefix: str, init) -> None:

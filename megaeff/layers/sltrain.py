@@ -25,7 +25,7 @@ path instead keeps x A^T (T r) for backward. `describe` reports the choice; the 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from megaeff.layers.sltrain_ops import (
     sparse_token_limit,
     support_size,
 )
+
+if TYPE_CHECKING:
+    from megaeff.config.model import MethodConfig
 
 PATHS = ("auto", "dense", "sparse")
 
@@ -76,7 +79,9 @@ class SLTrainLinear(nn.Module):
         self.register_buffer("index_checksum", torch.zeros((), dtype=torch.int64))
 
     @classmethod
-    def from_config(cls, in_features: int, out_features: int, *, name: str, method, ops=None) -> "SLTrainLinear":
+    def from_config(
+        cls, in_features: int, out_features: int, *, name: str, method: MethodConfig, ops=None
+    ) -> "SLTrainLinear":
         return cls(
             in_features,
             out_features,

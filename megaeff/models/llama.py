@@ -13,7 +13,7 @@ with the parallel layout.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -24,11 +24,14 @@ from megaeff.layers.norm import RMSNorm
 from megaeff.layers.ops import ActivationOps, resolve
 from megaeff.layers.rope import apply_rope, rope_tables
 
+if TYPE_CHECKING:
+    from megaeff.config.model import MethodConfig, ModelConfig
+
 
 class Attention(nn.Module):
     """Only the projections go through the activation policy: q/k/v after RoPE and SDPA stay high precision."""
 
-    def __init__(self, cfg, method, prefix: str, act: Optional[ActivationOps] = None):
+    def __init__(self, cfg: ModelConfig, method: MethodConfig, prefix: str, act: Optional[ActivationOps] = None):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
@@ -54,7 +57,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg, method, prefix: str, act: Optional[ActivationOps] = None):
+    def __init__(self, cfg: ModelConfig, method: MethodConfig, prefix: str, act: Optional[ActivationOps] = None):
         super().__init__()
         self.ops = resolve(act)
         self.gate = build_linear(cfg.dim, cfg.ffn_dim, name=f"{prefix}.gate", method=method, act=act)
@@ -68,7 +71,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """The residual adds stay high precision (they save nothing for backward)."""
 
-    def __init__(self, cfg, method, index: int, act: Optional[ActivationOps] = None):
+    def __init__(self, cfg: ModelConfig, method: MethodConfig, index: int, act: Optional[ActivationOps] = None):
         super().__init__()
         prefix = f"layers.{index}"
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops=act)
@@ -87,7 +90,7 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, cfg, method, act: Optional[ActivationOps] = None):
+    def __init__(self, cfg: ModelConfig, method: MethodConfig, act: Optional[ActivationOps] = None):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -126,7 +129,9 @@ class Llama(nn.Module):
         return self.output(self.norm(x)).float()
 
 
-def build_llama(cfg, method, device: str | torch.device = "meta", act: Optional[ActivationOps] = None) -> Llama:
+def build_llama(
+    cfg: ModelConfig, method: MethodConfig, device: str | torch.device = "meta", act: Optional[ActivationOps] = None
+) -> Llama:
     """Construct without allocating (meta) or directly on a device; weights are undefined until initialized.
     `act`: the activation policy of the blocks (megaeff/layers/ops.py; None = high precision; FP8 activations:
     `megaeff.precision.fp8_activations.activation_ops(cfg.precision)`)."""

@@ -30,7 +30,7 @@ Fixed routers for tests and benchmarks: set `router_override` to a callable (x_f
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +39,14 @@ from torch import nn
 from megaeff.layers.linear import build_linear
 from megaeff.layers.ops import ActivationOps, resolve
 
+if TYPE_CHECKING:
+    from megaeff.config.model import MethodConfig, ModelConfig
+
 
 class Expert(nn.Module):
     """One SwiGLU expert (LLaMA's MLP with its own hidden size)."""
 
-    def __init__(self, dim: int, hidden: int, method, prefix: str, act: Optional[ActivationOps] = None):
+    def __init__(self, dim: int, hidden: int, method: MethodConfig, prefix: str, act: Optional[ActivationOps] = None):
         super().__init__()
         self.ops = resolve(act)
         self.gate = build_linear(dim, hidden, name=f"{prefix}.gate", method=method, act=act)
@@ -127,7 +130,7 @@ def balance_loss(prob_sum: torch.Tensor, counts: torch.Tensor, n_tokens: int, to
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg, method, prefix: str, act: Optional[ActivationOps] = None):
+    def __init__(self, cfg: ModelConfig, method: MethodConfig, prefix: str, act: Optional[ActivationOps] = None):
         super().__init__()
         self.n_experts, self.top_k = int(cfg.moe_experts), int(cfg.moe_top_k)
         if self.n_experts < 1:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from megaeff.errors import ConfigError
+from megaeff.layers.param_meta import param_meta
 from megaeff.precision.group_quant import shard_group_problem
 
 
@@ -51,8 +52,8 @@ def build_optimizer(model: nn.Module, ocfg, device: torch.device, pcfg=None) -> 
             device=device,
         )
         for name, p in model.named_parameters():
-            split, logical = getattr(p, "tp_split", "replicated"), getattr(p, "logical_shape", p.shape)
-            problem = shard_group_problem(tuple(p.shape), logical, split) if opt.uses_fp8(p) else ""
+            meta = param_meta(p)
+            problem = shard_group_problem(tuple(p.shape), meta.logical_shape, meta.tp_split) if opt.uses_fp8(p) else ""
             if problem:
                 raise ConfigError(
                     "parallel.tp",

@@ -14,8 +14,9 @@ dequantizes to exact zeros, so step 1 equals AdamW's.
 
 Small tensors. A parameter whose *logical* tensor has fewer than `min_fp8_numel` elements (default 4096: the
 norm gains, biases) keeps FP32 moments (`exp_avg`, `exp_avg_sq` FP32) updated by the same FP32 formula: their
-memory is negligible and FP8 buys nothing there. The decision uses the global shape (`p.logical_shape` when a
-parallel wrapper sets it, else `p.shape`), never a shard's, so the layout cannot change the numerics.
+memory is negligible and FP8 buys nothing there. The decision uses the global shape (the `logical_shape` of
+`param_meta(p)`, megaeff/layers/param_meta.py: what a parallel wrapper records, else `p.shape`), never a shard's,
+so the layout cannot change the numerics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from megaeff.kernels.fp8_adamw import Backend, select_backend
 from megaeff.kernels.fp8_adamw_ref import Fp8Entry, StepScalars, adamw_math
+from megaeff.layers.param_meta import param_meta
 from megaeff.precision.fp8 import get_format
 from megaeff.precision.group_quant import META_FIELDS, GroupLayout
 
@@ -34,7 +36,7 @@ FP8_KEYS = ("exp_avg", "exp_avg_meta", "exp_avg_sq", "exp_avg_sq_meta")
 
 
 def logical_shape(p: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(getattr(p, "logical_shape", p.shape))
+    return param_meta(p).logical_shape
 
 
 def initial_meta(n_groups: int, device) -> torch.Tensor:

@@ -12,9 +12,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.config.train import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -48,7 +51,7 @@ def trim_jsonl(path: Path, max_step: int) -> None:
 
 
 class WandbSink:
-    def __init__(self, lcfg, run_dir: Path, run_name: str, config: Dict):
+    def __init__(self, lcfg: LoggingConfig, run_dir: Path, run_name: str, config: Dict):
         try:
             import wandb
         except ImportError:
@@ -81,7 +84,15 @@ class WandbSink:
 
 class MetricsLogger:
     def __init__(
-        self, run_dir: Path, lcfg, *, enabled: bool, total_steps: int, start_step: int, run_name: str, config: Dict
+        self,
+        run_dir: Path,
+        lcfg: LoggingConfig,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        run_name: str,
+        config: Dict,
     ):
         self.enabled = enabled
         self.total_steps = total_steps

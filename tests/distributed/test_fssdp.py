@@ -47,6 +47,7 @@ from megaeff.distributed.grad_norm import clip_grad_norm_ as dp_clip
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters
 from megaeff.distributed.parallelize import apply_tensor_parallel
 from megaeff.distributed.tensor_parallel.sequence import loss_sum as parallel_loss_sum
+from megaeff.layers.param_meta import param_meta
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama
 from megaeff.optim.builder import build_optimizer
@@ -675,11 +676,13 @@ def test_construction_shards_and_marks_without_communicating():
     fs = FSSDP(model, dims)
     p = dict(model.named_parameters())
     a = p["layers.0.attention.q.A"]  # 8 x 64: 2 rows per FP8 group, 4 groups, 2 per rank
-    assert tuple(a.shape) == (4, 64) and a.logical_shape == (8, 64) and (a.fssdp_split, a.fssdp_replicas) == ("rows", 1)
+    am = param_meta(a)
+    assert tuple(a.shape) == (4, 64) and am.logical_shape == (8, 64) and (am.dp_split, am.dp_replicas) == ("rows", 1)
     assert tuple(p["layers.0.attention.q.sparse_weight"].shape) == (32, 16)  # 64 x 16: 8 rows per group
     assert torch.equal(a.detach(), build("lost").layers[0].attention.q.A.detach()[4:8])  # rank 1's rows of the seed's
     norm = p["norm.weight"]
-    assert tuple(norm.shape) == (64,) and (norm.fssdp_split, norm.fssdp_replicas) == ("replicated", 2)
+    nm = param_meta(norm)
+    assert tuple(norm.shape) == (64,) and (nm.dp_split, nm.dp_replicas) == ("replicated", 2)
     assert [r.spec.name for r in fs.sparse_rows] == ["tok_embeddings.weight"]
     assert all(b.dtype == torch.int32 for n, b in model.named_buffers() if n.endswith("channel_index"))  # indices stay
     assert "units over dp_cp (2 ranks)" in fs.describe()

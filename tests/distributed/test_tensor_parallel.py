@@ -25,6 +25,7 @@ from megaeff.distributed.tensor_parallel.layers import (
 from megaeff.errors import ConfigError
 from megaeff.layers.linear import build_linear
 from megaeff.layers.ops import ActivationOps
+from megaeff.layers.param_meta import param_meta
 from megaeff.models.init import Initializer
 from tests.distributed.harness import pool_fixture
 
@@ -136,7 +137,7 @@ def _single_layers(dims):
                     dx_ref=local_input(dx_ref, style, sp, i, p),
                     grads_ref=grads_ref,
                     params_ref={k: v.detach() for k, v in ref.named_parameters()},
-                    splits={k: getattr(tp, k).tp_split for k in tp.SPLITS},
+                    splits={k: param_meta(getattr(tp, k)).tp_split for k in tp.SPLITS},
                 )
     return out
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from megaeff.kernels.fp8_adamw import select_backend
 from megaeff.kernels.fp8_adamw_ref import StepScalars, f32
+from megaeff.layers.param_meta import ParamMeta, set_param_meta
 from megaeff.optim import coat_adamw
 from megaeff.optim.coat_adamw import CoatAdamW
 
@@ -214,10 +215,10 @@ def test_small_tensors_keep_fp32_moments_with_the_same_math():
 def test_threshold_uses_the_logical_shape_not_the_local_one():
     model = tiny_net()
     shard = model[2].bias
-    shard.logical_shape = (8192,)  # as a parallel wrapper marks a shard of a large tensor
+    set_param_meta(shard, ParamMeta(logical_shape=(8192,)))  # as a parallel wrapper marks a shard of a large tensor
     opt = coat(model)
     assert opt.uses_fp8(shard)
-    del shard.logical_shape
+    set_param_meta(shard, ParamMeta(logical_shape=tuple(shard.shape)))  # its own shape, as when unannotated
     assert not opt.uses_fp8(shard)
 
 

@@ -10,6 +10,7 @@ from megaeff.config.schema import MethodConfig, ModelConfig
 from megaeff.distributed.dims import ParallelDims
 from megaeff.distributed.grad_norm import clip_grad_norm_, global_grad_norm
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters, fp8_group_problem
+from megaeff.layers.param_meta import ParamMeta, param_meta, set_param_meta
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama
 
@@ -25,7 +26,7 @@ def test_single_process_parameters_are_replicated_and_pass_through():
     model = tiny()
     annotate_parameters(model)
     for p in model.parameters():
-        assert p.tp_split == "replicated" and p.logical_shape == tuple(p.shape)
+        assert param_meta(p).tp_split == "replicated" and param_meta(p).logical_shape == tuple(p.shape)
     logical = LogicalState(model)
     assert not logical.sharded
     state = model.state_dict()
@@ -53,7 +54,7 @@ def test_global_grad_norm_and_clipping_match_torch():
 
 def shard(shape, spec, logical_shape):
     p = torch.nn.Parameter(torch.zeros(shape))
-    p.tp_split, p.logical_shape = spec, logical_shape
+    set_param_meta(p, ParamMeta(tp_split=spec, logical_shape=logical_shape))
     return p
 
 

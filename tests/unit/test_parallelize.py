@@ -15,6 +15,7 @@ from megaeff.distributed.fssdp.engine import FSSDP
 from megaeff.distributed.parallel_model import GradSync, LogicalState, ParallelModel
 from megaeff.distributed.parallelize import parallelize
 from megaeff.distributed.pipeline.schedule import build_schedule
+from megaeff.layers.param_meta import param_meta
 from megaeff.models.init import materialize
 from megaeff.models.llama import build_llama
 from megaeff.train.step import accumulate, plain_actions
@@ -36,7 +37,8 @@ def test_single_process_parallelize_materializes_annotates_and_wraps():
     assert isinstance(pm.state, logical_state.LogicalState) and not pm.state.sharded
     assert isinstance(pm.grad_sync, GradSync) and isinstance(pm.state, LogicalState)
     assert not any(p.is_meta for p in model.parameters())
-    assert all(p.tp_split == "replicated" and p.logical_shape == tuple(p.shape) for p in model.parameters())
+    metas = [(param_meta(p), p) for p in model.parameters()]
+    assert all(m.tp_split == "replicated" and m.logical_shape == tuple(p.shape) for m, p in metas)
     # One process: exactly the logical model drawn from the seed.
     _, ref = smoke()
     ref = materialize(ref, torch.device("cpu"), cfg.train.seed, cfg.model.init_std)

@@ -35,10 +35,13 @@ bucket's bytes. A group of one is a no-op: no buckets, no hooks, `finish` return
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 MiB = 1024 * 1024
 
@@ -86,7 +89,7 @@ class GradReducer:
     def __init__(
         self,
         params: Sequence[Tuple[str, torch.nn.Parameter]],
-        dims,
+        dims: ParallelDims,
         *,
         bucket_mb: float = 25.0,
         overlap: bool = True,

@@ -50,6 +50,7 @@ from torch.func import functional_call
 
 from megaeff.distributed.comm import all_gather, all_to_all_uneven
 from megaeff.distributed.expert_parallel.placement import StepPlan, fixed_placement, plan_placement
+from megaeff.layers.param_meta import ParamMeta, set_param_meta
 from megaeff.models.moe import MoE, balance_loss, combine, inverse_permutation, route_tokens, sort_assignments
 
 ALIGN = 128
@@ -152,7 +153,8 @@ class _DistributedExperts(nn.Module):
 
     def _adopt(self, value: torch.Tensor) -> None:
         param = nn.Parameter(value.clone())
-        param.expert_sharded = self.kind  # for the consumers that see parameters only (dp reduction, clipping)
+        # For the consumers that see parameters only (dp reduction, clipping): distinct on every dp x cp rank.
+        set_param_meta(param, ParamMeta(logical_shape=tuple(param.shape), expert=True))
         self.register_parameter(self.flat_param_name, param)
         del self._logical
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from functools import partial
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from megaeff.distributed.fssdp.plan import FSSDPOptions, ShardingPlan
 from megaeff.distributed.fssdp.state import FSSDPState
 from megaeff.distributed.fssdp.tally import ByteTally
 from megaeff.distributed.fssdp.units import GatherUnit, Instance, Pending, Unit
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 class FSSDPEngine:
@@ -233,10 +236,11 @@ class FSSDP:
     and as the checkpoints' `logical=`. See the module docstrings for the step.
 
     Call it on the materialized (possibly tensor-parallel) model after `annotate_parameters` (the shards copy
-    `tp_split` and `logical_shape`; annotating again afterwards would give them their own shapes) and before
-    the optimizer is built, from `model` or `parameters()` (the same tensors). `ignored_params` are left to
-    their owner (e.g. expert FSSDP's `expert_shards`): not sharded, not reduced, not marked; the owner sets
-    `fssdp_replicas` (how many dp_cp ranks hold the same values) for `clip_grad_norm_`. Options: see
+    the tp split and logical shape of the parameters' records; annotating again afterwards would give them their
+    own shapes) and before the optimizer is built, from `model` or `parameters()` (the same tensors).
+    `ignored_params` are left to their owner (e.g. expert FSSDP's `expert_shards`): not sharded, not reduced, not
+    marked; the owner sets their record's `dp_replicas` (how many dp_cp ranks hold the same values; 1 by default)
+    for `clip_grad_norm_`. Options: see
     plan.FSSDPOptions; `replicate_norms` puts the RMSNorm gains under the heterogeneous rule (with the default
     single node: replicated), `max_inflight` bounds the reduce-scatters in flight. `local_world_size` (for
     `node_size=0`): the processes per node; None reads it from the launcher (megaeff/distributed/launch.py)."""
@@ -244,7 +248,7 @@ class FSSDP:
     def __init__(
         self,
         model: nn.Module,
-        dims,
+        dims: ParallelDims,
         *,
         reshard_after_forward: bool = True,
         gather_dtype: str = "fp32",

@@ -22,14 +22,15 @@ ranges; 0: the launcher's local world size / tp, megaeff/distributed/launch.py) 
 result all-reduced within the node (`node_cg`). With one node they are simply replicated. Replicated tensors (by
 this policy, or too small to split into whole groups, see layout.py) keep their original parameter.
 
-Every parameter is marked for gradient clipping (megaeff/distributed/grad_norm.py): `fssdp_split` (replicated |
-rows) and `fssdp_replicas` (how many dp_cp ranks hold the same values).
+Every parameter's record (`ParamMeta`, megaeff/layers/param_meta.py) gets its dp fields, for gradient clipping
+(megaeff/distributed/grad_norm.py): `dp_split` (replicated | rows) and `dp_replicas` (how many dp_cp ranks hold
+the same values); a shard copies the tp fields of the parameter it replaces.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch.distributed as dist
@@ -42,6 +43,7 @@ from megaeff.distributed.fssdp.units import Unit
 from megaeff.distributed.launch import local_world_size as launcher_local_world_size
 from megaeff.distributed.logical_state import SHARDED, param_layouts
 from megaeff.layers.norm import RMSNorm
+from megaeff.layers.param_meta import ParamMeta, has_param_meta, param_meta, set_param_meta
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,10 @@ def resolve_node_size(node_size: int, dp: int, tp: int = 1, local_world_size: Op
     return node_size
 
 
-def mark(p: nn.Parameter, split: str, replicas: int) -> None:
-    # For gradient clipping: how many dp_cp ranks hold the same values of this tensor.
-    p.fssdp_split, p.fssdp_replicas = split, replicas
+def mark(p: nn.Parameter, split: str, replicas: int, meta: Optional[ParamMeta] = None) -> None:
+    """Set the dp fields of `p`'s record (of `meta`'s tp fields when given, else its own): for gradient clipping,
+    how many dp_cp ranks hold the same values of this tensor."""
+    set_param_meta(p, replace(param_meta(p) if meta is None else meta, dp_split=split, dp_replicas=replicas))
 
 
 class ShardingPlan:
@@ -144,7 +147,7 @@ class ShardingPlan:
     # ------------------------------------------------------------------ construction
     def _logical_shape(self, name: str, p: nn.Parameter) -> tuple:
         lay = self.tp_layouts.get(name)
-        shape = getattr(p, "logical_shape", None)
+        shape = param_meta(p).logical_shape if has_param_meta(p) else None
         if not shape:
             shape = lay[0].logical_shape(lay[1]) if lay is not None else p.shape
         return tuple(shape)
@@ -203,9 +206,8 @@ class ShardingPlan:
         kind = "hybrid" if cg is self.cross_cg else "shard"
         spec = TensorShard(name, kind, shape, self.logical_shapes[name], p.dtype, bounds, cg.rank)
         shard = nn.Parameter(spec.cut(p.detach()).clone())
-        shard.tp_split = getattr(p, "tp_split", "replicated")
-        shard.logical_shape = self.logical_shapes[name]
-        mark(shard, "rows", self.node_size if kind == "hybrid" else 1)
+        meta = replace(param_meta(p), logical_shape=self.logical_shapes[name])  # the tp fields of the original
+        mark(shard, "rows", self.node_size if kind == "hybrid" else 1, meta)
         for module, pname in where:
             module._parameters[pname] = shard
         self.specs[name], self.shard_cgs[name] = spec, cg

@@ -24,7 +24,7 @@ schedule (checked by `schedule.simulate`) cannot hang. Time blocked in receives 
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,9 @@ from megaeff.distributed.comm import batch_p2p
 from megaeff.distributed.pipeline.schedule import PIPELINE_SCHEDULES, Action, build_schedule
 from megaeff.distributed.pipeline.stages import StageChunk
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 def run_chunk(model: nn.Module, chunk: StageChunk, x, positions=None, segment_ids=None):
@@ -49,7 +52,7 @@ class PipelineRunner:
     def __init__(
         self,
         model: nn.Module,
-        dims,
+        dims: ParallelDims,
         chunks: Sequence[StageChunk],
         *,
         schedule: str = "1f1b",

@@ -11,11 +11,14 @@ parallelism and checkpoints see the same names as in one process and no rank eve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 from torch import nn
 
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 def split_layers(n_layers: int, pp: int, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[List[int]]:
@@ -54,7 +57,9 @@ class StageChunk:
     last: bool  # holds the final norm, the head and the loss
 
 
-def stage_chunks(n_layers: int, dims, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[StageChunk]:
+def stage_chunks(
+    n_layers: int, dims: ParallelDims, virtual: int = 1, boundaries: Sequence[int] = ()
+) -> List[StageChunk]:
     per_stage = split_layers(n_layers, dims.pp, virtual, boundaries)
     n = len(per_stage)
     return [

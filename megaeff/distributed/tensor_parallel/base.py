@@ -11,9 +11,10 @@ how every parameter is split (`SPLITS[name][style]`):
                 or all-reduced over tp in backward by `copy_to_region` where it is a partial sum)
     support     (SLTrain's sparse values) the entries whose logical position falls in this rank's rows / cols
 
-Each parameter carries `tp_split` (that word) so later wiring (gradient norm, checkpoints, optimizers) can tell
-sharded from replicated tensors. Layers compute through the logical layer's `ops` (megaeff/layers/ops.py), so an
-activation policy such as FP8 activations applies unchanged.
+Each parameter carries that word and its logical shape in its record (`ParamMeta`, megaeff/layers/param_meta.py)
+so later wiring (gradient norm, checkpoints, optimizers) can tell sharded from replicated tensors. Layers compute
+through the logical layer's `ops` (megaeff/layers/ops.py), so an activation policy such as FP8 activations
+applies unchanged.
 
 Conventions of the region boundaries (Megatron's): a column-parallel layer takes a replicated input (or, with
 sequence parallelism, the sequence shard) and returns its output features' shard; the gradient it hands back for
@@ -37,6 +38,7 @@ from megaeff.distributed.tensor_parallel.mappings import (
     reduce_scatter_seq,
 )
 from megaeff.layers.ops import resolve
+from megaeff.layers.param_meta import ParamMeta, set_param_meta
 
 STYLES = ("column", "row")
 
@@ -134,6 +136,9 @@ class TPLinear(nn.Module):
             value = self.shard(name, source, logical).clone()
             self._set_param(name, value)
         self._load_buffers(logical)
+        for name in self.SPLITS:  # after the buffers: SLTrain's logical size comes with its support
+            meta = ParamMeta(tp_split=self.split_of(name), logical_shape=tuple(self.logical_shape(name)))
+            set_param_meta(getattr(self, name), meta)
 
     def _set_param(self, name: str, value: torch.Tensor) -> None:
         current = getattr(self, name, None)
@@ -144,7 +149,6 @@ class TPLinear(nn.Module):
             if isinstance(current, nn.Parameter) and not current.is_meta:
                 value = value.to(device=current.device, dtype=current.dtype)
             setattr(self, name, nn.Parameter(value.contiguous()))
-        getattr(self, name).tp_split = self.SPLITS[name][self.style]
 
     def _load_buffers(self, logical: nn.Module) -> None:
         """Derived buffers of this rank's shard (SLTrain's local support, LOST's channel masks); none for dense

@@ -37,7 +37,7 @@ Vocab: `VocabParallelEmbedding` (rows of the table by vocab range; AR T h, or RS
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from torch import nn
 
@@ -45,6 +45,9 @@ from megaeff.distributed.tensor_parallel.base import STYLES, DenseTP, TPLinear
 from megaeff.distributed.tensor_parallel.factored import LostTP, LowRankTP, SLTrainTP
 from megaeff.distributed.tensor_parallel.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 TP_CLASSES = {cls.method: cls for cls in (DenseTP, LowRankTP, SLTrainTP, LostTP)}
 
@@ -65,7 +68,7 @@ __all__ = [
 
 def parallel_linear(
     layer: nn.Module,
-    dims,
+    dims: ParallelDims,
     style: str,
     *,
     sequence_parallel: bool = False,

@@ -11,6 +11,8 @@ vocab-sharded logits (`loss_sum`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
@@ -18,6 +20,9 @@ from megaeff.distributed.comm import CommGroup
 from megaeff.distributed.tensor_parallel.mappings import copy_to_region
 from megaeff.distributed.tensor_parallel.vocab import vocab_parallel_cross_entropy
 from megaeff.layers.norm import RMSNorm
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 class SequenceParallelRMSNorm(RMSNorm):
@@ -36,7 +41,7 @@ class SequenceParallelRMSNorm(RMSNorm):
         return self.ops.rmsnorm(x, copy_to_region(self.weight, self.cg), self.eps)
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor, dims, ignore_index: int = -100) -> torch.Tensor:
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, dims: ParallelDims, ignore_index: int = -100) -> torch.Tensor:
     """Sum of token losses (labels equal to `ignore_index` excluded; -100 is torch's default, the trainer passes
     megaeff.data's IGNORE_INDEX); logits are vocab-sharded under tensor parallelism."""
     if dims.tp > 1:

@@ -18,6 +18,7 @@ from torch import nn
 
 from megaeff.distributed.comm import CommGroup, all_gather, all_reduce
 from megaeff.distributed.tensor_parallel.mappings import reduce_from_region, reduce_scatter_seq
+from megaeff.layers.param_meta import ParamMeta, set_param_meta
 
 
 def _vocab_range(vocab: int, cg: CommGroup, what: str):
@@ -37,7 +38,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.end = _vocab_range(num_embeddings, self.cg, "embedding")
         self.sequence_parallel, self.seq_dim = sequence_parallel, seq_dim
         self.weight = nn.Parameter(torch.empty(self.end - self.start, embedding_dim))
-        self.weight.tp_split = "rows"
+        set_param_meta(self.weight, ParamMeta(tp_split="rows", logical_shape=(num_embeddings, embedding_dim)))
 
     @classmethod
     def from_logical(cls, embedding: nn.Embedding, dims, **kw) -> "VocabParallelEmbedding":

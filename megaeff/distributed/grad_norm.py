@@ -11,7 +11,7 @@ float64 so that the norm does not depend on how the layout splits the sum.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
@@ -19,8 +19,11 @@ from megaeff.distributed.comm import all_reduce
 from megaeff.distributed.logical_state import SHARDED
 from megaeff.layers.param_meta import param_meta
 
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
-def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool = False) -> float:
+
+def global_grad_norm(params: Iterable[torch.Tensor], dims: ParallelDims, *, dp_sharded: bool = False) -> float:
     local = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]: complete on this dp rank
     spread = torch.zeros(2, dtype=torch.float64)  # the same, for tensors whose parts are spread over dp x cp
     has_spread = dp_sharded  # decided from the parameters, never from values: every rank must agree to reduce
@@ -45,7 +48,7 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims, *, dp_sharded: bool =
     return float(total.sqrt())
 
 
-def clip_grad_norm_(params, max_norm: float, dims, *, dp_sharded: bool = False) -> float:
+def clip_grad_norm_(params, max_norm: float, dims: ParallelDims, *, dp_sharded: bool = False) -> float:
     """Scale gradients so that the global norm is at most `max_norm` (torch's rule: coefficient
     max_norm / (norm + 1e-6), clamped to 1); returns the norm before clipping."""
     params = [p for p in params if p.grad is not None]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -55,11 +55,16 @@ from megaeff.layers.linear import DenseLinear
 from megaeff.layers.param_meta import param_meta
 from megaeff.models.init import materialize
 
+if TYPE_CHECKING:
+    from megaeff.config.parallel import ParallelConfig
+    from megaeff.config.schema import Config
+    from megaeff.distributed.dims import ParallelDims
+
 COLUMN = ("attention.q", "attention.k", "attention.v", "mlp.gate", "mlp.up")
 ROW = ("attention.o", "mlp.down")
 
 
-def split_pipeline(model: nn.Module, dims, pcfg) -> List[StageChunk]:
+def split_pipeline(model: nn.Module, dims: ParallelDims, pcfg: ParallelConfig) -> List[StageChunk]:
     """Keep this rank's pipeline stages of the model (megaeff/distributed/pipeline/stages.py); returns them."""
     chunks = stage_chunks(model.cfg.n_layers, dims, pcfg.pp_virtual, pcfg.pp_boundaries)
     prune_to_stages(model, chunks)
@@ -81,7 +86,7 @@ def _swap(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = False) -> nn.Module:
+def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, *, sequence_parallel: bool = False) -> nn.Module:
     """Replace the projections, embedding, head and (with SP) norms of a logical Llama by this rank's shards."""
     tp = dims.tp
     cfg = model.cfg
@@ -113,7 +118,7 @@ def apply_tensor_parallel(model: nn.Module, dims, *, sequence_parallel: bool = F
     return model
 
 
-def apply_context_parallel(model: nn.Module, dims, *, impl: str = "ring", sharding: str = "zigzag"):
+def apply_context_parallel(model: nn.Module, dims: ParallelDims, *, impl: str = "ring", sharding: str = "zigzag"):
     """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel/attention.py): becomes
     the model's attention backend and is returned; the caller feeds every rank its shard of the tokens
     (`shard`) and their global positions."""
@@ -141,7 +146,13 @@ def apply_activation_checkpointing(model: nn.Module, context=None) -> nn.Module:
 
 
 def apply_data_parallel(
-    model: nn.Module, dims, pcfg, *, moe: bool = False, chunks: Sequence[StageChunk] = (), context=None
+    model: nn.Module,
+    dims: ParallelDims,
+    pcfg: ParallelConfig,
+    *,
+    moe: bool = False,
+    chunks: Sequence[StageChunk] = (),
+    context=None,
 ) -> ParallelModel:
     """The data-parallel step on the materialized, annotated model (see the module docstring): MoE experts
     spread over dp x cp unless replicated, then FSSDP (`dp_impl=fssdp`) or the bucketed GradReducer."""
@@ -179,7 +190,9 @@ def apply_data_parallel(
     )
 
 
-def parallelize(model: nn.Module, dims, cfg, *, device: Optional[torch.device] = None) -> ParallelModel:
+def parallelize(
+    model: nn.Module, dims: ParallelDims, cfg: Config, *, device: Optional[torch.device] = None
+) -> ParallelModel:
     """This rank's part of `model` (logical, normally meta-built) under the layout of `dims` and the config
     (`cfg.parallel`; `train.activation_checkpointing`, and `train.seed` / `model.init_std` to materialize on
     `device`, default `dims.device`), in the order of the module docstring. With pp > 1 the module holds only

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import nn
@@ -10,6 +10,9 @@ from torch import nn
 from megaeff.errors import ConfigError
 from megaeff.layers.param_meta import param_meta
 from megaeff.precision.group_quant import shard_group_problem
+
+if TYPE_CHECKING:
+    from megaeff.config.optim import OptimConfig, PrecisionConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -30,11 +33,13 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def uses_fp8_states(ocfg, pcfg) -> bool:
+def uses_fp8_states(ocfg: OptimConfig, pcfg: Optional[PrecisionConfig]) -> bool:
     return ocfg.name == "coat_adamw" or bool(getattr(pcfg, "fp8_optimizer_states", False))
 
 
-def build_optimizer(model: nn.Module, ocfg, device: torch.device, pcfg=None) -> Tuple[torch.optim.Optimizer, str]:
+def build_optimizer(
+    model: nn.Module, ocfg: OptimConfig, device: torch.device, pcfg: Optional[PrecisionConfig] = None
+) -> Tuple[torch.optim.Optimizer, str]:
     """Returns the optimizer and a description of the implementation actually used (for the run log)."""
     if uses_fp8_states(ocfg, pcfg):
         from megaeff.optim.coat_adamw import CoatAdamW

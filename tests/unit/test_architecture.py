@@ -5,7 +5,8 @@
   (megaeff.errors, below them all, is free to use; a `__main__.py` is an entry point, a command line by nature,
   and may start the CLI);
 - no module imports a private (`_name`) from another module;
-- no file over 500 lines, no function over 80 lines unless its docstring says why ("Long because").
+- no file over 500 lines, no function over 80 lines unless its docstring says why ("Long because");
+- every public signature (and every `__init__`) types its `dims` (ParallelDims) and its config parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ PACKAGE = Path(megaeff.__file__).resolve().parent
 ORDER = ["config", "data", "layers", "models", "precision", "kernels", "optim", "distributed", "train", "cli"]
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
+# Parameters a public signature must annotate: the ParallelDims and the megaeff.config sections.
+TYPED_PARAMETERS = {"dims", "cfg", "pcfg", "ocfg", "dcfg", "mcfg", "tcfg", "lcfg", "method", "config"}
 SOURCES = sorted(p for p in PACKAGE.rglob("*.py") if not {"_conf", "_csrc"} & set(p.parts))
 
 
@@ -86,6 +89,34 @@ def test_files_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES and "Long because" not in (ast.get_docstring(node) or ""):
                     too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines")
     assert too_long == []
+
+
+def _untyped_parameters(tree: ast.AST):
+    """(line, function, parameter) of every TYPED_PARAMETERS parameter without an annotation in a public function
+    or method (a name without a leading underscore) or an `__init__`."""
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if node.name.startswith("_") and node.name != "__init__":
+            continue
+        a = node.args
+        for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs, *(x for x in (a.vararg, a.kwarg) if x)]:
+            if arg.arg in TYPED_PARAMETERS and arg.annotation is None:
+                yield node.lineno, node.name, arg.arg
+
+
+def test_public_signatures_type_dims_and_configs():
+    untyped = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} {name}({param})"
+        for path in SOURCES
+        for line, name, param in _untyped_parameters(ast.parse(path.read_text()))
+    ]
+    assert untyped == [], f"{len(untyped)} unannotated dims/config parameters:\n" + "\n".join(untyped)
+
+
+def test_the_signature_check_sees_an_untyped_config():
+    tree = ast.parse("def f(dims, cfg: Config): ...\ndef _g(cfg): ...\nclass A:\n    def __init__(self, method): ...\n")
+    assert list(_untyped_parameters(tree)) == [(1, "f", "dims"), (4, "__init__", "method")]
 
 
 @pytest.mark.parametrize("bad", ["megaeff.train.trainer", "megaeff.cli.train"])

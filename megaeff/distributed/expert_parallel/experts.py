@@ -42,7 +42,7 @@ straggler measure max / mean of them, and the elements that leave their rank in 
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -52,6 +52,9 @@ from megaeff.distributed.comm import all_gather, all_to_all_uneven
 from megaeff.distributed.expert_parallel.placement import StepPlan, fixed_placement, plan_placement
 from megaeff.layers.param_meta import ParamMeta, set_param_meta
 from megaeff.models.moe import MoE, balance_loss, combine, inverse_permutation, route_tokens, sort_assignments
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 ALIGN = 128
 
@@ -129,7 +132,7 @@ class _DistributedExperts(nn.Module):
     flat_param_name = ""
     rematerialize = False
 
-    def __init__(self, moe: MoE, dims, group: str, pad_world: int):
+    def __init__(self, moe: MoE, dims: ParallelDims, group: str, pad_world: int):
         super().__init__()
         if any(p.is_meta for p in moe.parameters()):
             raise ValueError("materialize and initialize the MoE before distributing its experts")
@@ -238,7 +241,9 @@ class ExpertFSSDP(_DistributedExperts):
     kind = "fssdp"
     flat_param_name = "expert_shards"
 
-    def __init__(self, moe: MoE, dims, *, group: str = "dp_cp", slots_per_rank: int = 0, rematerialize: bool = True):
+    def __init__(
+        self, moe: MoE, dims: ParallelDims, *, group: str = "dp_cp", slots_per_rank: int = 0, rematerialize: bool = True
+    ):
         world = dims.size(group)
         super().__init__(moe, dims, group, world)
         self.slots = slots_per_rank or min(self.n_experts, -(-self.n_experts // world) + 1)
@@ -291,7 +296,7 @@ class ExpertParallel(_DistributedExperts):
     kind = "ep"
     flat_param_name = "expert_params"
 
-    def __init__(self, moe: MoE, dims, *, group: str = "dp_cp"):
+    def __init__(self, moe: MoE, dims: ParallelDims, *, group: str = "dp_cp"):
         super().__init__(moe, dims, group, 1)
         self.owned = [e for e in range(self.n_experts) if e % self.world == self.rank]
         self._fixed = fixed_placement(self.n_experts, self.world)
@@ -321,7 +326,7 @@ IMPLS = {"fssdp": ExpertFSSDP, "ep": ExpertParallel}
 
 
 def parallelize_experts(
-    model: nn.Module, dims, impl: str = "fssdp", group: str = "dp_cp", **options
+    model: nn.Module, dims: ParallelDims, impl: str = "fssdp", group: str = "dp_cp", **options
 ) -> Dict[str, nn.Module]:
     """Replace every MoE of an initialized `model` in place by its `impl` (ParallelConfig.expert_impl: fssdp |
     ep) over `group`; returns the new modules by path. `options` go to the constructor (FSSDP: slots_per_rank,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 import torch.distributed as dist
 from torch import nn
@@ -44,6 +44,9 @@ from megaeff.distributed.launch import local_world_size as launcher_local_world_
 from megaeff.distributed.logical_state import SHARDED, param_layouts
 from megaeff.layers.norm import RMSNorm
 from megaeff.layers.param_meta import ParamMeta, has_param_meta, param_meta, set_param_meta
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,12 @@ class ShardingPlan:
     logical state (specs, shard groups, shapes). `ignored_params` are left to their owner."""
 
     def __init__(
-        self, model: nn.Module, dims, options: FSSDPOptions, ignored_params=(), local_world_size: Optional[int] = None
+        self,
+        model: nn.Module,
+        dims: ParallelDims,
+        options: FSSDPOptions,
+        ignored_params=(),
+        local_world_size: Optional[int] = None,
     ):
         if any(p.is_meta for p in model.parameters()):
             raise ValueError("FSSDP needs a materialized model (megaeff.models.init.materialize first)")

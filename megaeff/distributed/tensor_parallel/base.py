@@ -24,7 +24,7 @@ and returns the replicated output (or the output's sequence shard).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from megaeff.distributed.tensor_parallel.mappings import (
 )
 from megaeff.layers.ops import resolve
 from megaeff.layers.param_meta import ParamMeta, set_param_meta
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 STYLES = ("column", "row")
 
@@ -62,7 +65,7 @@ class TPLinear(nn.Module):
     def __init__(
         self,
         logical: nn.Module,
-        dims,
+        dims: ParallelDims,
         style: str,
         *,
         sequence_parallel: bool = False,
@@ -99,7 +102,7 @@ class TPLinear(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_logical(cls, logical: nn.Module, dims, style: str, **kw) -> "TPLinear":
+    def from_logical(cls, logical: nn.Module, dims: ParallelDims, style: str, **kw) -> "TPLinear":
         """This rank's shard of a single-process layer (any device; the shard lands where the layer is)."""
         layer = cls(logical, dims, style, **kw)
         layer.load_logical(logical)

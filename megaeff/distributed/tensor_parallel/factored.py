@@ -10,12 +10,17 @@ all-reduces the gradient of its one replicated factor instead.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from megaeff.distributed.comm import all_gather_uneven
 from megaeff.distributed.tensor_parallel.base import TPLinear
 from megaeff.distributed.tensor_parallel.mappings import gather_seq, reduce_from_region, reduce_scatter_seq
 from megaeff.layers.sltrain_ops import DensifyMatmul, SparseMatmul, sparse_token_limit
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 class LowRankTP(TPLinear):
@@ -60,7 +65,7 @@ class SLTrainTP(TPLinear):
         "sparse_values": {"column": "support", "row": "support"},
     }
 
-    def __init__(self, logical, dims, style, **kw):
+    def __init__(self, logical, dims: ParallelDims, style, **kw):
         super().__init__(logical, dims, style, **kw)
         self.rank, self.scale, self.path = logical.rank, logical.scale, logical.path
         self.register_buffer("sparse_index", torch.empty(0, dtype=torch.int32), persistent=False)
@@ -172,7 +177,7 @@ class LostTP(TPLinear):
         "sparse_weight": {"column": "rows", "row": "replicated"},
     }
 
-    def __init__(self, logical, dims, style, **kw):
+    def __init__(self, logical, dims: ParallelDims, style, **kw):
         super().__init__(logical, dims, style, **kw)
         self.rank, self.k, self.gamma, self.act = logical.rank, logical.k, logical.gamma, logical.act
         self.register_buffer("channel_index", torch.empty(self.k, dtype=torch.int32), persistent=False)

@@ -11,6 +11,8 @@ the T x V logits never move. Forward: all-reduce MAX of the per-token max (T), t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,6 +21,9 @@ from torch import nn
 from megaeff.distributed.comm import CommGroup, all_gather, all_reduce
 from megaeff.distributed.tensor_parallel.mappings import reduce_from_region, reduce_scatter_seq
 from megaeff.layers.param_meta import ParamMeta, set_param_meta
+
+if TYPE_CHECKING:
+    from megaeff.distributed.dims import ParallelDims
 
 
 def _vocab_range(vocab: int, cg: CommGroup, what: str):
@@ -30,7 +35,13 @@ def _vocab_range(vocab: int, cg: CommGroup, what: str):
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, dims, *, sequence_parallel: bool = False, seq_dim: int = 1
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dims: ParallelDims,
+        *,
+        sequence_parallel: bool = False,
+        seq_dim: int = 1,
     ):
         super().__init__()
         self.cg = dims.comm("tp")
@@ -41,7 +52,7 @@ class VocabParallelEmbedding(nn.Module):
         set_param_meta(self.weight, ParamMeta(tp_split="rows", logical_shape=(num_embeddings, embedding_dim)))
 
     @classmethod
-    def from_logical(cls, embedding: nn.Embedding, dims, **kw) -> "VocabParallelEmbedding":
+    def from_logical(cls, embedding: nn.Embedding, dims: ParallelDims, **kw) -> "VocabParallelEmbedding":
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, dims, **kw).to(
             embedding.weight.device, embedding.weight.dtype
         )
@@ -114,7 +125,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, dims, ignore_index: int = -100
+    logits: torch.Tensor, target: torch.Tensor, dims: ParallelDims, ignore_index: int = -100
 ) -> torch.Tensor:
     """Per-token loss (0 at ignore_index) from vocab-sharded logits [..., V/p]; the caller sums or averages
     (the trainer normalizes by the global token count). Equals F.cross_entropy(full logits, reduction='none')."""

@@ -34,6 +34,14 @@ def _bare_venv(path: Path) -> Path:
     return py
 
 
+def _bare_env(**extra) -> dict:
+    """The environment of a process in the bare venv: what it imports must come from the venv, so a PYTHONPATH
+    pointing at a source tree (as when the suite runs from a worktree) is dropped."""
+    env = cli_env(**extra)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def _source_copy(dest: Path) -> Path:
     """Build from a copy: setuptools writes build/ and *.egg-info next to setup.py."""
     dest.mkdir()
@@ -51,7 +59,7 @@ def _pip(py: Path, *args: str, cwd: Path) -> None:
         text=True,
         cwd=cwd,
         timeout=600,
-        env=cli_env(PIP_DISABLE_PIP_VERSION_CHECK="1", MEGAEFF_BUILD_CSRC="0"),
+        env=_bare_env(PIP_DISABLE_PIP_VERSION_CHECK="1", MEGAEFF_BUILD_CSRC="0"),
     )
     assert proc.returncode == 0, " ".join(args) + "\n" + proc.stdout + proc.stderr
 
@@ -76,7 +84,7 @@ def test_wheel_and_install_in_a_bare_venv_ship_configs_and_entry_points(tmp_path
         [str(py.parent / "megaeff-train"), "model=llama_60m", "--cfg", "job"],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=_bare_env(),
         cwd=elsewhere,
         timeout=120,
     )
@@ -86,7 +94,7 @@ def test_wheel_and_install_in_a_bare_venv_ship_configs_and_entry_points(tmp_path
         [str(py), "-c", "from megaeff.cli.train import conf_dir; print(conf_dir())"],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=_bare_env(),
         cwd=elsewhere,
         timeout=60,
     )
@@ -96,7 +104,7 @@ def test_wheel_and_install_in_a_bare_venv_ship_configs_and_entry_points(tmp_path
         [str(py), "-c", "from megaeff.kernels.fp8_adamw_cpp import csrc_dir; print(csrc_dir())"],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=_bare_env(),
         cwd=elsewhere,
         timeout=60,
     )
@@ -107,7 +115,7 @@ def test_wheel_and_install_in_a_bare_venv_ship_configs_and_entry_points(tmp_path
         [str(py), "-c", "import megaeff.cli.train as t; print(t.__file__); print(t.conf_dir())"],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=_bare_env(),
         cwd=elsewhere,
         timeout=60,
     )

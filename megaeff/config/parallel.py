@@ -8,7 +8,7 @@ refused before any of that code (or any process group) runs.
 """
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 from megaeff.config.choices import (
     CpImpl,
@@ -164,6 +164,30 @@ def validate_world(cfg: "Config", world_size: int) -> Dict[str, int]:
     return dims
 
 
+def stage_cuts(n_layers: int, pp: int, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[int]:
+    """The first block of every virtual stage but the first: `boundaries` checked, or an even split."""
+    stages, cuts = pp * virtual, list(boundaries)
+    if cuts:
+        if len(cuts) != stages - 1:
+            raise ConfigError(
+                "parallel.pp_boundaries",
+                f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} stages, got {len(cuts)}",
+            )
+        if any(not 1 <= c <= n_layers - 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
+            raise ConfigError(
+                "parallel.pp_boundaries",
+                f"{cuts} must be strictly increasing layer indices in 1..{n_layers - 1} (model.n_layers={n_layers})",
+            )
+        return cuts
+    if n_layers % stages:
+        raise ConfigError(
+            "parallel.pp",
+            f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
+            f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries",
+        )
+    return [n_layers // stages * s for s in range(1, stages)]
+
+
 def _check_pipeline(cfg, pp: int) -> None:
     p, n_layers = cfg.parallel, cfg.model.n_layers
     require_choice(p.pp_schedule, "parallel.pp_schedule", PpSchedule)
@@ -180,24 +204,7 @@ def _check_pipeline(cfg, pp: int) -> None:
             f"the interleaved schedule needs the micro-batches per step "
             f"(train.grad_accum={cfg.train.grad_accum}) divisible by parallel.pp={pp}",
         )
-    stages, cuts = pp * virtual, list(p.pp_boundaries)
-    if cuts:
-        if len(cuts) != stages - 1:
-            raise ConfigError(
-                "parallel.pp_boundaries",
-                f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} stages, got {len(cuts)}",
-            )
-        if any(not 1 <= c <= n_layers - 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
-            raise ConfigError(
-                "parallel.pp_boundaries",
-                f"{cuts} must be strictly increasing layer indices in 1..{n_layers - 1} (model.n_layers={n_layers})",
-            )
-    elif n_layers % stages:
-        raise ConfigError(
-            "parallel.pp",
-            f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
-            f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries",
-        )
+    stage_cuts(n_layers, pp, virtual, p.pp_boundaries)
 
 
 def _check_context_parallel(cfg, tp: int, cp: int) -> None:

@@ -25,44 +25,16 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.distributed as dist
 
+from megaeff.config.parallel import AXES, resolve_degrees
 from megaeff.distributed.comm import CommGroup, CommStats
 from megaeff.errors import ConfigError
 
 if TYPE_CHECKING:
     from megaeff.config.parallel import ParallelConfig
 
-AXES = ("tp", "cp", "dp", "pp")  # innermost first
 IMPLEMENTED_AXES = AXES
 # Combined groups built alongside the axes: name -> the axes whose ranks it spans.
 COMBINED = {"dp_cp": ("cp", "dp"), "tp_cp": ("tp", "cp")}
-
-
-def resolve_degrees(degrees: Dict[str, int], world_size: int) -> Dict[str, int]:
-    """Fill in the one degree that may be -1 and check that the product is the world size."""
-    degrees = dict(degrees)
-    wild = [a for a, d in degrees.items() if d == -1]
-    if len(wild) > 1:
-        raise ConfigError(f"parallel.{wild[1]}", "only one parallel degree may be -1")
-    fixed = 1
-    for axis, d in degrees.items():
-        if d != -1:
-            if d < 1:
-                raise ConfigError(f"parallel.{axis}", f"must be >= 1 or -1, got {d}")
-            fixed *= d
-    if wild:
-        if world_size % fixed:
-            raise ConfigError(
-                f"parallel.{wild[0]}",
-                f"world size {world_size} is not divisible by the product of the other degrees ({fixed})",
-            )
-        degrees[wild[0]] = world_size // fixed
-    product = 1
-    for d in degrees.values():
-        product *= d
-    if product != world_size:
-        desc = " x ".join(f"{a}={degrees[a]}" for a in AXES)
-        raise ConfigError("parallel", f"{desc} = {product} ranks, but the world size is {world_size}")
-    return degrees
 
 
 @dataclass

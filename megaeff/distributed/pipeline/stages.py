@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 from torch import nn
 
-from megaeff.errors import ConfigError
+from megaeff.config.parallel import stage_cuts
 
 if TYPE_CHECKING:
     from megaeff.distributed.dims import ParallelDims
@@ -23,27 +23,7 @@ if TYPE_CHECKING:
 
 def split_layers(n_layers: int, pp: int, virtual: int = 1, boundaries: Sequence[int] = ()) -> List[List[int]]:
     """The block indices of each virtual stage 0 .. pp*virtual-1, in order."""
-    stages = pp * virtual
-    if boundaries:
-        cuts = list(boundaries)
-        if len(cuts) != stages - 1:
-            raise ConfigError(
-                "parallel.pp_boundaries",
-                f"needs {stages - 1} entries for pp={pp} x pp_virtual={virtual} stages, got {len(cuts)}",
-            )
-        if any(not 1 <= c <= n_layers - 1 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
-            raise ConfigError(
-                "parallel.pp_boundaries",
-                f"{cuts} must be strictly increasing layer indices in 1..{n_layers - 1} (model.n_layers={n_layers})",
-            )
-    else:
-        if n_layers % stages:
-            raise ConfigError(
-                "parallel.pp",
-                f"model.n_layers={n_layers} does not split evenly into pp={pp} x "
-                f"pp_virtual={virtual} = {stages} stages; set parallel.pp_boundaries",
-            )
-        cuts = [n_layers // stages * s for s in range(1, stages)]
+    cuts = stage_cuts(n_layers, pp, virtual, boundaries)
     edges = [0, *cuts, n_layers]
     return [list(range(a, b)) for a, b in zip(edges, edges[1:])]
 

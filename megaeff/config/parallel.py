@@ -248,22 +248,29 @@ def _check_context_parallel(cfg, tp: int, cp: int) -> None:
                 )
 
 
-def _check_tp_layout(cfg, tp: int) -> None:
-    """Every shape tensor parallelism splits must divide by tp (heads, widths, vocabulary; with SP the sequence)."""
+def check_tp_layout(model_cfg, tp: int, *, seq_len=None, sequence_parallel: bool = False) -> None:
+    """Every shape tensor parallelism splits must divide by tp: heads and kv heads (attention is split by
+    heads), hidden and ffn widths, the vocabulary, and with SP the sequence. One ConfigError naming the field,
+    raised before any process group is touched."""
     if tp == 1:
         return
-    m = cfg.model
-    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
+    kv = model_cfg.n_kv_heads if model_cfg.n_kv_heads is not None else model_cfg.n_heads
     checks = [
-        ("model.n_heads", m.n_heads),
+        ("model.n_heads", model_cfg.n_heads),
         ("model.n_kv_heads", kv),
-        ("model.dim", m.dim),
-        ("model.ffn_dim", m.ffn_dim),
-        ("model.vocab_size", m.vocab_size),
+        ("model.dim", model_cfg.dim),
+        ("model.ffn_dim", model_cfg.ffn_dim),
+        ("model.vocab_size", model_cfg.vocab_size),
     ]
-    if cfg.parallel.sequence_parallel:
-        checks.append(("data.seq_len", cfg.data.seq_len))
-    for name, value in checks:
+    if sequence_parallel:
+        if seq_len is None:
+            raise ValueError("check_tp_layout: sequence parallelism needs seq_len")
+        checks.append(("data.seq_len", seq_len))
+    for field_name, value in checks:
         if value % tp:
-            why = " (sequence parallelism shards the sequence)" if name == "data.seq_len" else ""
-            raise ConfigError(name, f"{value} is not divisible by parallel.tp={tp}{why}")
+            why = " (sequence parallelism shards the sequence)" if field_name == "data.seq_len" else ""
+            raise ConfigError(field_name, f"{value} is not divisible by parallel.tp={tp}{why}")
+
+
+def _check_tp_layout(cfg, tp: int) -> None:
+    check_tp_layout(cfg.model, tp, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)

@@ -37,14 +37,14 @@ Vocab: `VocabParallelEmbedding` (rows of the table by vocab range; AR T h, or RS
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from torch import nn
 
+from megaeff.config.parallel import check_tp_layout
 from megaeff.distributed.tensor_parallel.base import STYLES, DenseTP, TPLinear
 from megaeff.distributed.tensor_parallel.factored import LostTP, LowRankTP, SLTrainTP
 from megaeff.distributed.tensor_parallel.vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from megaeff.errors import ConfigError
 
 if TYPE_CHECKING:
     from megaeff.distributed.dims import ParallelDims
@@ -85,27 +85,3 @@ def parallel_linear(
     return cls.from_logical(
         layer, dims, style, sequence_parallel=sequence_parallel, gather_output=gather_output, seq_dim=seq_dim
     )
-
-
-def check_tp_layout(model_cfg, tp: int, *, seq_len: Optional[int] = None, sequence_parallel: bool = False) -> None:
-    """Every shape tensor parallelism splits must divide by tp: heads and kv heads (attention is split by
-    heads), hidden and ffn widths, the vocabulary, and with SP the sequence. One ConfigError naming the field,
-    raised before any process group is touched."""
-    if tp == 1:
-        return
-    kv = model_cfg.n_kv_heads if model_cfg.n_kv_heads is not None else model_cfg.n_heads
-    checks = [
-        ("model.n_heads", model_cfg.n_heads),
-        ("model.n_kv_heads", kv),
-        ("model.dim", model_cfg.dim),
-        ("model.ffn_dim", model_cfg.ffn_dim),
-        ("model.vocab_size", model_cfg.vocab_size),
-    ]
-    if sequence_parallel:
-        if seq_len is None:
-            raise ValueError("check_tp_layout: sequence parallelism needs seq_len")
-        checks.append(("data.seq_len", seq_len))
-    for field, value in checks:
-        if value % tp:
-            why = " (sequence parallelism shards the sequence)" if field == "data.seq_len" else ""
-            raise ConfigError(field, f"{value} is not divisible by parallel.tp={tp}{why}")

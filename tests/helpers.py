@@ -71,10 +71,10 @@ def records(run_dir, kind="train"):
 
 
 def final_params(run_dir):
-    """The logical tensors of the latest checkpoint (every stage's file merged)."""
-    from megaeff.train.checkpoint import _load_merged, find_resume_dir
+    """The logical tensors of the latest checkpoint (any format, any layout), whole."""
+    from megaeff.train.checkpoint import find_resume_dir, read_logical_checkpoint
 
-    return _load_merged(find_resume_dir(run_dir, "auto"), "model")
+    return read_logical_checkpoint(find_resume_dir(run_dir, "auto"))["model"]
 
 
 def assert_same_run(ref_dir, run_dir, steps):

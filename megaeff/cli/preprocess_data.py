@@ -23,8 +23,16 @@ from megaeff.data.tokenizer import TOKENIZERS, build_tokenizer
 from megaeff.errors import EXIT_USAGE, MegaeffError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one error prefix (`megaeff: error:`, as megaeff-train prints it)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"megaeff: error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="megaeff-preprocess-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = ap.add_argument_group("input")
@@ -97,10 +105,10 @@ def main(argv=None) -> int:
     try:
         stats = run(args)
     except MegaeffError as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
+        print(f"megaeff: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # unreadable input, full disk, unwritable output directory
-        print(f"preprocess: error: {exc}", file=sys.stderr)
+        print(f"megaeff: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("preprocess: interrupted; no output written", file=sys.stderr)

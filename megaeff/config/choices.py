@@ -12,6 +12,7 @@ registries, and tests/unit/test_config.py checks that they match the enums below
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Iterable, Tuple, Type
 
@@ -70,6 +71,8 @@ ExpertImpl = _choice("ExpertImpl", ("replicated", "fssdp", "ep"))
 # data (megaeff.data: builder.DATASETS, tokenizer.TOKENIZERS)
 Dataset = _choice("Dataset", ("default", "indexed"))
 TokenizerKind = _choice("TokenizerKind", ("byte", "hf", "sentencepiece"))
+# train (megaeff.train.nonfinite.POLICIES)
+NonfinitePolicy = _choice("NonfinitePolicy", ("stop", "skip"))
 # logging
 LoggingBackend = _choice("LoggingBackend", ("jsonl", "wandb"))
 WandbMode = _choice("WandbMode", ("offline", "online", "disabled"))
@@ -82,5 +85,12 @@ def require_choice(value, field: str, choice: Type[Choice]) -> None:
 
 
 def require_positive(value, field: str) -> None:
-    if value is None or value <= 0:
-        raise ConfigError(field, f"must be positive, got {value}")
+    """> 0 and finite: NaN fails every comparison, so `value <= 0` alone would let it through."""
+    if value is None or not 0 < value < math.inf:
+        raise ConfigError(field, f"must be a positive finite number, got {value}")
+
+
+def require_nonnegative(value, field: str, hint: str = "") -> None:
+    """>= 0 and finite (NaN and inf included in the refusal)."""
+    if value is None or not 0 <= value < math.inf:
+        raise ConfigError(field, f"must be a finite number >= 0{hint}, got {value}")

@@ -10,8 +10,10 @@ from megaeff.config.choices import (
     LostSparseInit,
     SltrainPath,
     require_choice,
+    require_nonnegative,
     require_positive,
 )
+from megaeff.config.pretrained import validate_init_from
 from megaeff.errors import ConfigError
 
 
@@ -38,6 +40,10 @@ class ModelConfig:
     moe_top_k: int = 2
     moe_ffn_dim: Optional[int] = None
     moe_aux_loss_coef: float = 0.0
+    # A Hugging Face LLaMA directory (local; config.json + safetensors) to start from instead of the random init:
+    # its weights, converted to the configured method (megaeff/interop/hf_import.py), load when no checkpoint is
+    # resumed. Its shapes must equal the fields above (megaeff/config/pretrained.py).
+    init_from: Optional[str] = None
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -53,6 +59,7 @@ def validate_model(m: ModelConfig) -> None:
             raise ConfigError("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
     require_positive(m.norm_eps, "model.norm_eps")
     require_positive(m.init_std, "model.init_std")
+    require_positive(m.rope_theta, "model.rope_theta")  # 0 makes every rotary frequency 0**x: NaN losses
     require_choice(m.attention_backend, "model.attention_backend", AttentionBackend)
     if m.moe_experts < 0:
         raise ConfigError("model.moe_experts", f"must be >= 0 (0: dense MLP), got {m.moe_experts}")
@@ -61,8 +68,8 @@ def validate_model(m: ModelConfig) -> None:
             raise ConfigError("model.moe_top_k", f"must be in 1..model.moe_experts={m.moe_experts}, got {m.moe_top_k}")
         if m.moe_ffn_dim is not None:
             require_positive(m.moe_ffn_dim, "model.moe_ffn_dim")
-        if m.moe_aux_loss_coef < 0:
-            raise ConfigError("model.moe_aux_loss_coef", f"must be >= 0, got {m.moe_aux_loss_coef}")
+        require_nonnegative(m.moe_aux_loss_coef, "model.moe_aux_loss_coef")
+    validate_init_from(m)
 
 
 def check_tokenizer_vocab(m: ModelConfig, tokenizer_vocab: int) -> None:

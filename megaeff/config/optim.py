@@ -1,7 +1,7 @@
 """`optim` and `precision`: the optimizer, its schedule, and the numeric formats of training."""
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from megaeff.config.choices import (
     Fp8Backend,
@@ -11,6 +11,7 @@ from megaeff.config.choices import (
     Optimizer,
     Precision,
     require_choice,
+    require_nonnegative,
     require_positive,
 )
 from megaeff.errors import ConfigError
@@ -26,7 +27,9 @@ class OptimConfig:
     # auto picks fused on CUDA, foreach elsewhere.
     impl: OptimImpl = OptimImpl["auto"]
     grad_clip: float = 1.0
-    warmup_steps: int = 10
+    # Linear warmup length in steps; null: warmup_fraction x train.steps (so a shortened run keeps its shape).
+    warmup_steps: Optional[int] = None
+    warmup_fraction: float = 0.1
     # Cosine decays to lr * min_lr_ratio at the last step, then stays there.
     min_lr_ratio: float = 0.1
     # cosine | constant
@@ -42,20 +45,33 @@ class OptimConfig:
     fp8_backend: Fp8Backend = Fp8Backend["auto"]
 
 
+def warmup_steps_for(o: OptimConfig, train_steps: int) -> int:
+    """The warmup length the schedule uses: `warmup_steps` when set, else `warmup_fraction` of the run."""
+    if o.warmup_steps is not None:
+        return int(o.warmup_steps)
+    return int(round(o.warmup_fraction * train_steps))
+
+
 def validate_optim(o: OptimConfig, train_steps: int) -> None:
     require_positive(o.lr, "optim.lr")
+    require_positive(o.eps, "optim.eps")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
-    if o.weight_decay < 0:
-        raise ConfigError("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    if o.warmup_steps < 0:
-        raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    if o.warmup_steps > train_steps:
-        raise ConfigError("optim.warmup_steps", f"{o.warmup_steps} exceeds train.steps={train_steps}")
+    require_nonnegative(o.weight_decay, "optim.weight_decay")
+    if o.warmup_steps is not None:
+        if o.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+        if o.warmup_steps > train_steps:
+            raise ConfigError(
+                "optim.warmup_steps",
+                f"{o.warmup_steps} exceeds train.steps={train_steps}; lower it, or leave it unset (null) so that "
+                f"optim.warmup_fraction={o.warmup_fraction} of the steps warm up",
+            )
+    if not 0.0 <= o.warmup_fraction <= 1.0:
+        raise ConfigError("optim.warmup_fraction", f"must be in [0, 1], got {o.warmup_fraction}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    if o.grad_clip < 0:
-        raise ConfigError("optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    require_nonnegative(o.grad_clip, "optim.grad_clip", " (0 disables clipping)")
     require_choice(o.schedule, "optim.schedule", LrSchedule)
     require_choice(o.impl, "optim.impl", OptimImpl)
     require_choice(o.name, "optim.name", Optimizer)

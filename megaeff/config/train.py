@@ -1,10 +1,14 @@
 """`train` and `logging`: the loop, its checkpoints and what it reports."""
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
-from megaeff.config.choices import LoggingBackend, WandbMode, require_choice, require_positive
+from megaeff.config.choices import LoggingBackend, NonfinitePolicy, WandbMode, require_choice, require_positive
 from megaeff.errors import ConfigError
+
+# The devices a run can use (resolve_device in megaeff/distributed/dims.py turns auto and cuda into one).
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -21,6 +25,9 @@ class TrainConfig:
     eval_batch_size: int = 16
     ckpt_interval: int = 100
     keep_last: int = 3
+    # Stage a copy of this rank's shards and write the checkpoint in a background thread while training goes on
+    # (megaeff/train/checkpoint/async_save.py); `latest` moves once the write is complete.
+    async_checkpoint: bool = False
     # none | auto | <path to a checkpoint directory>
     resume: str = "auto"
     # Save and exit cleanly once this much wall time has passed (Slurm time limits); null disables.
@@ -36,6 +43,16 @@ class TrainConfig:
     # context parallelism LightSeq's rematerialization-aware form: attention's output and log-sum-exp are kept,
     # so the recomputation never reruns the attention forward (or its communication).
     activation_checkpointing: bool = False
+    # A step whose loss or gradient norm is NaN/inf: stop (exit EXIT_NONFINITE naming the step, nothing saved from
+    # the bad state) or skip (drop the update, count it in the metrics; stop after nonfinite_max_consecutive in a row).
+    nonfinite: NonfinitePolicy = NonfinitePolicy["stop"]
+    nonfinite_max_consecutive: int = 5
+    # Seconds a collective may wait for the other ranks before it fails (the process group's timeout).
+    collective_timeout_s: float = 1800.0
+    # Watchdog: when no step, evaluation batch or checkpoint completes within this many seconds, every rank dumps its
+    # Python stacks to <run_dir>/hang_rank<r>.txt and exits with EXIT_HUNG; null disables. Below
+    # collective_timeout_s, so that the stacks are dumped before a collective times out.
+    hang_timeout_s: Optional[float] = 1200.0
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -50,6 +67,15 @@ def validate_train(t: TrainConfig) -> None:
         require_positive(t.max_duration_minutes, "train.max_duration_minutes")
     if t.threads is not None:
         require_positive(t.threads, "train.threads")
+    if not 0 <= t.seed < 2**32:  # numpy's generators take 32-bit seeds
+        raise ConfigError("train.seed", f"must be in [0, 2**32), got {t.seed}")
+    if not DEVICE.fullmatch(t.device):
+        raise ConfigError("train.device", f"must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
+    require_choice(t.nonfinite, "train.nonfinite", NonfinitePolicy)
+    require_positive(t.nonfinite_max_consecutive, "train.nonfinite_max_consecutive")
+    require_positive(t.collective_timeout_s, "train.collective_timeout_s")
+    if t.hang_timeout_s is not None:
+        require_positive(t.hang_timeout_s, "train.hang_timeout_s")
 
 
 @dataclass

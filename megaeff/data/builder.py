@@ -28,6 +28,7 @@ from megaeff.data.gpt_dataset import (
     SampleOptions,
     cached_arrays,
     default_cache_dir,
+    make_cache_dir,
     sequences_of_documents,
     split_documents,
 )
@@ -81,7 +82,7 @@ def _cache_root(dcfg) -> Path:
 def _write_corpus(prefix: Path, docs: Sequence[str], tokenizer, ctx: BuildContext) -> IndexedDataset:
     """Tokenize the plays into `<prefix>.bin/.idx` once; later runs (and the other ranks) just open it."""
     if ctx.is_builder and not IndexedDataset.exists(str(prefix)):
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(prefix.parent)
         tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
         builder = IndexedDatasetBuilder(data_file_path(str(tmp)), dtype=optimal_dtype(tokenizer.vocab_size))
         for doc in docs:

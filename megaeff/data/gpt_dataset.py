@@ -44,6 +44,16 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def make_cache_dir(path: Path) -> None:
+    """mkdir -p with one DataError when it cannot be (a file in the way, no permission, read-only)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            path, f"cannot create this cache directory: {exc.strerror}; set data.cache_dir to a writable directory"
+        ) from None
+
+
 def cached_arrays(
     cache_dir: Path, description: Dict, build: Callable[[], Dict[str, np.ndarray]], *, is_builder: bool, barrier
 ) -> Dict[str, np.ndarray]:
@@ -55,7 +65,7 @@ def cached_arrays(
     key = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
     desc_path = cache_dir / f"{key}-description.json"
     if is_builder and not desc_path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(cache_dir)
         arrays = build()
         for name, array in arrays.items():
             _atomic_save(cache_dir / f"{key}-{name}.npy", np.asarray(array))
@@ -126,6 +136,9 @@ class GPTDataset:
             "num_sequences_in_file": int(len(lengths)),
             "num_tokens_in_file": int(lengths.sum()),
             "split_hash": hashlib.sha256(sequence_ids.tobytes()).hexdigest()[:16],
+            # The arrays depend on every sequence length and document boundary: a re-preprocessed prefix (same
+            # counts, other order) must not reuse them. Datasets without a file (tests' in-memory ones) have none.
+            "idx_sha256": indexed.content_hash() if hasattr(indexed, "content_hash") else None,
             "num_samples": int(num_samples),
             "num_epochs": int(num_epochs),
             "seq_len": options.seq_len,

@@ -11,8 +11,10 @@ infers it from the file size: exactly S trailing bytes. Our builder writes the p
 from __future__ import annotations
 
 import array
+import hashlib
 import os
 import struct
+from typing import Optional
 
 import numpy as np
 
@@ -192,6 +194,7 @@ class IndexedDataset:
         self.path_prefix = str(path_prefix)
         self.idx_path = index_file_path(self.path_prefix)
         self.bin_path = data_file_path(self.path_prefix)
+        self._content_hash: Optional[str] = None
         for path, what in ((self.idx_path, "index"), (self.bin_path, "data")):
             if not os.path.isfile(path):
                 raise DataError(path, f"{what} file not found (an indexed dataset needs both .bin and .idx)")
@@ -231,6 +234,18 @@ class IndexedDataset:
         self._pointers = np.frombuffer(self._idx, dtype="<i8", count=n_seq, offset=HEADER_SIZE + 4 * n_seq)
         self._docs = np.frombuffer(self._idx, dtype="<i8", count=n_doc, offset=HEADER_SIZE + 12 * n_seq)
         self._modes = np.frombuffer(self._idx, dtype=np.int8, count=n_seq, offset=expected) if trailing else None
+
+    def content_hash(self) -> str:
+        """SHA-256 of the .idx file (sequence lengths, offsets, document boundaries): what the cached sample
+        indices depend on (megaeff/data/gpt_dataset.py keys its cache on it). Reading is about 1 s per GB of
+        index, about 80M sequences; computed once per open."""
+        if self._content_hash is None:
+            h = hashlib.sha256()
+            chunk = 1 << 26
+            for lo in range(0, len(self._idx), chunk):
+                h.update(memoryview(self._idx[lo : lo + chunk]))
+            self._content_hash = h.hexdigest()
+        return self._content_hash
 
     def _validate_index(self) -> None:
         path, docs, lengths, ptrs = self.idx_path, self._docs, self._lengths, self._pointers

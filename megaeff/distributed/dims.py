@@ -240,3 +240,17 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
     if backend == "auto":
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def set_collective_timeout(dims: ParallelDims, seconds: float) -> None:
+    """`train.collective_timeout_s` on every process group of the run (the world's and the ones `build_groups`
+    made). The process group exists before the config is read (the ranks agree on the run directory through it),
+    so the timeout is set afterwards, as torchtitan does (`_set_pg_timeout`, torch >= 2.2); with a torch that lacks
+    it the groups keep the timeout they were created with (30 minutes)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if dims.world_size == 1 or setter is None or not dist.is_initialized():
+        return
+    timeout = timedelta(seconds=seconds)
+    groups = {id(g): g for g in (dist.group.WORLD, *dims.groups.values()) if g is not None}
+    for group in groups.values():
+        setter(timeout, group)

@@ -2,7 +2,9 @@
 
 torchrun and the `deepspeed` launcher export RANK / WORLD_SIZE / LOCAL_RANK (deepspeed also passes
 `--local_rank=N` on the command line, which the CLI strips). Under `srun` without torchrun only the SLURM_*
-variables exist; they are mapped onto the same three numbers.
+variables exist; they are mapped onto the same three numbers. Only the tasks of an srun step count as ranks:
+the batch script of an `sbatch --ntasks=N` job (and whatever it runs without srun) also sees SLURM_PROCID and
+SLURM_NTASKS=N, but no SLURM_STEP_ID / SLURM_STEP_NUM_TASKS, and is one process.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ class LaunchEnv:
     world_size: int
     local_rank: int
     launcher: str  # single | torchrun | slurm
+    step: str = ""  # the srun step id under Slurm
 
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    def describe(self) -> str:
+        where = f"srun step {self.step}" if self.launcher == "slurm" else self.launcher
+        return f"launched by {where}: {self.world_size} ranks"
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -40,12 +47,13 @@ def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
             _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
             "torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+    if "SLURM_STEP_ID" in env and "SLURM_STEP_NUM_TASKS" in env and _int(env, "SLURM_STEP_NUM_TASKS") > 1:
         return LaunchEnv(
             _int(env, "SLURM_PROCID"),
-            _int(env, "SLURM_NTASKS"),
+            _int(env, "SLURM_STEP_NUM_TASKS"),
             _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
             "slurm",
+            env["SLURM_STEP_ID"],
         )
     return LaunchEnv(0, 1, 0, "single")
 

@@ -4,18 +4,32 @@ single-process tensor. Checkpoints go through here, so a run saved under one lay
 
 A module that holds shards (the TP linear layers, the vocab-parallel embedding) answers `split_of(name)`
 (rows | cols | support | replicated), `logical_shape(name)`, `gather(name, tensor)` (a collective over its tp
-group) and `shard_logical(name, tensor)`; parameters of any other module are replicated.
+group), `shard_logical(name, tensor)` and `shard_offset(name)` (where its slice starts in the logical tensor);
+parameters of any other module are replicated.
+
+Sharded checkpoints (torch.distributed.checkpoint) need no gather: `local_pieces` says which boxes of which
+logical tensors a local tensor holds (megaeff/distributed/chunk_boxes.py), and each rank writes only those.
+Tensors with no box form answer None (on every rank that holds them), and a checkpoint gathers them instead
+(`gather`: over tp, and the FSSDP group where the tensor is sharded there too):
+- SLTrain's sparse values of a row-parallel layer: a rank holds the entries in its columns of every row, not a
+  run of the sorted support (a column-parallel layer's rows are one: a box). They are about the size of the
+  low-rank factors, and COAT cannot keep them in FP8 under tp (their groups would straddle shards);
+- the COAT metadata (`*_meta`, one row per 1x128 group, row-major over (row, column block)) of a cols-split
+  parameter: a rank holds a run of column blocks of every row, one box per row of the parameter. Gathered, it
+  is 3 floats per 128 elements.
 """
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from megaeff.distributed.comm import all_gather
+from megaeff.distributed.chunk_boxes import Pieces, placed, whole
+from megaeff.distributed.comm import CommGroup, all_gather
 from megaeff.layers.param_meta import ParamMeta, param_meta, set_param_meta
+from megaeff.precision.group_quant import META_FIELDS, GroupLayout
 
 SHARDED = ("rows", "cols", "support")
 
@@ -60,14 +74,37 @@ def expert_owners(model: nn.Module) -> Dict[str, nn.Module]:
     return out
 
 
-def _expert_buffers(owner: nn.Module) -> Dict[str, torch.Tensor]:
-    """The experts' persistent buffers (index checksums) under their logical names: the single-process model
-    holds them in its state dict, the distributed experts keep them in per-expert templates."""
-    out = {}
-    for e, template in enumerate(owner._templates):
-        params = dict(template.named_parameters())  # meta placeholders: the values live in the flat parameter
-        out.update({f"{owner.prefix}.experts.{e}.{k}": v for k, v in template.state_dict().items() if k not in params})
-    return out
+def meta_rows(shape: Sequence[int]) -> int:
+    """Rows of COAT's `*_meta` of a tensor of `shape`: its number of 1x128 groups."""
+    return GroupLayout.for_shape(tuple(shape)).n_groups
+
+
+def tp_placement(
+    owner: nn.Module, local_name: str, spec: str, meta: bool, logical_shape: Sequence[int]
+) -> Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]:
+    """(logical shape, offsets) of this rank's tp slice of a `spec`-split parameter of `owner` (its value or a
+    tensor shaped like it; with `meta`, its COAT metadata rows), or None where the slice is no box (see the
+    module docstring). `*_meta` of a rows split is cut as `LogicalState.shard` cuts it: chunk(p, 0)[rank]."""
+    logical = tuple(int(d) for d in logical_shape)
+    if meta:
+        if spec != "rows":
+            return None
+        n, cg = meta_rows(logical), owner.cg
+        return (n, META_FIELDS), (min(cg.rank * -(-n // cg.size), n), 0)
+    try:
+        return logical, tuple(owner.shard_offset(local_name))
+    except ValueError:  # a split with no offset (a row-parallel support)
+        return None
+
+
+def gather_cols_meta(meta: torch.Tensor, rows: int, cg: CommGroup) -> torch.Tensor:
+    """The logical `*_meta` of a cols-split parameter with `rows` rows from every rank's: each rank holds the
+    same number of column blocks of every row (the optimizer checked that its columns are whole groups)."""
+    return all_gather(meta.reshape(rows, -1, META_FIELDS), cg, 1).reshape(-1, META_FIELDS)
+
+
+def shard_cols_meta(meta: torch.Tensor, rows: int, cg: CommGroup) -> torch.Tensor:
+    return meta.reshape(rows, -1, META_FIELDS).chunk(cg.size, 1)[cg.rank].reshape(-1, META_FIELDS)
 
 
 class LogicalState:
@@ -81,6 +118,7 @@ class LogicalState:
         self.layouts = param_layouts(model)
         self.params = dict(model.named_parameters())
         self.experts = expert_owners(model)
+        self.expert_views = ExpertViews(self.experts)
 
     @property
     def sharded(self) -> bool:
@@ -101,9 +139,13 @@ class LogicalState:
         if lay is None or not torch.is_tensor(tensor) or tensor.dim() == 0:
             return tensor
         if tensor.shape == self.params[name].shape:
+            if tensor.is_floating_point() and tensor.element_size() == 1:  # COAT's FP8 codes: gloo has no FP8
+                return lay.owner.gather(lay.local_name, tensor.view(torch.uint8)).view(tensor.dtype)
             return lay.owner.gather(lay.local_name, tensor)
         if key.endswith("_meta") and lay.spec == "rows":
             return all_gather(tensor, lay.owner.cg, 0)
+        if key.endswith("_meta") and lay.spec == "cols":
+            return gather_cols_meta(tensor, self.params[name].shape[0], lay.owner.cg)
         raise self._unsupported(name, key, lay, tensor)
 
     def shard(self, name: str, tensor: torch.Tensor, key: str = "") -> torch.Tensor:
@@ -115,24 +157,82 @@ class LogicalState:
         if key.endswith("_meta") and lay.spec == "rows":
             cg = lay.owner.cg
             return tensor.chunk(cg.size, 0)[cg.rank].clone()
+        if key.endswith("_meta") and lay.spec == "cols":
+            return shard_cols_meta(tensor, self.params[name].shape[0], lay.owner.cg).clone()
         raise self._unsupported(name, key, lay, tensor)
 
+    def local_pieces(self, name: str, key: str, tensor: torch.Tensor) -> Optional[Dict[str, Pieces]]:
+        """The boxes of logical tensors that this rank's `tensor` holds (no communication); see
+        `parallel_model.LogicalState.local_pieces`. None: no box form (module docstring), gather it."""
+        if not torch.is_tensor(tensor):
+            return None
+        owner = self.experts.get(name)
+        if owner is not None:
+            return owner.local_pieces(tensor)
+        lay = self._layout(name)
+        if tensor.dim() == 0 or lay is None:
+            return {name: whole(tensor)}
+        meta = key.endswith("_meta")
+        if not meta and tensor.shape != self.params[name].shape:
+            raise self._unsupported(name, key, lay, tensor)
+        place = tp_placement(lay.owner, lay.local_name, lay.spec, meta, lay.owner.logical_shape(lay.local_name))
+        if place is None:
+            return None
+        logical, offsets = place
+        if meta and tensor.shape[0] != min(-(-logical[0] // lay.owner.cg.size), logical[0] - offsets[0]):
+            raise self._unsupported(name, key, lay, tensor)
+        return {name: placed(logical, offsets, tensor)}
+
+    def local_logical_names(self, name: str) -> List[str]:
+        """The logical tensors a local state name covers: itself, or the experts' tensors of a flat parameter."""
+        owner = self.experts.get(name)
+        return owner.logical_names() if owner is not None else [name]
+
+    def logical_buffers(self) -> Dict[str, torch.Tensor]:
+        """Persistent buffers of the single-process state dict that this rank's state dict lacks (the distributed
+        experts' index checksums), by logical name; identical on every rank. A load compares them (a difference
+        means another seed or shape) rather than writing them."""
+        return {k: v for owner in self.experts.values() for k, v in owner.logical_buffers().items()}
+
     def gather_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        out = {}
-        for k, v in state.items():
-            owner = self.experts.get(k)
-            if owner is None:
-                out[k] = self.gather(k, v)
-            else:
-                out.update(owner.gather_logical(v))
-                out.update(_expert_buffers(owner))
-        return out
+        return self.expert_views.gather_model(state, lambda rest: {k: self.gather(k, v) for k, v in rest.items()})
 
     def shard_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return self.expert_views.shard_model(state, lambda rest: {k: self.shard(k, v) for k, v in rest.items()})
+
+    def gather_optimizer(self, saved: Dict) -> Dict:
+        return self.expert_views.gather_optimizer(
+            saved, lambda rest: {n: {k: self.gather(n, v, k) for k, v in st.items()} for n, st in rest.items()}
+        )
+
+    def shard_optimizer(self, saved: Dict) -> Dict:
+        return self.expert_views.shard_optimizer(
+            saved, lambda rest: {n: {k: self.shard(n, v, k) for k, v in st.items()} for n, st in rest.items()}
+        )
+
+
+class ExpertViews:
+    """The distributed experts' part of the logical views: each flat expert parameter (and its optimizer state)
+    <-> one logical tensor per expert tensor, plus the experts' persistent buffers. The other tensors go through
+    the caller's functions (`rest`), so that every LogicalState implementation shares this."""
+
+    def __init__(self, experts: Dict[str, nn.Module]):
+        self.experts = experts
+
+    def gather_model(self, state: Dict, rest: Callable[[Dict], Dict]) -> Dict:
+        out = rest({k: v for k, v in state.items() if k not in self.experts})
+        for k, v in state.items():
+            owner = self.experts.get(k)
+            if owner is not None:
+                out.update(owner.gather_logical(v))
+                out.update(owner.logical_buffers())
+        return out
+
+    def shard_model(self, state: Dict, rest: Callable[[Dict], Dict]) -> Dict:
         state = dict(state)
         out = {}
         for flat, owner in self.experts.items():
-            for k, v in _expert_buffers(owner).items():
+            for k, v in owner.logical_buffers().items():
                 saved = state.pop(k, None)
                 if saved is not None and not torch.equal(saved, v):
                     raise ValueError(f"{k}: the checkpoint's experts were built from another seed or shape")
@@ -141,14 +241,12 @@ class LogicalState:
             if missing:
                 raise ValueError(f"no tensors for {missing[:3]} (the experts of {flat})")
             out[flat] = owner.shard_logical({n: state.pop(n) for n in names})
-        out.update({k: self.shard(k, v) for k, v in state.items()})
+        out.update(rest(state))
         return out
 
-    def _state_by_logical(self, name: str, st: Dict) -> Dict[str, Dict]:
-        """One parameter's optimizer state, split into the logical tensors it covers (experts: one per tensor)."""
-        owner = self.experts.get(name)
-        if owner is None:
-            return {name: {k: self.gather(name, v, k) for k, v in st.items()}}
+    @staticmethod
+    def _state_by_logical(owner: nn.Module, st: Dict) -> Dict[str, Dict]:
+        """One flat parameter's optimizer state, split into its logical tensors' (one per expert tensor)."""
         parts = {k: owner.gather_logical(v) for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
         scalars = {k: v for k, v in st.items() if k not in parts}
         # Each logical tensor gets its own copy of the scalars (AdamW's `step` is a tensor it increments in place;
@@ -161,10 +259,11 @@ class LogicalState:
             for n in owner.logical_names()
         }
 
-    def gather_optimizer(self, saved: Dict) -> Dict:
-        state = {}
+    def gather_optimizer(self, saved: Dict, rest: Callable[[Dict], Dict]) -> Dict:
+        state = rest({n: st for n, st in saved["state"].items() if n not in self.experts})
         for n, st in saved["state"].items():
-            state.update(self._state_by_logical(n, st))
+            if n in self.experts:
+                state.update(self._state_by_logical(self.experts[n], st))
         hparams = [
             dict(
                 g,
@@ -174,7 +273,7 @@ class LogicalState:
         ]
         return {**saved, "hparams": hparams, "state": state}
 
-    def shard_optimizer(self, saved: Dict) -> Dict:
+    def shard_optimizer(self, saved: Dict, rest: Callable[[Dict], Dict]) -> Dict:
         state = dict(saved["state"])
         out = {}
         for flat, owner in self.experts.items():
@@ -184,10 +283,11 @@ class LogicalState:
             pieces = [state.pop(n) for n in names]
             keys = [k for k, v in pieces[0].items() if torch.is_tensor(v) and v.dim() > 0]
             out[flat] = {
-                **{k: v for k, v in pieces[0].items() if k not in keys},
+                # Copies: the optimizer updates its scalars in place (`step`), they must not stay shared with `saved`.
+                **{k: v.clone() if torch.is_tensor(v) else v for k, v in pieces[0].items() if k not in keys},
                 **{k: owner.shard_logical({n: p[k] for n, p in zip(names, pieces)}) for k in keys},
             }
-        out.update({n: {k: self.shard(n, v, k) for k, v in st.items()} for n, st in state.items()})
+        out.update(rest(state))
         logical = {n: flat for flat, owner in self.experts.items() for n in owner.logical_names()}
         hparams = []
         for g in saved["hparams"]:

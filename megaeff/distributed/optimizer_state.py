@@ -1,5 +1,5 @@
 """The optimizer state keyed by logical parameter name instead of position, so that it survives re-layouts: the
-form checkpoints hold (megaeff/train/checkpoint.py) and the logical views convert (megaeff/distributed/logical_state.py,
+form checkpoints hold (megaeff/train/checkpoint/) and the logical views convert (megaeff/distributed/logical_state.py,
 megaeff/distributed/fssdp/state.py)."""
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Implementations: `GradReducer` (replicated parameters, bucketed all-reduce; data
 `FSSDP` (sharded parameters, reduce-scatter; fssdp/).
 
 `LogicalState`: the layout-independent view of the model and optimizer state that checkpoints go through
-(megaeff/train/checkpoint.py): gather this rank's parts into logical tensors by global name, and cut logical
-tensors back into this rank's parts. Implementations: `logical_state.LogicalState` (tensor-parallel shards and
+(megaeff/train/checkpoint/): gather this rank's parts into logical tensors by global name, and cut logical
+tensors back into this rank's parts; for sharded checkpoints, which boxes of the logical tensors each local
+tensor holds (`local_pieces`). Implementations: `logical_state.LogicalState` (tensor-parallel shards and
 distributed experts) and `FSSDP` (which adds its dp x cp shards).
 """
 
@@ -18,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from megaeff.distributed.chunk_boxes import Pieces
     from megaeff.distributed.context_parallel.attention import ContextParallelAttention
     from megaeff.distributed.pipeline.stages import StageChunk
 
@@ -54,6 +57,32 @@ class LogicalState(Protocol):
 
     def shard_optimizer(self, saved: Dict) -> Dict:
         """The inverse of `gather_optimizer`, for this rank's parameters."""
+
+    def local_pieces(self, name: str, key: str, tensor: torch.Tensor) -> Optional[Dict[str, Pieces]]:
+        """Which boxes of which logical tensors this rank's `tensor` holds, for sharded checkpoints (no
+        communication). `name`: a key of this rank's `model.state_dict()` / `named_parameters()` (a logical name,
+        or a distributed experts' flat parameter); `key`: "" for the parameter or buffer itself, else its
+        optimizer state key ("exp_avg", COAT's FP8 codes, their `*_meta` rows, "step", ...); `tensor`: this
+        rank's tensor for it.
+
+        Returns {logical tensor name: Pieces(logical_shape, chunks)} (megaeff/distributed/chunk_boxes.py, also
+        importable from megaeff.distributed.logical_state): each chunk is (offsets in the logical tensor, a view
+        that aliases `tensor`, shaped as the box), so a load writes in place. `*_meta`: the logical tensor is
+        the logical parameter's metadata [n_groups, META_FIELDS] and offsets count group rows. Scalars: shape
+        (), one chunk at (); an expert flat's scalar (AdamW's `step`) is shared by all of its logical tensors.
+        A tensor held whole (replicated) is one chunk at the origin on every replica; otherwise the boxes of all
+        ranks cover each logical tensor exactly once, and no box covers padding (an empty shard has no chunk).
+        None: this tensor has no box form (SLTrain's sparse values of a row-parallel layer, COAT metadata of a
+        cols-split parameter; the same answer on every rank holding it): gather it with `gather(name, tensor,
+        key)`, a collective over its groups. A tensor of an unknown shape for its key raises ValueError."""
+
+    def local_logical_names(self, name: str) -> List[str]:
+        """The logical tensors a local state name covers: itself, or an experts' flat parameter's logical
+        tensors (no communication)."""
+
+    def logical_buffers(self) -> Dict[str, torch.Tensor]:
+        """Persistent buffers of the single-process state dict that this rank's state dict lacks (distributed
+        experts' index checksums), by logical name, identical on every rank: save whole, compare on load."""
 
 
 @dataclass

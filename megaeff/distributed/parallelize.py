@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -191,13 +191,19 @@ def apply_data_parallel(
 
 
 def parallelize(
-    model: nn.Module, dims: ParallelDims, cfg: Config, *, device: Optional[torch.device] = None
+    model: nn.Module,
+    dims: ParallelDims,
+    cfg: Config,
+    *,
+    device: Optional[torch.device] = None,
+    init_weights: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> ParallelModel:
     """This rank's part of `model` (logical, normally meta-built) under the layout of `dims` and the config
     (`cfg.parallel`; `train.activation_checkpointing`, and `train.seed` / `model.init_std` to materialize on
     `device`, default `dims.device`), in the order of the module docstring. With pp > 1 the module holds only
     this rank's stages (`ParallelModel.chunks`); with cp > 1 `ParallelModel.context` shards the token tensors.
-    Set `model.attention_backend` before: context parallelism wraps it."""
+    Set `model.attention_backend` before: context parallelism wraps it. `init_weights`: dense weights by logical
+    name that replace the seed's draws in materialization (megaeff/models/init.py `Initializer`; `model.init_from`)."""
     pcfg, t = cfg.parallel, cfg.train
     chunks = split_pipeline(model, dims, pcfg) if dims.pp > 1 else []
     if dims.tp > 1:
@@ -206,6 +212,6 @@ def parallelize(
     if t.activation_checkpointing:
         apply_activation_checkpointing(model, context)
     if any(x.is_meta for x in itertools.chain(model.parameters(), model.buffers())):
-        model = materialize(model, device or dims.device, t.seed, cfg.model.init_std)
+        model = materialize(model, device or dims.device, t.seed, cfg.model.init_std, weights=init_weights)
     logical_state.annotate_parameters(model)
     return apply_data_parallel(model, dims, pcfg, moe=bool(cfg.model.moe_experts), chunks=chunks, context=context)

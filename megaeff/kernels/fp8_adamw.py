@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from megaeff.errors import ConfigError
 from megaeff.kernels.fp8_adamw_ref import Fp8Entry, reference_update
 
 UpdateFn = Callable[[List[Fp8Entry]], None]
@@ -54,6 +55,11 @@ PROBES: Dict[str, Callable[[torch.device], Tuple[Optional[UpdateFn], str]]] = {
 PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch", "cpp")}
 
 
+class BackendUnavailable(ConfigError, RuntimeError):
+    """A backend the config asks for and this machine lacks: one `megaeff: error:` line from the CLI (ConfigError),
+    and still the RuntimeError callers of `select_backend` catch."""
+
+
 def select_backend(requested: str, device: torch.device) -> Backend:
     device = torch.device(device)
     if requested != "auto":
@@ -61,7 +67,11 @@ def select_backend(requested: str, device: torch.device) -> Backend:
             raise ValueError(f"unknown FP8 AdamW backend {requested!r}; available: auto, {', '.join(PROBES)}")
         fn, reason = PROBES[requested](device)
         if fn is None:
-            raise RuntimeError(f"FP8 AdamW backend {requested!r} is not available on {device}: {reason}")
+            raise BackendUnavailable(
+                "optim.fp8_backend",
+                f"FP8 AdamW backend {requested!r} is not available on {device}: {reason}; "
+                "optim.fp8_backend=auto picks the best available one",
+            )
         return Backend(requested, fn)
     for name in PREFERENCE.get(device.type, ("torch",)):
         fn, _ = PROBES[name](device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -43,16 +43,25 @@ class Initializer:
     - `generator(name)`: a dedicated CPU generator for (seed, name), e.g. for a sparse support;
     - `seed`, `std`: the global seed and the model's init std.
     Every draw happens on the CPU in fp32 in the logical shape, whatever the device and dtype of the target.
+
+    `weights` (logical name -> tensor, e.g. a pretrained checkpoint's, megaeff/interop/hf_import.py) replaces the
+    dense rule's draw for the names it holds: a layer whose init derives structure from its dense weight (LOST's
+    SVD and channel set) then derives it from that weight, in every layout, as it would from the random one.
     """
 
-    def __init__(self, seed: int, std: float):
+    def __init__(self, seed: int, std: float, weights: Optional[Mapping[str, torch.Tensor]] = None):
         self.seed = int(seed)
         self.std = float(std)
+        self.weights = weights
 
     def generator(self, name: str) -> torch.Generator:
         return generator_for(self.seed, name)
 
     def normal_(self, name: str, tensor: torch.Tensor) -> None:
+        if self.weights is not None and name in self.weights:
+            with torch.no_grad():
+                tensor.copy_(self.weights[name])
+            return
         values = torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, self.std, generator=self.generator(name))
         with torch.no_grad():
             tensor.copy_(values)
@@ -92,11 +101,19 @@ def _run_parallel(jobs, init: Initializer, workers: int) -> None:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, std: float, workers: Optional[int] = None) -> None:
+def init_weights(
+    model: nn.Module,
+    seed: int,
+    std: float,
+    workers: Optional[int] = None,
+    weights: Optional[Mapping[str, torch.Tensor]] = None,
+) -> None:
     """Fill every parameter of a materialized model. Raises if some parameter has no rule (it would stay garbage).
     Modules that declare `parallel_init = True` (their init is costly and depends only on (seed, name)) are
-    initialized concurrently by `workers` threads (default: the usable cores, at most 32)."""
-    normal_ = Initializer(seed, std)
+    initialized concurrently by `workers` threads (default: the usable cores, at most 32). `weights`: dense
+    weights that replace the random draws of those names (see `Initializer`); it must be safe to read from
+    several threads."""
+    normal_ = Initializer(seed, std, weights)
     done = set()
     deferred = []
     for prefix, module in model.named_modules():
@@ -123,8 +140,10 @@ def init_weights(model: nn.Module, seed: int, std: float, workers: Optional[int]
         model.reset_buffers()
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int, std: float) -> nn.Module:
-    """Allocate a meta-built model on `device` and initialize it from the seed."""
+def materialize(
+    model: nn.Module, device: torch.device, seed: int, std: float, weights: Optional[Mapping[str, torch.Tensor]] = None
+) -> nn.Module:
+    """Allocate a meta-built model on `device` and initialize it from the seed (and `weights`, see `Initializer`)."""
     model.to_empty(device=device)
-    init_weights(model, seed, std)
+    init_weights(model, seed, std, weights=weights)
     return model

@@ -1,11 +1,30 @@
 """Cooperative stop: SIGTERM / SIGUSR1 only set a flag; the trainer checks it at each step boundary, agrees on it
-across ranks, saves a checkpoint and exits with `EXIT_PREEMPTED`. Slurm sends one of these before a time limit
-or preemption (`#SBATCH --signal=B:USR1@300`), and the batch script requeues on that exit code."""
+across ranks, saves a checkpoint and exits with `EXIT_PREEMPTED`. Slurm sends one of these to every task of the
+job's steps before a time limit or preemption (`#SBATCH --signal=USR1@300`, as launch/slurm/train.sbatch has it:
+the `B:` form would signal only the batch shell, which dies of it and never requeues).
+
+A launcher between the ranks and the scheduler (torchrun, deepspeed, srun) reports its own exit code, not the
+ranks' 75, so after the checkpoint is saved every rank also writes the file named by `MEGAEFF_STOP_MARKER`
+(`mark_stopped`); the scripts in launch/ set that variable and exit 75 when the file exists."""
 
 from __future__ import annotations
 
+import os
 import signal
-from typing import Dict, Optional
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from megaeff.config.train import TrainConfig
+from megaeff.distributed.comm import all_reduce_scalar
+from megaeff.distributed.dims import ParallelDims
+
+# The launch scripts (launch/common.sh) export this path; a rank writes it only after a requested stop's checkpoint
+# is complete on every rank.
+STOP_MARKER_ENV = "MEGAEFF_STOP_MARKER"
 
 DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -37,3 +56,49 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def mark_stopped(step: int, checkpoint, env: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+    """Tell the launch script that this run saved `checkpoint` at `step` and stopped on request: write the file
+    named by $MEGAEFF_STOP_MARKER. Every rank writes it (atomically, the same text), so that the script on each
+    node of a multi-node torchrun job sees its own ranks' marker; a rank whose node has no such directory (srun
+    ranks on the nodes other than the batch host) writes nothing. Returns the path written, or None."""
+    env = os.environ if env is None else env
+    target = env.get(STOP_MARKER_ENV)
+    if not target:
+        return None
+    path = Path(target)
+    if not path.parent.is_dir():
+        return None
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(f"step {step} checkpoint {checkpoint}\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # the checkpoint is saved; only the exit code the script reports is at stake
+        print(f"megaeff: warning: could not write the stop marker {path}: {exc}", file=sys.stderr, flush=True)
+        return None
+    return path
+
+
+def agreed_stop_reason(
+    stop: StopRequest, tcfg: TrainConfig, step: int, started: float, dims: ParallelDims, device: torch.device
+) -> Optional[str]:
+    """Why the run stops after `step` (None: it goes on), the same answer on every rank: `train.exit_interval`,
+    a signal, or `train.max_duration_minutes` (measured from the monotonic time `started`)."""
+    if tcfg.exit_interval and step % tcfg.exit_interval == 0:
+        return f"train.exit_interval={tcfg.exit_interval}"  # the same step on every rank: no agreement needed
+    limit = tcfg.max_duration_minutes
+    timed_out = limit is not None and time.monotonic() - started > 60.0 * limit
+    local = stop.requested or timed_out
+    # Any rank's signal stops every rank at the same step (a collective, so no rank is left waiting).
+    if dims.world_size > 1:
+        world = dims.group("world")
+        flag = all_reduce_scalar(
+            float(local), world, "world", dims.comm_stats, device, op=torch.distributed.ReduceOp.MAX
+        )
+        local = flag > 0
+    if not local:
+        return None
+    return (
+        f"signal {stop.signum}" if stop.requested else ("train.max_duration_minutes" if timed_out else "another rank")
+    )

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from megaeff.config import check_tokenizer_vocab, to_plain, to_yaml
+from megaeff.config.optim import warmup_steps_for
 from megaeff.config.schema import Config
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
@@ -40,9 +41,11 @@ from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
 from megaeff.precision.fp8_activations import activation_ops
 from megaeff.train import checkpoint as ckpt
+from megaeff.train import nonfinite, resume_policy, watchdog
+from megaeff.train.init_from import load_pretrained, materialization_weights
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
-from megaeff.train.signals import StopRequest
+from megaeff.train.signals import StopRequest, agreed_stop_reason
 from megaeff.train.step import PlainStep, StepExecutor, accumulate, plain_actions
 
 
@@ -98,12 +101,24 @@ class Trainer:
         # Built on the parameters parallelize left (FSSDP's shards).
         self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
         self.scheduler = LRScheduler(
-            self.optimizer, t.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio, cfg.optim.schedule
+            self.optimizer, t.steps, warmup_steps_for(cfg.optim, t.steps), cfg.optim.min_lr_ratio, cfg.optim.schedule
         )
+        self.nonfinite = nonfinite.NonFiniteGuard(t.nonfinite, t.nonfinite_max_consecutive)
+        self.watchdog = watchdog.HangWatchdog(t.hang_timeout_s, self.run_dir, dims.rank)  # the CLI runs fit() in it
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
         self.step = 0
         self.consumed_samples = 0
+        self.resume_notes: List[str] = []  # how the new config differs from the checkpoint's (resume_policy.py)
+        # Sharded (DCP) checkpoints, synchronous or written in the background (megaeff/train/checkpoint/).
+        self.checkpointer = ckpt.Checkpointer(
+            self.run_dir / "checkpoints",
+            rank=dims.rank,
+            world_size=dims.world_size,
+            keep_last=t.keep_last,
+            async_save=t.async_checkpoint,
+            log=lambda line: self.log.info(line),
+        )
         self.resumed_from = self._resume()
         self.log = MetricsLogger(
             self.run_dir,
@@ -115,6 +130,8 @@ class Trainer:
             config=to_plain(cfg),
         )
         self._announce()
+        if cfg.model.init_from and self.resumed_from is None:  # megaeff/train/init_from.py
+            load_pretrained(cfg, self.parallel, dims, self.run_dir, self.log.info)
 
     # ---------------------------------------------------------------- construction
     def _build_data(self):
@@ -139,7 +156,7 @@ class Trainer:
         self.method_summary = describe_method(model, self.tokens_per_call)
         self.logical_keys = list(model.state_dict().keys())
         model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
-        return parallelize(model, self.dims, cfg)
+        return parallelize(model, self.dims, cfg, init_weights=materialization_weights(cfg))
 
     def _build_pipeline(self) -> Optional[PipelineRunner]:
         if self.dims.pp == 1:
@@ -156,8 +173,17 @@ class Trainer:
 
     def _resume(self) -> Optional[Path]:
         """Load the checkpoint `train.resume` names, if any; returns its directory."""
-        resume_dir = ckpt.find_resume_dir(self.run_dir, self.cfg.train.resume)
+        # Verified; a corrupt or unusable `latest` falls back to the newest checkpoint that verifies (logged).
+        resume_dir, self.checkpoint_notes = ckpt.resolve_resume(
+            self.run_dir,
+            self.cfg.train.resume,
+            rank=self.dims.rank,
+            world_size=self.dims.world_size,
+            group=self.checkpointer.group,
+        )
         if resume_dir is not None:
+            self.resume_notes = resume_policy.check_resume_config(resume_dir, to_yaml(self.cfg))  # or refuses
+            fresh = resume_policy.optimizer_hparams(self.optimizer)
             state = ckpt.load_checkpoint(
                 resume_dir,
                 model=self.model,
@@ -165,7 +191,11 @@ class Trainer:
                 rank=self.dims.rank,
                 logical=self.parallel.state,
                 expected_keys=self.logical_keys if self.dims.pp > 1 else None,
+                world_size=self.dims.world_size,
+                group=self.checkpointer.group,
+                verify=False,  # resolve_resume just did
             )
+            resume_policy.override_hparams(self.optimizer, fresh)  # the new config's LR, betas, ... win
             self.step = int(state["step"])
             self.consumed_samples = int(state["consumed_samples"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -208,10 +238,12 @@ class Trainer:
                 f"{self.pipeline.describe()}; {m} micro-batches per step, bubble {bubble:.3f} of compute by the "
                 "schedule (tools/pipeline_schedule.py draws it; pp_idle_fraction in the metrics is measured)"
             )
+        lines += self.checkpoint_notes
         if self.resumed_from is not None:
             lines.append(
                 f"resumed from {self.resumed_from} at step {self.step} ({self.consumed_samples} samples consumed)"
             )
+            lines += self.resume_notes
         for line in lines:
             self.log.info(line)
 
@@ -294,8 +326,9 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.parallel.dp_sharded)
         lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.nonfinite.admit(self.step + 1, loss_total / global_tokens, grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.step += 1
         self.consumed_samples += self.global_batch_size
         loss_mean = loss_total / global_tokens
@@ -337,6 +370,7 @@ class Trainer:
                 batch = padding_batch(valid.batch(range(1)))
             nll += self._loss_sum(batch).double().cpu()
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            self.watchdog.beat("an evaluation batch")
         self.model.train()
         nll_total = self._reduce_loss(float(nll))
         tok_total = int(all_reduce_scalar(tokens, self.dims.group("dp"), "dp", self.dims.comm_stats, self.device))
@@ -344,8 +378,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoint
     def save(self) -> Path:
-        return ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
+        nonfinite.check_state_finite(self.model, self.optimizer, self.dims, self.step)  # never a non-finite `latest`
+        self.watchdog.beat(f"step {self.step}, starting its checkpoint")
+        return self.checkpointer.save(
             self.step,
             model=self.model,
             optimizer=self.optimizer,
@@ -355,41 +390,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
             },
             config_yaml=to_yaml(self.cfg),
-            rank=self.dims.rank,
-            world_size=self.dims.world_size,
-            keep_last=self.cfg.train.keep_last,
-            logical=self.parallel.state,
-            # One file pair per pipeline stage, from the stage's first tp/cp/dp rank.
-            shard=f".pp{self.dims.pp_rank}" if self.dims.pp > 1 else "",
-            writes_shard=self.dims.tp_rank == 0 and self.dims.cp_rank == 0 and self.dims.dp_rank == 0,
-        )
-
-    def _stop_reason(self, started: float) -> Optional[str]:
-        t = self.cfg.train
-        if t.exit_interval and self.step % t.exit_interval == 0:
-            return f"train.exit_interval={t.exit_interval}"  # the same step on every rank: no agreement needed
-        limit = t.max_duration_minutes
-        timed_out = limit is not None and time.monotonic() - started > 60.0 * limit
-        local = self.stop.requested or timed_out
-        # Any rank's signal stops every rank at the same step (a collective, so no rank is left waiting).
-        if self.dims.world_size > 1:
-            local = (
-                all_reduce_scalar(
-                    float(local),
-                    self.dims.group("world"),
-                    "world",
-                    self.dims.comm_stats,
-                    self.device,
-                    op=torch.distributed.ReduceOp.MAX,
-                )
-                > 0
-            )
-        if not local:
-            return None
-        return (
-            f"signal {self.stop.signum}"
-            if self.stop.requested
-            else ("train.max_duration_minutes" if timed_out else "another rank")
+            logical=self.parallel.state,  # each rank writes its own shards
         )
 
     # ---------------------------------------------------------------- loop
@@ -413,6 +414,7 @@ class Trainer:
             "step_time_s": step_time,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.dims.world_size),
             "consumed_samples": self.consumed_samples,
+            "nonfinite_skips": self.nonfinite.skipped,  # updates dropped so far in this process (train.nonfinite=skip)
             # Bytes of the last step's collectives (including the stop-flag agreement), total and by group/kind.
             "comm_bytes": stats.total(),
             **{f"comm_bytes/{key}": n for key, n in stats.snapshot().items()},
@@ -432,7 +434,12 @@ class Trainer:
             t0 = time.perf_counter()
             m = self.train_step()
             dt = time.perf_counter() - t0
-            reason = self._stop_reason(started) if self.step < t.steps else None
+            self.watchdog.beat(f"step {self.step}")
+            reason = (
+                agreed_stop_reason(self.stop, t, self.step, started, self.dims, self.device)
+                if self.step < t.steps
+                else None
+            )
             result.losses.append(m["loss"])
             window_tokens, window_time, window_steps = window_tokens + m["tokens"], window_time + dt, window_steps + 1
             self.log.tick(self.step, m["loss"], m["tokens"] / dt)
@@ -449,6 +456,7 @@ class Trainer:
             if reason is not None:
                 if last_saved != self.step:
                     result.checkpoint = self.save()
+                self.checkpointer.wait()  # an asynchronous save completes (and `latest` moves) before the exit
                 self.log.info(
                     f"stop requested ({reason}): checkpoint saved at step {self.step}; resume with train.resume=auto"
                 )
@@ -460,7 +468,9 @@ class Trainer:
             self.log.log_eval(self.step, result.final_eval)
             if t.ckpt_interval and last_saved != self.step:
                 result.checkpoint = self.save()
+        self.checkpointer.wait()
         return result
 
     def close(self) -> None:
+        self.checkpointer.close()  # fit() waited; after an error a background write is joined, not published
         self.log.close()

@@ -5,12 +5,18 @@ run directory, Hydra files written once."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, cli_env
+from megaeff.errors import EXIT_PREEMPTED
+from tests.helpers import PYTHON, REPO, cli_env, records, train
 
 pytestmark = pytest.mark.slow
 
@@ -129,9 +135,9 @@ def test_slurm_environment_without_torchrun(reference, tmp_path):
         return [PYTHON, "-m", "megaeff.train", *COMMON, "train.micro_batch_size=2", "train.grad_accum=2",
                 f"run_dir={run}"]  # fmt: skip
 
-    def env(r):
-        return cli_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))  # fmt: skip
+    def env(r):  # what srun gives the tasks of step 0 (the ranks read SLURM_STEP_NUM_TASKS, not SLURM_NTASKS)
+        return cli_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_STEP_ID="0",
+                       SLURM_STEP_NUM_TASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
 
     spawn_two(argv, env, tmp_path)
     assert_matches(reference, run)
@@ -139,8 +145,6 @@ def test_slurm_environment_without_torchrun(reference, tmp_path):
 
 def test_resume_from_one_rank_onto_two(reference, tmp_path):
     """Steps 1-3 on one process, stop (train.exit_interval), steps 4-6 on two torchrun ranks: the same run."""
-    from megaeff.errors import EXIT_PREEMPTED
-
     run = tmp_path / "run"
     first = subprocess.run(
         [
@@ -182,3 +186,123 @@ def test_resume_from_one_rank_onto_two(reference, tmp_path):
     assert second.returncode == 0, second.stdout + second.stderr
     assert "at step 3 (24 samples consumed)" in second.stdout
     assert_matches(reference, run)
+
+
+# ---------------------------------------------------------------------------------------------------- the scripts
+# launch/*.sh as users run them, with the real launchers: a stop on request ends as exit 75 whatever torchrun or
+# deepspeed returned (the ranks' marker, launch/common.sh), and MAX_RESTARTS recovers from a killed rank. 200 steps
+# of ~15 ms: long enough to signal or kill a rank mid-run.
+LONG = [
+    "experiment=smoke",
+    "train.steps=200",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.ckpt_interval=25",
+    "train.plot=false",
+    "optim.warmup_steps=1",
+]
+LAUNCH = REPO / "launch"
+
+
+def script_env(**extra):
+    # torchrun / deepspeed from this interpreter's environment; no marker inherited from an outer launch script.
+    env = cli_env(PATH=f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}", RESTART_DELAY="1", **extra)
+    env.pop("MEGAEFF_STOP_MARKER", None)
+    return env
+
+
+def start_script(script, *args, cwd, **env):
+    return subprocess.Popen(["bash", str(LAUNCH / script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=script_env(**env), cwd=cwd)  # fmt: skip
+
+
+def children(pid: int):
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def wait_for_steps(proc, run_dir, n, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not ((run_dir / "metrics.jsonl").is_file() and len(records(run_dir)) >= n):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"no step {n} after {timeout} s"
+        time.sleep(0.02)
+
+
+def finish(proc, expect):
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def stop_step(out: str) -> int:
+    return int(re.search(r"checkpoint saved at step (\d+); resume", out).group(1))
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory):
+    """The uninterrupted run, in one process with the global batch of two ranks."""
+    run = tmp_path_factory.mktemp("long") / "run"
+    train(run, *LONG, "train.micro_batch_size=4", "train.grad_accum=2")
+    return [r["loss"] for r in records(run)]
+
+
+def assert_same_losses(long_reference, run_dir):
+    got = records(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 201))  # every step logged once
+    # Two gloo ranks vs one process: the same sums in another order; the launchers tests' bound.
+    assert [r["loss"] for r in got] == pytest.approx(long_reference, rel=1e-5)
+
+
+def test_sigterm_to_torchrun_agent_exits_75_and_resumes(long_reference, tmp_path):
+    """What a scheduler sends: SIGTERM to torchrun itself. torchrun passes it to the ranks, which save and stop;
+    torchrun then reports 1, the script 75. Rerunning the script resumes and ends as the uninterrupted run."""
+    run = tmp_path / "run"
+    proc = start_script("torchrun_single_node.sh", *LONG, f"run_dir={run}", cwd=tmp_path, NPROC="2")
+    wait_for_steps(proc, run, 3)
+    (agent,) = children(proc.pid)
+    os.kill(agent, signal.SIGTERM)
+    out = finish(proc, EXIT_PREEMPTED)
+    assert "got signal: 15" in out  # torchrun's own SignalException: without the marker this would be exit 1
+    step = stop_step(out)
+    assert 3 <= step < 200
+    assert (run / "checkpoints" / "latest").read_text().strip().endswith(f"{step:08d}")
+    out = finish(start_script("torchrun_single_node.sh", *LONG, f"run_dir={run}", cwd=tmp_path, NPROC="2"), 0)
+    assert f"at step {step} " in out
+    assert_same_losses(long_reference, run)
+
+
+def test_max_duration_under_torchrun_exits_75(tmp_path):
+    run = tmp_path / "run"
+    args = [*LONG, "train.steps=5000", "train.max_duration_minutes=0.02", f"run_dir={run}"]  # stops after 1.2 s
+    out = finish(start_script("torchrun_single_node.sh", *args, cwd=tmp_path, NPROC="2"), EXIT_PREEMPTED)
+    assert "stop requested (train.max_duration_minutes)" in out
+    assert stop_step(out) < 5000
+
+
+def test_restart_after_a_killed_rank_matches_uninterrupted_run(long_reference, tmp_path):
+    """kill -9 of one rank after the step-25 checkpoint: torchrun fails, the script relaunches it with
+    train.resume=auto (a fresh torchrun: torchrun's own --max-restarts leaves gloo unable to connect on torch 2.13),
+    and the run ends with every step logged once and the uninterrupted losses."""
+    run = tmp_path / "run"
+    proc = start_script("torchrun_single_node.sh", *LONG, f"run_dir={run}", cwd=tmp_path, NPROC="2", MAX_RESTARTS="1")
+    wait_for_steps(proc, run, 30)
+    (agent,) = children(proc.pid)
+    ranks = children(agent)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    out = finish(proc, 0)
+    assert "launcher failed (exit 1); restart 1 of 1 with train.resume=auto" in out
+    assert re.search(r"resumed from \S+ at step (25|50|75|100|125|150|175) ", out), out[-3000:]
+    assert_same_losses(long_reference, run)
+
+
+def test_deepspeed_script_on_this_node_stops_with_75(tmp_path):
+    """launch/deepspeed.sh without a hostfile runs on this node; launcher options go before `--`. The deepspeed
+    launcher reports its own code after the ranks' 75: the marker makes it 75 (resuming is the torchrun tests')."""
+    pytest.importorskip("deepspeed")
+    run = tmp_path / "run"
+    args = ["--num_gpus", "2", "--master_port", str(free_port()), "--", *COMMON, "train.micro_batch_size=4",
+            "train.exit_interval=3", f"run_dir={run}"]  # fmt: skip
+    out = finish(start_script("deepspeed.sh", *args, cwd=tmp_path), EXIT_PREEMPTED)
+    assert "--local_rank=1" in out and "dp=2" in out
+    assert stop_step(out) == 3 and [r["step"] for r in records(run)] == [1, 2, 3]

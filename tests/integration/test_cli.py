@@ -82,7 +82,7 @@ def test_short_run_beats_unigram_baseline_and_writes_outputs(tmp_path):
 @pytest.mark.parametrize(
     "override, fragments",
     [
-        ("model=llama_nope", ["Could not find 'model/llama_nope'", "llama_60m"]),
+        ("model=llama_nope", ["megaeff: error: config field 'model': no such option 'llama_nope'", "llama_60m"]),
         ("model.dimm=3", ["Key 'dimm' not in 'ModelConfig'"]),
         ("+model.dimm=3", ["megaeff: error: config field 'model.dimm': unknown key"]),
         ("train.steps=abc", ["train.steps", "abc"]),

@@ -329,18 +329,18 @@ def test_cli_bad_input_exit_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "preprocess: error: bad.jsonl:3: not valid JSON: Expecting property name enclosed in double quotes at "
+        "megaeff: error: bad.jsonl:3: not valid JSON: Expecting property name enclosed in double quotes at "
         "column 2; --skip-bad-lines skips such records"
     ]
     assert not list((tmp_path / "out").iterdir())
     for args, fragment in [
-        (["--input", "missing.jsonl", "--output-prefix", "x"], "preprocess: error: missing.jsonl: no such file"),
+        (["--input", "missing.jsonl", "--output-prefix", "x"], "megaeff: error: missing.jsonl: no such file"),
         (["--input", "bad.jsonl", "--output-prefix", "x", "--tokenizer", "hf"], "needs a path"),
         (
             ["--input", "bad.jsonl", "--output-prefix", "x", "--tokenizer", "hf", "--tokenizer-path", "nope.json"],
             "nope.json: no such file or directory",
         ),
-        (["--output-prefix", "x"], "give either --input or --merge-shards"),
+        (["--output-prefix", "x"], "megaeff: error: give either --input or --merge-shards"),
         (["--merge-shards", "nope", "--output-prefix", "x"], "nope.bin: shard file not found"),
     ]:
         proc = cli(*args, cwd=tmp_path)

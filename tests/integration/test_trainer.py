@@ -14,6 +14,7 @@ from megaeff.data.gpt_dataset import collate
 from megaeff.data.sampler import IGNORE_INDEX
 from megaeff.distributed.dims import ParallelDims
 from megaeff.errors import CheckpointError
+from megaeff.train.checkpoint import file_entry
 from megaeff.train.signals import StopRequest
 from megaeff.train.trainer import Trainer
 
@@ -167,8 +168,8 @@ def _resume_error(smoke_cfg, cfg, resume, *extra) -> str:
 
 def test_truncated_checkpoint_is_rejected(saved_run, smoke_cfg):
     cfg, step_dir = saved_run
-    data = (step_dir / "model.pt").read_bytes()
-    (step_dir / "model.pt").write_bytes(data[: len(data) // 2])
+    data = (step_dir / "__0_0.distcp").read_bytes()  # the rank's tensor data (DCP)
+    (step_dir / "__0_0.distcp").write_bytes(data[: len(data) // 2])
     assert "truncated" in _resume_error(smoke_cfg, cfg, step_dir)
 
 
@@ -196,7 +197,7 @@ def test_pickled_object_is_never_loaded(saved_run, smoke_cfg):
     with open(step_dir / "trainer.pt", "wb") as f:
         torch.save(payload, f)
     manifest = json.loads((step_dir / "manifest.json").read_text())
-    manifest["files"]["trainer.pt"] = (step_dir / "trainer.pt").stat().st_size
+    manifest["files"]["trainer.pt"] = file_entry(step_dir / "trainer.pt")  # size and checksum both match
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
     assert "cannot read trainer.pt" in _resume_error(smoke_cfg, cfg, step_dir)
     assert not marker.exists()
@@ -219,7 +220,9 @@ def test_checkpoint_for_a_different_model_is_rejected(saved_run, smoke_cfg):
 def test_fp32_checkpoint_does_not_resume_into_fp8_states(saved_run, smoke_cfg):
     cfg, step_dir = saved_run
     message = _resume_error(smoke_cfg, cfg, step_dir, "precision=coat", "optim.min_fp8_numel=0")
-    assert "does not fit the configured optimizer" in message and "missing 'exp_avg_meta'" in message
+    # The resume policy (megaeff/train/resume_policy.py) refuses the state-format change by its config fields before
+    # loading; the optimizer's own check of the loaded state is tests/unit/test_coat_adamw.py's.
+    assert "precision.name: 'fp32' -> 'coat'" in message and "a resume cannot change them" in message
 
 
 def test_bf16_autocast_keeps_fp32_master_weights(tmp_path, smoke_cfg):

@@ -1,7 +1,7 @@
 """The package's shape, checked from its source (docs/architecture.md states the rules):
 
 - layering: a package imports only the packages below it in
-  config < data < layers < models < precision < kernels < optim < distributed < train < cli
+  config < data < layers < models < interop < precision < kernels < optim < distributed < train < cli
   (megaeff.errors, below them all, is free to use; a `__main__.py` is an entry point, a command line by nature,
   and may start the CLI);
 - no module imports a private (`_name`) from another module;
@@ -19,7 +19,7 @@ import pytest
 import megaeff
 
 PACKAGE = Path(megaeff.__file__).resolve().parent
-ORDER = ["config", "data", "layers", "models", "precision", "kernels", "optim", "distributed", "train", "cli"]
+ORDER = "config data layers models interop precision kernels optim distributed train cli".split()
 MAX_FILE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # Parameters a public signature must annotate: the ParallelDims and the megaeff.config sections.

@@ -10,7 +10,9 @@ import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from megaeff.config import Choice, compose_raw
+from megaeff.config import Choice, compose_raw, to_config
+from megaeff.config.compose import relax_preset_warmup
+from megaeff.config.optim import warmup_steps_for
 from megaeff.config.schema import Config, DataConfig, ModelConfig, ParallelConfig
 from megaeff.config.validate import validate_config
 from megaeff.distributed.dims import ParallelDims
@@ -46,14 +48,16 @@ def test_default_config(compose_cfg):
     assert (m.vocab_size, m.max_seq_len, m.norm_eps, m.init_std, m.attention_backend) == (264, 1024, 1e-6, 0.02, "auto")
     assert cfg.method.name == "dense"
     o = cfg.optim
-    assert (o.name, o.lr, list(o.betas), o.warmup_steps, o.min_lr_ratio, o.schedule) == (
+    assert (o.name, o.lr, list(o.betas), o.warmup_steps, o.warmup_fraction, o.min_lr_ratio, o.schedule) == (
         "adamw",
         3e-3,
         [0.9, 0.95],
-        30,
+        None,  # warmup_fraction of train.steps: 30 of 300
+        0.1,
         0.1,
         "cosine",
     )
+    assert warmup_steps_for(o, cfg.train.steps) == 30
     assert cfg.precision.name == "fp32"
     assert (cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.pp) == (1, 1, -1, 1)
     d = cfg.data
@@ -113,14 +117,21 @@ def test_bad_group_file_fails_at_compose_time(tmp_path, text):
         _compose_from(conf, ["model=bad"])
 
 
-def test_unknown_group_option_fails_at_compose_time(compose_cfg):
-    with pytest.raises(ConfigCompositionException) as exc:
-        compose_cfg(["model=llama_nope"], raw=True)
-    assert "llama_nope" in str(exc.value)
+@pytest.mark.parametrize(
+    "override,group,listed", [("model=llama_nope", "model", "llama_60m"), ("experiment=smok", "experiment", "smoke")]
+)
+def test_unknown_group_option_names_the_options(compose_cfg, override, group, listed):
+    """A misspelled option is refused in one line listing the real ones; `experiment` (once an optional group,
+    whose typo silently ran the default config: issue 18 item 4) included."""
+    with pytest.raises(ConfigError) as exc:
+        compose_cfg([override], raw=True)
+    assert exc.value.field == group and override.split("=")[1] in str(exc.value) and listed in str(exc.value)
+    with pytest.raises(ConfigError, match="smok"):  # a sweep's options are checked one by one
+        compose_cfg(["experiment=smoke,smok"], raw=True)
 
 
 def test_experiment_is_selected_without_plus(compose_cfg):
-    """`experiment=name` works with the `optional experiment: null` default; `+experiment=` is rejected."""
+    """`experiment=name` works with the `experiment: null` default; `+experiment=` is rejected."""
     cfg = compose_cfg(["experiment=smoke"])
     assert (cfg.model.dim, cfg.model.n_layers, cfg.data.seq_len, cfg.train.steps) == (32, 2, 32, 8)
     with pytest.raises(ConfigCompositionException):
@@ -206,6 +217,21 @@ def test_valid_config_passes():
         (dict(parallel=dict(cp=0)), "parallel.cp", {}),
         (dict(parallel=dict(dp=2)), "parallel", {"world_size": 4}),
         (dict(parallel=dict(dp=-1, pp=3)), "parallel.dp", {"world_size": 4}),
+        # Non-finite values fail every comparison, so `x <= 0` alone let them through (issue 18).
+        (dict(optim=dict(lr=float("nan"))), "optim.lr", {}),
+        (dict(optim=dict(lr=float("inf"))), "optim.lr", {}),
+        (dict(optim=dict(eps=-1.0)), "optim.eps", {}),
+        (dict(optim=dict(weight_decay=float("nan"))), "optim.weight_decay", {}),
+        (dict(optim=dict(grad_clip=float("nan"))), "optim.grad_clip", {}),
+        (dict(optim=dict(warmup_steps=None, warmup_fraction=1.5)), "optim.warmup_fraction", {}),
+        (dict(model=dict(init_std=float("nan"))), "model.init_std", {}),
+        (dict(model=dict(rope_theta=0.0)), "model.rope_theta", {}),
+        (dict(train=dict(seed=-1)), "train.seed", {}),
+        (dict(train=dict(device="foo")), "train.device", {}),
+        (dict(train=dict(nonfinite="ignore")), "train.nonfinite", {}),
+        (dict(train=dict(nonfinite_max_consecutive=0)), "train.nonfinite_max_consecutive", {}),
+        (dict(train=dict(collective_timeout_s=float("inf"))), "train.collective_timeout_s", {}),
+        (dict(train=dict(hang_timeout_s=0.0)), "train.hang_timeout_s", {}),
     ],
 )
 def test_validate_config_names_field(sections, field, kwargs):
@@ -215,6 +241,37 @@ def test_validate_config_names_field(sections, field, kwargs):
     assert exc.value.field == field
     assert f"'{field}'" in str(exc.value)
     assert isinstance(exc.value, MegaeffError)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:3"])
+def test_devices_that_pass(device):
+    validate_config(valid_config(train=dict(device=device)))
+
+
+def test_shortened_run_adapts_the_default_warmup(compose_cfg):
+    """`megaeff-train train.steps=20` was refused by the default warmup of 30 steps (issue 18): an unset
+    warmup is a fraction of the steps; a warmup the user sets beyond the steps is still an error."""
+    assert warmup_steps_for(compose_cfg(["train.steps=20"]).optim, 20) == 2
+    with pytest.raises(ConfigError, match="exceeds train.steps=20") as exc:
+        compose_cfg(["train.steps=20", "optim.warmup_steps=30"])
+    assert exc.value.field == "optim.warmup_steps"
+
+
+def test_preset_warmup_gives_way_to_a_shorter_run(compose_cfg):
+    """An experiment's warmup (shakespeare_9m: 100 steps) longer than `train.steps` set on the command line falls
+    back to warmup_fraction with a warning; the same value typed by the user is refused."""
+    overrides = ["experiment=shakespeare_9m", "train.steps=50"]
+    raw = compose_cfg(overrides, raw=True)
+    note = relax_preset_warmup(raw, overrides)
+    assert "optim.warmup_steps=100" in note and "train.steps=50" in note
+    cfg = to_config(raw)
+    assert cfg.optim.warmup_steps is None and warmup_steps_for(cfg.optim, 50) == 5
+    assert relax_preset_warmup(compose_cfg(["experiment=shakespeare_9m"], raw=True), []) is None  # fits: untouched
+    typed = overrides + ["optim.warmup_steps=100"]
+    raw = compose_cfg(typed, raw=True)
+    assert relax_preset_warmup(raw, typed) is None
+    with pytest.raises(ConfigError, match="optim.warmup_steps"):
+        to_config(raw)
 
 
 def test_vocab_check_only_with_tokenizer_vocab():
@@ -391,7 +448,7 @@ def test_saved_config_is_plain(tmp_path, compose_cfg):
         keep_last=1,
     )
     ckpt.verify_checkpoint(path)
-    assert ckpt._load(path / "trainer.pt")["config"] == plain
+    assert torch.load(path / "trainer.pt", weights_only=True)["config"] == plain
     reloaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path / "config.yaml"))
     assert to_config(reloaded) == cfg
 

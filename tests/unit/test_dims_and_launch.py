@@ -146,10 +146,22 @@ def test_read_launch_env_torchrun():
 
 
 def test_read_launch_env_slurm():
-    env = read_launch_env({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"})
-    assert env == LaunchEnv(rank=3, world_size=4, local_rank=1, launcher="slurm")
-    # A one-task allocation is a single-process run.
-    assert read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "single"
+    # What srun gives task 3 of a 4-task step (step 0) inside an 8-task allocation: the step's count is the world.
+    srun_task = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+                 "SLURM_STEP_NUM_TASKS": "4"}  # fmt: skip
+    env = read_launch_env(srun_task)
+    assert env == LaunchEnv(rank=3, world_size=4, local_rank=1, launcher="slurm", step="0")
+    assert env.describe() == "launched by srun step 0: 4 ranks"
+    # A one-task step is a single-process run.
+    assert read_launch_env({**srun_task, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}).launcher == "single"
+
+
+def test_read_launch_env_batch_script_of_multi_task_job_is_one_process():
+    """`sbatch --ntasks=2 --wrap 'megaeff-train ...'`: the batch step has SLURM_PROCID=0 and SLURM_NTASKS=2 but is
+    not an srun step (no SLURM_STEP_ID / SLURM_STEP_NUM_TASKS), so it must not wait for a second rank."""
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7"}
+    assert read_launch_env(batch) == LaunchEnv(0, 1, 0, "single")
+    assert read_launch_env({**batch, "MASTER_ADDR": "node1"}).launcher == "single"
 
 
 def test_read_launch_env_none():

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from megaeff.distributed.chunk_boxes import Pieces, flat_range_pieces
 from megaeff.distributed.comm import all_gather, all_to_all_uneven
 from megaeff.distributed.expert_parallel.placement import StepPlan, fixed_placement, plan_placement
 from megaeff.layers.param_meta import ParamMeta, set_param_meta
@@ -184,6 +185,39 @@ class _DistributedExperts(nn.Module):
             for name, v in self.layout.views(full[e]).items()
         }
 
+    def logical_buffers(self) -> Dict[str, torch.Tensor]:
+        """The experts' persistent buffers (index checksums) under their logical names: the single-process model
+        holds them in its state dict, these modules in the per-expert templates."""
+        out = {}
+        for e, template in enumerate(self._templates):
+            params = dict(template.named_parameters())  # meta placeholders: the values live in the flat parameter
+            state = template.state_dict()
+            out.update({f"{self.prefix}.experts.{e}.{k}": v for k, v in state.items() if k not in params})
+        return out
+
+    def local_pieces(self, tensor: torch.Tensor) -> Dict[str, Pieces]:
+        """The boxes of the logical expert tensors that `tensor` (shaped like the flat parameter: its value or an
+        optimizer state; or a scalar, which every logical tensor shares) holds here, each a view of it. Each
+        local row is a run [a, b) of one expert's flat vector (`_local_runs`); its overlap with a tensor's
+        elements is a run of that tensor's flattening, i.e. a few boxes (chunk_boxes.flat_range_boxes).
+        Padding is in no box."""
+        if tensor.dim() == 0:
+            return {n: Pieces((), [((), tensor)]) for n in self.logical_names()}
+        if tensor.shape != self.flat_param().shape:
+            raise ValueError(f"{self.prefix}: a {tuple(tensor.shape)} tensor is not shaped like the experts' flat")
+        out = {
+            f"{self.prefix}.experts.{e}.{name}": Pieces(shape, [])
+            for e in range(self.n_experts)
+            for name, shape, *_ in self.layout.entries
+        }
+        for row, e, a, b in self._local_runs():
+            for name, shape, offset, numel in self.layout.entries:
+                lo, hi = max(a, offset), min(b, offset + numel)
+                if lo < hi:
+                    chunks = out[f"{self.prefix}.experts.{e}.{name}"].chunks
+                    chunks += flat_range_pieces(shape, lo - offset, hi - offset, tensor[row, lo - a : hi - a])
+        return out
+
     def shard_logical(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """This rank's part of logical expert tensors (the inverse of `gather_logical`, no communication)."""
         full = torch.stack(
@@ -256,6 +290,11 @@ class ExpertFSSDP(_DistributedExperts):
     def _placement(self, loads):
         return plan_placement(loads, self.world, self.slots)
 
+    def _local_runs(self) -> List[Tuple[int, int, int, int]]:
+        """(local row, expert, start, stop): row e holds elements [rank S, (rank + 1) S) of expert e's flat."""
+        s = self.layout.shard
+        return [(e, e, self.rank * s, (self.rank + 1) * s) for e in range(self.n_experts)]
+
     def _materialize(self, shards: torch.Tensor, plan: StepPlan) -> List[torch.Tensor]:
         """SparseAllGather: owner o sends d its shards of the experts d hosts; d stitches them in owner order."""
         hosted, s = plan.placement.hosted, self.layout.shard
@@ -304,6 +343,10 @@ class ExpertParallel(_DistributedExperts):
 
     def _placement(self, loads):
         return self._fixed
+
+    def _local_runs(self) -> List[Tuple[int, int, int, int]]:
+        """(local row, expert, start, stop): row j holds the whole flat vector of expert owned[j]."""
+        return [(j, e, 0, self.layout.padded) for j, e in enumerate(self.owned)]
 
     def _materialize(self, params: torch.Tensor, plan: StepPlan) -> List[torch.Tensor]:
         return list(params.unbind(0))

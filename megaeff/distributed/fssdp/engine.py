@@ -304,6 +304,7 @@ class FSSDP:
     gather_optimizer, shard_optimizer = _Via("state"), _Via("state")
     logical_state_dict, load_logical_state_dict = _Via("state"), _Via("state")
     logical_optimizer_state, load_logical_optimizer_state = _Via("state"), _Via("state")
+    local_pieces, local_logical_names, logical_buffers = _Via("state"), _Via("state"), _Via("state")
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()

@@ -3,11 +3,12 @@ this rank's shards, composed with tensor parallelism.
 
 `FSSDPState` reads the sharding plan (plan.py) and offers the interface of
 `megaeff.distributed.logical_state.LogicalState` (`sharded`, `gather`, `shard`, `gather_model`, `shard_model`,
-`gather_optimizer`, `shard_optimizer`), plus the whole model and optimizer (`logical_state_dict`,
-`load_logical_state_dict`, `logical_optimizer_state`, `load_logical_optimizer_state`). `FSSDP` (engine.py)
-exposes it, so the facade can be passed as `logical=` to the checkpoint functions unchanged: the model's
-`state_dict()` and `named_parameters()` hold the shards under their logical names, so the files hold exactly
-what a single-process run writes.
+`gather_optimizer`, `shard_optimizer`; `local_pieces`, the boxes sharded checkpoints write with no gather; the
+distributed experts' flat parameters, which the plan leaves to their owner, as `LogicalState` does), plus the whole
+model and optimizer (`logical_state_dict`, `load_logical_state_dict`, `logical_optimizer_state`,
+`load_logical_optimizer_state`). `FSSDP` (engine.py) exposes it, so the facade can be passed as `logical=` to the
+checkpoint functions unchanged: the model's `state_dict()` and `named_parameters()` hold the shards under their
+logical names, so the files hold exactly what a single-process run writes.
 
 Two steps each way. Gather: the FSSDP shards of a parameter (or of a tensor shaped like it: gradient, AdamW
 moments, COAT FP8 codes; or the rows of a COAT `*_meta` [n_groups, 3] tensor) are concatenated along dim 0 in
@@ -25,8 +26,17 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megaeff.distributed.chunk_boxes import Pieces, placed, whole
 from megaeff.distributed.comm import CommGroup, all_gather
 from megaeff.distributed.fssdp.layout import TensorShard
+from megaeff.distributed.logical_state import (
+    ExpertViews,
+    expert_owners,
+    gather_cols_meta,
+    meta_rows,
+    shard_cols_meta,
+    tp_placement,
+)
 from megaeff.distributed.optimizer_state import load_optimizer_state_by_name, optimizer_state_by_name
 from megaeff.precision.group_quant import META_FIELDS
 
@@ -73,6 +83,9 @@ class FSSDPState:
         self.tp_layouts: Dict[str, tuple] = plan.tp_layouts
         self.full_shapes: Dict[str, tuple] = plan.full_shapes
         self.logical_shapes: Dict[str, tuple] = plan.logical_shapes
+        # The distributed experts' flat parameters are left to their owner by the plan (ignored_params).
+        self.experts = expert_owners(plan.model)
+        self.expert_views = ExpertViews(self.experts)
 
     @property
     def sharded(self) -> bool:
@@ -145,6 +158,8 @@ class FSSDPState:
             return out.view(t.dtype) if out.dtype != t.dtype else out
         if self._is_meta(key) and spec == "rows":
             return all_gather(t, owner.cg, 0)
+        if self._is_meta(key) and spec == "cols":
+            return gather_cols_meta(t, self.full_shapes[name][0], owner.cg)
         raise self._unsupported(name, key, t, f"{spec}-split")
 
     def _tp_shard(self, name: str, t: torch.Tensor, key: str) -> torch.Tensor:
@@ -156,7 +171,51 @@ class FSSDPState:
             return owner.shard_logical(local, t).clone()
         if self._is_meta(key) and spec == "rows":
             return t.chunk(owner.cg.size, 0)[owner.cg.rank].clone()
+        if self._is_meta(key) and spec == "cols":
+            return shard_cols_meta(t, self.full_shapes[name][0], owner.cg).clone()
         raise self._unsupported(name, key, t, f"{spec}-split")
+
+    # ------------------------------------------------------------------ boxes (sharded checkpoints)
+    def local_pieces(self, name: str, key: str, tensor: torch.Tensor) -> Optional[Dict[str, Pieces]]:
+        """The boxes of logical tensors that this rank's `tensor` holds (no communication; see
+        `parallel_model.LogicalState.local_pieces`): the dim-0 run `bounds[me]` of the tensor-parallel slice
+        (`*_meta`: the group rows `group_range()`), placed at the slice's own offset in the logical tensor
+        (`tp_placement`). None where the tp slice has no box form (logical_state's module docstring)."""
+        if not torch.is_tensor(tensor):
+            return None
+        if name in self.experts:
+            return self.experts[name].local_pieces(tensor)
+        spec, lay = self.specs.get(name), self.tp_layouts.get(name)
+        if tensor.dim() == 0 or spec is None and lay is None:
+            return {name: whole(tensor)}
+        meta = self._is_meta(key)
+        what = "FSSDP-sharded" if spec is not None else f"{lay[2]}-split"
+        logical = self.logical_shapes[name]
+        if spec is None:
+            expected = (meta_rows(self.full_shapes[name]), META_FIELDS) if meta else self.full_shapes[name]
+            local = (0,) * tensor.dim()
+        elif meta:
+            expected, local = (spec.group_counts[spec.me], META_FIELDS), (spec.group_range()[0], 0)
+        else:
+            expected, local = spec.shape, (spec.bounds[spec.me][0],) + (0,) * (tensor.dim() - 1)
+        if tuple(tensor.shape) != tuple(expected):
+            raise self._unsupported(name, key, tensor, what)
+        if lay is None:
+            return {name: placed((meta_rows(logical), META_FIELDS) if meta else logical, local, tensor)}
+        place = tp_placement(lay[0], lay[1], lay[2], meta, logical)
+        if place is None:
+            return None
+        shape, offsets = place
+        return {name: placed(shape, tuple(a + b for a, b in zip(offsets, local)), tensor)}
+
+    def local_logical_names(self, name: str) -> List[str]:
+        """The logical tensors a local state name covers: itself, or the experts' tensors of a flat parameter."""
+        owner = self.experts.get(name)
+        return owner.logical_names() if owner is not None else [name]
+
+    def logical_buffers(self) -> Dict[str, torch.Tensor]:
+        """As `logical_state.LogicalState.logical_buffers` (the distributed experts' index checksums)."""
+        return {k: v for owner in self.experts.values() for k, v in owner.logical_buffers().items()}
 
     # ------------------------------------------------------------------ LogicalState's interface
     def gather(self, name: str, tensor: torch.Tensor, key: str = "") -> torch.Tensor:
@@ -172,15 +231,19 @@ class FSSDPState:
     shard_like = shard
 
     def gather_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return dict(zip(state, self._gather_all([(k, "", v) for k, v in state.items()])))
+        return self.expert_views.gather_model(
+            state, lambda rest: dict(zip(rest, self._gather_all([(k, "", v) for k, v in rest.items()])))
+        )
 
     def shard_model(self, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: self.shard(k, v) for k, v in state.items()}
+        return self.expert_views.shard_model(state, lambda rest: {k: self.shard(k, v) for k, v in rest.items()})
 
     def gather_optimizer(self, saved: Dict) -> Dict:
-        entries = [(n, k, v) for n, st in saved["state"].items() for k, v in st.items()]
-        values = iter(self._gather_all(entries))
-        return {**saved, "state": {n: {k: next(values) for k in st} for n, st in saved["state"].items()}}
+        def rest(state):
+            values = iter(self._gather_all([(n, k, v) for n, st in state.items() for k, v in st.items()]))
+            return {n: {k: next(values) for k in st} for n, st in state.items()}
+
+        return self.expert_views.gather_optimizer(saved, rest)
 
     def shard_optimizer(self, saved: Dict) -> Dict:
         """Every tensor a copy: the optimizer keeps what it is given and updates it in place (`step` += 1), so a
@@ -190,7 +253,9 @@ class FSSDPState:
             out = self.shard(n, v, k)
             return out.clone() if out is v and torch.is_tensor(v) else out
 
-        return {**saved, "state": {n: {k: own(n, k, v) for k, v in st.items()} for n, st in saved["state"].items()}}
+        return self.expert_views.shard_optimizer(
+            saved, lambda rest: {n: {k: own(n, k, v) for k, v in st.items()} for n, st in rest.items()}
+        )
 
     # ------------------------------------------------------------------ whole model / optimizer
     def logical_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ and returns the replicated output (or the output's sequence shard).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -171,6 +171,23 @@ class TPLinear(nn.Module):
         """This rank's part of a tensor shaped like the logical parameter `name` (its value, or optimizer state
         of the same shape), for checkpoint loads."""
         return self.shard(name, tensor, None)
+
+    def shard_offset(self, name: str) -> Tuple[int, ...]:
+        """Where this rank's slice of `name` starts in the logical tensor (one index per dim; zeros when
+        replicated), for checkpoints (megaeff/distributed/logical_state.py, `local_pieces`). A rows split is
+        always the output features (column style) and a cols split the input features (row style), divided
+        evenly (checked in __init__), so `shard`'s `chunk(p, dim)[rank]` starts at rank * local_out (local_in).
+        Read from the layer's widths, not from the parameter, which FSSDP may have replaced by its own shard.
+        A split with no box form (SLTrain's row-parallel support) raises ValueError."""
+        spec = self.split_of(name)
+        offset = [0] * getattr(self, name).dim()
+        if spec == "rows":
+            offset[0] = self.cg.rank * self.local_out
+        elif spec == "cols":
+            offset[1] = self.cg.rank * self.local_in
+        elif spec != "replicated":
+            raise ValueError(f"{type(self).__name__}: {name} is split by {spec}, which has no offset")
+        return tuple(offset)
 
     def logical_shape(self, name: str) -> torch.Size:
         local = getattr(self, name).shape

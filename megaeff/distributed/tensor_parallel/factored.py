@@ -10,7 +10,7 @@ all-reduces the gradient of its one replicated factor instead.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Tuple
 
 import torch
 
@@ -122,6 +122,20 @@ class SLTrainTP(TPLinear):
 
     def logical_shape(self, name):
         return torch.Size((self.logical_nnz,)) if name == "sparse_values" else super().logical_shape(name)
+
+    def shard_offset(self, name: str) -> Tuple[int, ...]:
+        """As TPLinear's; for the sparse values of a column-parallel layer (a rows split), where this rank's
+        entries start in the logical value vector: the support is sorted row-major, so the entries of a run of
+        rows are a contiguous run of it. A row-parallel layer's entries (a run of columns of every row) are not:
+        ValueError. An empty shard starts at 0."""
+        if name != "sparse_values":
+            return super().shard_offset(name)
+        pos = self.logical_positions
+        if self.style != "column":
+            raise ValueError(f"{self.name or 'sltrain'}: the sparse values of a row-parallel layer are not contiguous")
+        if pos.numel() and int(pos[-1]) - int(pos[0]) + 1 != pos.numel():  # guards the sorted-support invariant
+            raise AssertionError(f"{self.name}: this rank's sparse values are not a contiguous run of the support")
+        return (int(pos[0]) if pos.numel() else 0,)
 
     def gather(self, name, tensor):
         if name != "sparse_values":

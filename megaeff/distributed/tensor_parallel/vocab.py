@@ -11,7 +11,7 @@ the T x V logits never move. Forward: all-reduce MAX of the per-token max (T), t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Tuple
 
 import torch
 import torch.distributed as dist
@@ -81,6 +81,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def logical_shape(self, name: str) -> torch.Size:
         return torch.Size((self.num_embeddings, self.embedding_dim))
+
+    def shard_offset(self, name: str) -> Tuple[int, ...]:
+        """Where this rank's rows start in the logical table (as the TP linear layers' `shard_offset`)."""
+        return (self.start, 0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.end)

@@ -89,16 +89,16 @@ def agreed_stop_reason(
         return f"train.exit_interval={tcfg.exit_interval}"  # the same step on every rank: no agreement needed
     limit = tcfg.max_duration_minutes
     timed_out = limit is not None and time.monotonic() - started > 60.0 * limit
-    local = stop.requested or timed_out
-    # Any rank's signal stops every rank at the same step (a collective, so no rank is left waiting).
+    # 2: a signal, 1: the wall-time budget, 0: go on. Any rank's reason stops every rank at the same step (a
+    # collective, so no rank is left waiting), and every rank names the strongest reason any rank had.
+    code = 2 if stop.requested else int(timed_out)
     if dims.world_size > 1:
         world = dims.group("world")
-        flag = all_reduce_scalar(
-            float(local), world, "world", dims.comm_stats, device, op=torch.distributed.ReduceOp.MAX
+        code = int(
+            all_reduce_scalar(float(code), world, "world", dims.comm_stats, device, op=torch.distributed.ReduceOp.MAX)
         )
-        local = flag > 0
-    if not local:
+    if code == 0:
         return None
-    return (
-        f"signal {stop.signum}" if stop.requested else ("train.max_duration_minutes" if timed_out else "another rank")
-    )
+    if code == 1:
+        return "train.max_duration_minutes"
+    return f"signal {stop.signum}" if stop.requested else "a signal to another rank"

@@ -78,8 +78,9 @@ def test_stopped_rank(tmp_path, mode):
         assert code == EXIT_HUNG and elapsed < 30, (code, elapsed, out[-2000:])
         report = (run / "hang_rank0.txt").read_text()
         assert "made no progress" in report and "last completed: step" in report
-        # The main thread's stack: inside the training loop, waiting in a collective (the step's or the stop flag's).
-        assert "trainer.py" in report and "in fit" in report and "distributed_c10d.py" in report, report
+        # The main thread's stack: inside the training loop, where it waits for the stopped rank (a collective of
+        # the step, the gradient reduction's wait, or the stop flag: which one depends on when rank 1 stopped).
+        assert "trainer.py" in report and "in fit" in report, report
         assert f"exiting with code {EXIT_HUNG}" in out
         assert not (run / "hang_rank1.txt").exists()  # the stopped rank could not report
     else:

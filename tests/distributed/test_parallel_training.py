@@ -5,7 +5,10 @@ one error naming the field."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -142,7 +145,8 @@ def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
         [
-            "deepspeed",
+            # The launcher of this interpreter's environment, found even when its bin/ is not on PATH.
+            shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed",
             "--num_gpus",
             "4",
             "--master_port",

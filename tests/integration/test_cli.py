@@ -118,10 +118,13 @@ def test_bad_config_is_one_line_and_exit_code_2(tmp_path, overrides, field, choi
 def test_corrupt_checkpoint_directory_is_reported(tmp_path):
     run = tmp_path / "run"
     assert train("experiment=smoke", f"run_dir={run}").returncode == 0
-    model_file = run / "checkpoints/step_00000008/model.pt"
-    model_file.write_bytes(model_file.read_bytes()[:100])
+    data_files = sorted(run.glob("checkpoints/step_*/__0_0.distcp"))
+    assert len(data_files) == 2  # keep_last: 2; a corrupt `latest` alone falls back (test_checkpoint_files.py)
+    for data_file in data_files:  # every checkpoint: nothing to fall back to
+        data_file.write_bytes(data_file.read_bytes()[:100])
     proc = train("experiment=smoke", f"run_dir={run}")
-    assert_clean_error(proc, "megaeff: error: checkpoint", "model.pt", "truncated")
+    assert_clean_error(proc, "megaeff: error: checkpoint", "no checkpoint verifies", "__0_0.distcp", "truncated")
+    assert proc.returncode == 2
 
 
 def test_sigterm_saves_and_exits_with_documented_code(tmp_path):

@@ -79,7 +79,7 @@ def fsync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # some file systems (tmpfs variants, FUSE, NFS options) refuse fsync on a directory: best effort
         pass
     finally:
         os.close(fd)

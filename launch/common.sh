@@ -56,18 +56,24 @@ megaeff_launch() {
         cmd+=("run_dir=runs/$(date +%Y-%m-%d_%H-%M-%S)")
     fi
 
-    local attempt=0 rc=0 child="" signalled=0 sig
+    local attempt=0 rc=0 child="" signalled=0 sig seen status
     for sig in TERM INT HUP USR1 USR2; do
         # shellcheck disable=SC2064  # $sig now, $child when the signal comes
-        trap "signalled=1; [[ -n \"\$child\" ]] && kill -s $sig \"\$child\" 2>/dev/null" "$sig"
+        trap "signalled=\$((signalled + 1)); [[ -n \"\$child\" ]] && kill -s $sig \"\$child\" 2>/dev/null" "$sig"
     done
     while :; do
         "${cmd[@]}" &
         child=$!
-        # `wait` returns early (>128) when a trapped signal arrives; wait again until the launcher itself ends.
+        # `wait` returns early (>128) when a trapped signal arrives, before the launcher has ended: wait again
+        # while the traps keep firing. Bash keeps an interrupted job's status even once the launcher has exited
+        # and been reaped, so the next wait still reports it (testing `kill -0` instead raced with that reaping).
+        # A 127 means the previous wait had already returned the status and the signal came just after it.
+        rc=""
         while :; do
-            wait "$child" && rc=0 || rc=$?
-            kill -0 "$child" 2>/dev/null || break
+            seen=$signalled
+            wait "$child" && status=0 || status=$?
+            [[ -n "$rc" && $status == 127 ]] || rc=$status
+            ((signalled == seen)) && break
         done
         child=""
         if [[ -e "$MEGAEFF_STOP_MARKER" ]]; then

@@ -11,12 +11,11 @@ accumulation loop, under the pipeline's schedule or the plain forward+backward o
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
@@ -27,13 +26,10 @@ from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
 from megaeff.distributed.comm import all_reduce_scalar
 from megaeff.distributed.dims import ParallelDims
-from megaeff.distributed.grad_norm import clip_grad_norm_
 from megaeff.distributed.parallel_model import ParallelModel
 from megaeff.distributed.parallelize import parallelize
 from megaeff.distributed.pipeline.runner import PipelineRunner
-from megaeff.distributed.pipeline.schedule import Action, bubble_fraction, build_schedule
-from megaeff.distributed.tensor_parallel.sequence import loss_sum
-from megaeff.errors import DataError
+from megaeff.distributed.pipeline.schedule import bubble_fraction, build_schedule
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
 from megaeff.models.llama import build_llama, count_params, flops_per_token
@@ -46,7 +42,7 @@ from megaeff.train.init_from import load_pretrained, materialization_weights
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
 from megaeff.train.signals import StopRequest, agreed_stop_reason
-from megaeff.train.step import PlainStep, StepExecutor, accumulate, plain_actions
+from megaeff.train.step_runner import StepRunner
 
 
 @dataclass
@@ -104,6 +100,9 @@ class Trainer:
             self.optimizer, t.steps, warmup_steps_for(cfg.optim, t.steps), cfg.optim.min_lr_ratio, cfg.optim.schedule
         )
         self.nonfinite = nonfinite.NonFiniteGuard(t.nonfinite, t.nonfinite_max_consecutive)
+        self.runner = StepRunner(
+            cfg, dims, self.parallel, self.optimizer, self.scheduler, self.pipeline, self.nonfinite
+        )
         self.watchdog = watchdog.HangWatchdog(t.hang_timeout_s, self.run_dir, dims.rank)  # the CLI runs fit() in it
         # The datasets are already shuffled; the order only wraps to the start if a resumed run outlives the plan.
         self.order = GlobalSampleOrder(len(self.data.train), t.seed, shuffle=False)
@@ -207,12 +206,6 @@ class Trainer:
         t = self.cfg.train
         return t.micro_batch_size * self.dims.dp * t.grad_accum
 
-    def _autocast(self):
-        pr = self.cfg.precision
-        if pr.name == "bf16" or pr.autocast_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _announce(self) -> None:
         c = self.cfg
         lines = [
@@ -247,103 +240,18 @@ class Trainer:
         for line in lines:
             self.log.info(line)
 
-    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        inputs = batch["inputs"]
-        vocab = self.cfg.model.vocab_size
-        if int(inputs.max()) >= vocab or int(inputs.min()) < 0:
-            raise DataError(
-                "data",
-                f"token id {int(inputs.max())} is outside model.vocab_size={vocab}; "
-                "the dataset was made with a larger tokenizer",
-            )
-        b = {k: batch[k].to(self.device) for k in ("inputs", "labels", "positions", "segment_ids") if k in batch}
-        if self.parallel.context is not None:
-            # This rank's tokens of every sequence, with their global positions for RoPE (labels were shifted
-            # before sharding, so each token keeps its own target).
-            B, T = b["inputs"].shape
-            if "positions" not in b:
-                b["positions"] = torch.arange(T, device=self.device).expand(B, T)
-            b = {k: self.parallel.context.shard(v) for k, v in b.items()}
-        return b
-
-    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return loss_sum(logits, labels, self.dims, ignore_index=IGNORE_INDEX)
-
-    def _loss_sum(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of token losses of one batch (on a pipeline: on the last stage; 0 on the others)."""
-        if self.pipeline is not None:
-            return self.pipeline.forward_loss(batch, self._loss_fn, to_device=self._to_device, autocast=self._autocast)
-        b = self._to_device(batch)
-        with self._autocast():
-            logits = self.model(b["inputs"], positions=b.get("positions"), segment_ids=b.get("segment_ids"))
-        return self._loss_fn(logits, b["labels"])
-
-    def _reduce_loss(self, value: float) -> float:
-        """Token-loss sums live on the last pipeline stage (every tp rank there holds the same value), one part
-        per sequence shard: summed over pp (the other stages add 0), cp, then dp."""
-        stats = self.dims.comm_stats
-        for axis in ("pp", "cp", "dp"):
-            value = all_reduce_scalar(value, self.dims.group(axis), axis, stats, self.device)
-        return value
-
     # ---------------------------------------------------------------- step
-    def _step_executor(self, batches: List[Dict], global_tokens: int) -> Tuple[StepExecutor, List[Action]]:
-        """What runs the step's micro-batches, and its schedule: a pipeline's, or the plain forward+backward."""
-        if self.pipeline is not None:
-            executor = self.pipeline.start_step(
-                batches, global_tokens, self._loss_fn, to_device=self._to_device, autocast=self._autocast
-            )
-            return executor, self.pipeline.actions(len(batches))
-        # The MoE balance loss: the mean over every micro-batch of the global batch (gradients are summed over
-        # micro-batches and dp x cp ranks; distributed experts already return this rank's share).
-        aux_divisor = len(batches) * (1 if self.parallel.experts_distributed else self.dims.size("dp_cp"))
-        executor = PlainStep(self.model, batches, global_tokens, self._loss_sum, aux_divisor=aux_divisor)
-        return executor, plain_actions(len(batches))
-
     def train_step(self) -> Dict[str, float]:
         t = self.cfg.train
-        dp_group = self.dims.group("dp")
-        stats = self.dims.comm_stats
         batches = [
             self.data.train.batch(ix)
             for ix in micro_batch_indices(
                 self.order, self.consumed_samples, t.micro_batch_size, self.dims.dp, self.dims.dp_rank, t.grad_accum
             )
         ]
-        local_tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        global_tokens = int(all_reduce_scalar(local_tokens, dp_group, "dp", stats, self.device))
-        if global_tokens == 0:
-            raise RuntimeError(f"step {self.step}: the global batch has no real tokens")
-
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.parallel.context is not None:
-            self.parallel.context.counter.reset()
-        executor, actions = self._step_executor(batches, global_tokens)
-        accumulate(actions, executor, self.parallel.grad_sync)  # megaeff/train/step.py
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        loss_total = self._reduce_loss(float(executor.loss_sum))
-
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.parallel.dp_sharded)
-        lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
-        if self.nonfinite.admit(self.step + 1, loss_total / global_tokens, grad_norm):
-            self.optimizer.step()
-            self.scheduler.step()
+        out = self.runner.run(batches, self.step)  # megaeff/train/step_runner.py
         self.step += 1
         self.consumed_samples += self.global_batch_size
-        loss_mean = loss_total / global_tokens
-        out = {
-            "loss": loss_mean,
-            "ppl": math.exp(min(loss_mean, 50.0)),
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": global_tokens,
-            "act_saved_bytes": executor.act_saved_bytes,
-        }
-        if self.cfg.model.moe_experts:  # the balance loss of the step, summed over its micro-batches and ranks
-            out["moe_aux_loss"] = all_reduce_scalar(
-                executor.aux_total, self.dims.group("dp_cp"), "dp_cp", self.dims.comm_stats, self.device
-            )
         return out
 
     # ---------------------------------------------------------------- eval
@@ -368,11 +276,11 @@ class Trainer:
                 batch = valid.batch(range(lo, min(lo + t.eval_batch_size, len(valid))))
             else:
                 batch = padding_batch(valid.batch(range(1)))
-            nll += self._loss_sum(batch).double().cpu()
+            nll += self.runner.loss_sum(batch).double().cpu()
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
             self.watchdog.beat("an evaluation batch")
         self.model.train()
-        nll_total = self._reduce_loss(float(nll))
+        nll_total = self.runner.reduce_loss(float(nll))
         tok_total = int(all_reduce_scalar(tokens, self.dims.group("dp"), "dp", self.dims.comm_stats, self.device))
         return {"val_loss": nll_total / tok_total, "val_ppl": perplexity(nll_total, tok_total), "val_tokens": tok_total}
 

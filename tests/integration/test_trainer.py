@@ -80,7 +80,7 @@ def test_naive_per_micro_batch_mean_would_differ(tmp_path, smoke_cfg):
     def grad(weights):
         tr.model.zero_grad()
         for b, w in zip(batches, weights):
-            (tr._loss_sum(b) * w).backward()
+            (tr.runner.loss_sum(b) * w).backward()
         return torch.cat([p.grad.flatten() for p in tr.model.parameters()])
 
     weighted = grad([1 / sum(counts)] * 4)

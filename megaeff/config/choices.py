@@ -59,6 +59,7 @@ Fp8Format = _choice("Fp8Format", ("e4m3", "e5m2"))
 Fp8Backend = _choice("Fp8Backend", ("auto", "cuda", "triton", "cpp", "torch"))
 # precision
 Precision = _choice("Precision", ("fp32", "bf16", "coat"))
+ParamDtype = _choice("ParamDtype", ("fp32", "bf16"))
 # parallel (megaeff.distributed: pipeline.schedule.PIPELINE_SCHEDULES, context_parallel.attention.IMPLS,
 # context_parallel.sharding.SHARDINGS, fssdp.layout.GATHER_DTYPES / REDUCE_DTYPES, expert_parallel.experts.IMPLS)
 PpSchedule = _choice("PpSchedule", ("gpipe", "1f1b", "interleaved"))

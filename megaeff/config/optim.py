@@ -1,7 +1,7 @@
 """`optim` and `precision`: the optimizer, its schedule, and the numeric formats of training."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from megaeff.config.choices import (
     Fp8Backend,
@@ -9,12 +9,16 @@ from megaeff.config.choices import (
     LrSchedule,
     OptimImpl,
     Optimizer,
+    ParamDtype,
     Precision,
     require_choice,
     require_nonnegative,
     require_positive,
 )
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.config.schema import Config
 
 
 @dataclass
@@ -43,6 +47,9 @@ class OptimConfig:
     expand: bool = True
     min_fp8_numel: int = 4096
     fp8_backend: Fp8Backend = Fp8Backend["auto"]
+    # Optimizer in backward: each parameter is updated by its own optimizer step as soon as its gradient is final
+    # (the last micro-batch's backward), and the gradient is freed at once (megaeff/optim/per_param.py).
+    in_backward: bool = False
 
 
 def warmup_steps_for(o: OptimConfig, train_steps: int) -> int:
@@ -89,16 +96,29 @@ class PrecisionConfig:
     # bf16 autocast for what stays high precision (always on for name=bf16).
     autocast_bf16: bool = False
     # COAT parts, each on its own: FP8 AdamW moments; activations saved for backward in FP8 (linear inputs
-    # per-tensor E4M3, non-linear inputs in 1 x act_group_size groups, gradients E5M2); FP8 GEMMs (torch._scaled_mm)
-    # in dense linear layers.
+    # per-tensor E4M3, non-linear inputs in 1 x act_group_size groups, gradients E5M2); FP8 GEMMs (torch._scaled_mm,
+    # E4M3 operands, E5M2 gradients) in every projection matmul: dense layers, the lowrank / SLTrain / LOST
+    # factors, LOST's channel block, SLTrain's densified W (its sparse products stay high precision).
+    # conf/precision/coat.yaml runs them on FP32, coat_bf16.yaml on BF16 autocast (autocast_bf16) as the paper.
     fp8_optimizer_states: bool = False
     fp8_activations: bool = False
     fp8_gemm: bool = False
     act_group_size: int = 16
+    # Parameter storage: fp32 (master weights), or bf16 with no fp32 master: each update is computed on an fp32
+    # copy of one parameter and written back with stochastic rounding (megaeff/optim/per_param.py). Needs bf16
+    # autocast (precision=bf16, or autocast_bf16 under coat).
+    param_dtype: ParamDtype = ParamDtype["fp32"]
 
 
 def validate_precision(pr: PrecisionConfig) -> None:
     require_choice(pr.name, "precision.name", Precision)
+    require_choice(pr.param_dtype, "precision.param_dtype", ParamDtype)
+    if pr.param_dtype == "bf16" and not (pr.name == "bf16" or pr.autocast_bf16):
+        raise ConfigError(
+            "precision.param_dtype",
+            f"bf16 weights need bf16 autocast (precision=bf16, or precision.autocast_bf16=true under coat); got "
+            f"precision={pr.name} with autocast off, which would run norms, softmax and the loss in bf16",
+        )
     if pr.act_group_size < 1 or 128 % pr.act_group_size:
         raise ConfigError("precision.act_group_size", f"must divide 128 (COAT uses 16), got {pr.act_group_size}")
     if pr.name != "coat":
@@ -114,3 +134,34 @@ def validate_precision(pr: PrecisionConfig) -> None:
 def uses_fp8_states(o: OptimConfig, pr: PrecisionConfig) -> bool:
     """Whether the run keeps FP8 AdamW moments (megaeff.optim.builder.uses_fp8_states decides the same)."""
     return o.name == "coat_adamw" or bool(pr.fp8_optimizer_states)
+
+
+def validate_in_backward(cfg: "Config") -> None:
+    """The combinations `optim.in_backward=true` cannot run correctly (megaeff/train/in_backward.py says why):
+    dropping a whole step on a non-finite value (the updates happen before the loss is known), and per-parameter
+    clipping where a parameter's logical gradient norm would need a collective inside backward that megaeff
+    does not issue (tensor-parallel shards, experts spread over dp x cp)."""
+    o, t, p = cfg.optim, cfg.train, cfg.parallel
+    if not o.in_backward:
+        return
+    if t.nonfinite == "skip":
+        raise ConfigError(
+            "train.nonfinite",
+            "skip cannot be combined with optim.in_backward=true: parameters are updated during backward, before "
+            "the step's loss and gradient norm are known, so a step cannot be dropped; use train.nonfinite=stop "
+            "(a non-finite gradient is not applied and the run stops after the step)",
+        )
+    if o.grad_clip > 0 and p.tp > 1:
+        raise ConfigError(
+            "optim.grad_clip",
+            f"per-parameter clipping under optim.in_backward=true is not supported with parallel.tp={p.tp} "
+            "(a tp shard's logical norm would need a tp all-reduce per parameter inside backward); set "
+            "optim.grad_clip=0 or optim.in_backward=false",
+        )
+    if o.grad_clip > 0 and cfg.model.moe_experts and p.expert_impl != "replicated" and p.dp * p.cp > 1:
+        raise ConfigError(
+            "optim.grad_clip",
+            f"per-parameter clipping under optim.in_backward=true is not supported with parallel.expert_impl="
+            f"{p.expert_impl} (one flat parameter holds many experts); set optim.grad_clip=0, "
+            "parallel.expert_impl=replicated or optim.in_backward=false",
+        )

@@ -2,7 +2,7 @@
 rank's part of a parallel layout and gets what trains it, always in the same order:
 
     pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing
-    -> materialization (if the model is still on the meta device) -> data parallelism:
+    -> materialization (if the model is still on the meta device; then `precision.param_dtype`) -> data parallelism:
        MoE experts over dp x cp (expert_parallel.parallelize_experts), then FSSDP or the bucketed GradReducer
 
 Why this order. The first four steps replace modules of the meta-built model, so no rank ever allocates the
@@ -190,6 +190,14 @@ def apply_data_parallel(
     )
 
 
+def store_parameters_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """`precision.param_dtype`: floating-point parameters (not buffers: RoPE tables, indices) stored in `dtype`,
+    after materialization drew them in fp32 (so a bf16 run starts from the rounded fp32 initialization)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def parallelize(
     model: nn.Module,
     dims: ParallelDims,
@@ -213,5 +221,7 @@ def parallelize(
         apply_activation_checkpointing(model, context)
     if any(x.is_meta for x in itertools.chain(model.parameters(), model.buffers())):
         model = materialize(model, device or dims.device, t.seed, cfg.model.init_std, weights=init_weights)
+    if cfg.precision.param_dtype == "bf16":
+        store_parameters_in(model, torch.bfloat16)
     logical_state.annotate_parameters(model)
     return apply_data_parallel(model, dims, pcfg, moe=bool(cfg.model.moe_experts), chunks=chunks, context=context)

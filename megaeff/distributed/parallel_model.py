@@ -3,7 +3,8 @@ the two objects the step and the checkpoints talk to, behind the two interfaces 
 
 `GradSync`: the gradient synchronization of one optimizer step over dp x cp. The one accumulation loop
 (megaeff/train/step.py) calls `prepare(final=i == last)` before each micro-batch's backward and `finish()` after
-the last one; gradients are then summed over every rank that holds the same parameters.
+the last one; gradients are then summed over every rank that holds the same parameters. With the optimizer in
+backward, `set_final_hook` asks it to report each gradient as soon as it is final.
 Implementations: `GradReducer` (replicated parameters, bucketed all-reduce; data_parallel/bucketed.py) and
 `FSSDP` (sharded parameters, reduce-scatter; fssdp/).
 
@@ -17,7 +18,7 @@ distributed experts) and `FSSDP` (which adds its dp x cp shards).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,6 +39,12 @@ class GradSync(Protocol):
 
     def describe(self) -> str:
         """One line for the run log."""
+
+    def set_final_hook(self, hook: Optional[Callable[[Sequence[torch.Tensor]], None]]) -> None:
+        """Optimizer in backward (megaeff/train/in_backward.py): from now on, call `hook(params)` as soon as the
+        gradients of `params` are final for the step (the last micro-batch's, complete over dp x cp), at the
+        latest in `finish()`; the hook may update the parameters and free their gradients. Every rank passes
+        the same lists in the same order. Parameters never reported are the caller's to finish. None: no hook."""
 
 
 @runtime_checkable

@@ -7,8 +7,14 @@ without an explicit policy is bit-identical to one built before this seam existe
 what is *saved for backward* (and, optionally, the GEMM arithmetic), e.g. `megaeff.precision.fp8_activations.
 Fp8Activations`; no layer code changes and there is no global switch.
 
+Every matmul of a projection goes through `linear` (a factor of lowrank / SLTrain / LOST, LOST's channel block)
+or `dense` (a full dense weight): with COAT's `fp8_gemm` both become FP8 GEMMs, which is why layers and their
+tensor-parallel forms never call `torch._scaled_mm` themselves.
+
 Custom autograd Functions of a method (SLTrain's densify and sparse products) save their activation input
-through `pack`/`unpack` and filter incoming gradients through `grad`, so the same policy reaches them.
+through `pack`/`unpack` and filter incoming gradients through `grad`, so the same policy reaches them. A Function
+that runs its own GEMMs (SLTrain's densify path) runs them through `mm`, `mm_input_grad` and `mm_weight_grad`,
+so an FP8 policy can make them FP8 GEMMs; they are called with autocast off and operands in the compute dtype.
 """
 
 from __future__ import annotations
@@ -62,6 +68,18 @@ class ActivationOps:
     def grad(self, dy: torch.Tensor) -> torch.Tensor:
         """The incoming gradient as the backward GEMMs should see it."""
         return dy
+
+    def mm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x W^T inside a custom Function's forward (no autograd)."""
+        return F.linear(x, weight)
+
+    def mm_input_grad(self, dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """dY W inside a custom Function's backward (dy 2-D)."""
+        return dy @ weight
+
+    def mm_weight_grad(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """dY^T x inside a custom Function's backward (dy and x 2-D)."""
+        return dy.t() @ x
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"

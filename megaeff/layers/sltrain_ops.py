@@ -9,7 +9,11 @@ GEMM, and dropped; backward rebuilds it. Neither W nor its gradient G outlives t
     dx = dy W,  G = dy^T x,  dB = G (sA)^T,  dA = s B^T G,  dS = G.flatten()[Omega].
 
 Both Functions save their activation input through the layer's `ActivationOps` (`pack`/`unpack`, x itself by
-default, FP8 codes under FP8 activations) and pass the incoming gradient through `ops.grad`.
+default, FP8 codes under FP8 activations) and pass the incoming gradient through `ops.grad`. The densify path's
+three GEMMs with the densified W (y = x W^T, dx = dy W, G = dy^T x) run through the policy's `mm`,
+`mm_input_grad` and `mm_weight_grad`: plain matmuls by default, FP8 GEMMs under COAT's `fp8_gemm`. Building W
+(B sA), its scatter, and the factor gradients dB = G (sA)^T, dA = s B^T G stay high precision, as do all the
+sparse products (the CSR product, its transpose and the sampled dS): FP8 GEMMs need dense tensor-core operands.
 
 No-densify path: y = (x (sA)^T) B^T + x S^T, the sparse product by `SparseMatmul` on a CSR view of S (values,
 column indices and row offsets derived from Omega on the fly):
@@ -23,7 +27,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from megaeff.layers.ops import HIGH_PRECISION
 
@@ -105,7 +108,7 @@ class DensifyMatmul(torch.autograd.Function):
         cdt = compute_dtype(x, A)
         with torch.autocast(x.device.type, enabled=False):
             W = densify(A, B, values, index, scale, cdt)
-            y = F.linear(x.to(cdt), W)
+            y = ops.mm(x.to(cdt), W)
         del W
         packed = ops.pack(x)  # the activation as the policy saves it (x itself by default)
         ctx.save_for_backward(*packed.tensors, A, B, values, index)
@@ -124,10 +127,10 @@ class DensifyMatmul(torch.autograd.Function):
             dy = ctx.ops.grad(dy).to(cdt)
             if need_x:
                 W = densify(A, B, values, index, s, cdt)
-                dx = (dy @ W).to(x.dtype)
+                dx = ctx.ops.mm_input_grad(dy, W).to(x.dtype)
                 del W
             if need_A or need_B or need_v:
-                G = dy.t() @ x.to(cdt)  # the full m x n weight gradient, alive only in this block
+                G = ctx.ops.mm_weight_grad(dy, x.to(cdt))  # the full m x n weight gradient, only in this block
                 if need_B:
                     dB = (G @ (A * s).to(cdt).t()).to(B.dtype)
                 if need_A:

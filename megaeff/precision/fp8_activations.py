@@ -5,9 +5,12 @@ included) and differs only in what it saves for backward (research note coat_fp8
 
 - linear (`Fp8SavedLinear`): the input in per-tensor E4M3; the weight is referenced, never copied. Backward
   quantizes the incoming gradient per-tensor to E5M2 and runs dX = dY W and dW = dY^T X on dequantized values.
-- dense projections with `fp8_gemm` (`Fp8GemmLinear`): the forward GEMM and both backward GEMMs run as FP8
-  GEMMs (megaeff/precision/scaled_mm.py); a GEMM whose shape breaks CUDA's rules falls back to the same
-  arithmetic on dequantized values and says why once.
+- every projection matmul with `fp8_gemm` (`Fp8GemmLinear`, megaeff/precision/fp8_gemm_linear.py): dense
+  projections (`dense`), the factors of lowrank / SLTrain / LOST and LOST's channel block (`linear`), and the
+  GEMMs with SLTrain's densified W (`mm`, `mm_input_grad`, `mm_weight_grad`): the forward GEMM and both
+  backward GEMMs run as FP8 GEMMs (megaeff/precision/scaled_mm.py); a GEMM whose shape breaks CUDA's rules
+  falls back to the same arithmetic on dequantized values and says why once. SLTrain's sparse products stay
+  high precision.
 - RMSNorm (`Fp8RMSNorm`): the input in 1 x G E4M3 plus the FP32 rstd per row; backward recomputes x_hat.
 - SwiGLU product (`Fp8SwiGLU`): gate and up in 1 x G E4M3; backward recomputes silu.
 - SiLU inside a method (`Fp8SiLU`, LOST's f): the input in 1 x G E4M3.
@@ -18,7 +21,6 @@ precision because those modules never receive the policy.
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
@@ -36,14 +38,15 @@ from megaeff.precision.act_quant import (
     dequantize_tensor,
     fake_quantize_tensor,
     quantize_groups,
-    quantize_tensor,
     quantize_tensor_shared,
 )
-from megaeff.precision.scaled_mm import column_major, gemm_unsupported, scaled_mm
-
-
-class Fp8GemmFallback(UserWarning):
-    """An FP8 GEMM ran as a dequantized matmul because its shape or layout breaks CUDA's rules."""
+from megaeff.precision.fp8_gemm_linear import (  # noqa: F401  (Fp8GemmFallback: re-exported, its old home)
+    Fp8Gemm,
+    Fp8GemmFallback,
+    Fp8GemmLinear,
+    gemm_out_dtype,
+    quantize_grad,
+)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -74,38 +77,6 @@ class Fp8SavedLinear(torch.autograd.Function):
             x = dequantize_tensor(TensorQ(codes, scale), cdt)
             dw = (_rows(dyq).t() @ _rows(x)).to(weight.dtype)
         return dx, dw
-
-
-class Fp8GemmLinear(torch.autograd.Function):
-    """y = x W^T as an FP8 GEMM (x, W per-tensor E4M3); backward dX = dY_e5m2 W_e4m3, dW = dY_e5m2^T X_e4m3.
-
-    Only x's codes are saved; W's are recomputed in backward (COAT's weight_memory_efficient default), so no
-    weight copy outlives the forward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, policy):
-        cdt = compute_dtype(x, weight)
-        out_dtype = cdt if cdt in (torch.bfloat16, torch.float32) else torch.float32
-        xq = quantize_tensor_shared(x, E4M3)
-        wq = quantize_tensor(weight, E4M3)
-        y = policy.gemm(_rows(xq.codes), wq.codes.t(), xq.scale, wq.scale, out_dtype)
-        ctx.save_for_backward(xq.codes, xq.scale, weight)
-        ctx.x_dtype, ctx.out_dtype, ctx.policy = x.dtype, out_dtype, policy
-        return y.reshape(*x.shape[:-1], weight.shape[0]).to(cdt)
-
-    @staticmethod
-    def backward(ctx, dy):
-        codes, scale, weight = ctx.saved_tensors
-        gemm, out_dtype = ctx.policy.gemm, ctx.out_dtype
-        g = quantize_tensor(_rows(dy), E5M2)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            wq = quantize_tensor(weight, E4M3)
-            dx = gemm(g.codes, column_major(wq.codes), g.scale, wq.scale, out_dtype)
-            dx = dx.reshape(*dy.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dw = gemm(g.codes.t().contiguous(), column_major(_rows(codes)), g.scale, scale, out_dtype).to(weight.dtype)
-        return dx, dw, None
 
 
 # ---------------------------------------------------------------------------------------------------- non-linear
@@ -182,15 +153,16 @@ class Fp8SiLU(torch.autograd.Function):
 
 # ---------------------------------------------------------------------------------------------------- policy
 class Fp8Activations(ActivationOps):
-    """COAT's mixed-granularity FP8 activations (`activations`) and/or FP8 GEMMs in dense projections (`gemm`).
+    """COAT's mixed-granularity FP8 activations (`activations`) and/or FP8 GEMMs in every projection matmul (`gemm`).
 
-    The only state is the set of GEMM fallback reasons already reported, so each is said once per model."""
+    The only state is the GEMM engine's (`gemms`): the GEMM counts and the fallback reasons already reported, so
+    each is said once per model."""
 
     def __init__(self, group_size: int = 16, *, activations: bool = True, gemm: bool = False):
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"act group size must be a positive integer, got {group_size!r}")
         self.group_size, self.activations, self.fp8_gemm = group_size, bool(activations), bool(gemm)
-        self._reported: set = set()
+        self.gemms = Fp8Gemm()
 
     @property
     def name(self) -> str:
@@ -199,10 +171,12 @@ class Fp8Activations(ActivationOps):
 
     # ------------------------------------------------------------ ops the layers call
     def linear(self, x, weight):
+        if self.fp8_gemm:
+            return Fp8GemmLinear.apply(x, weight, self)
         return Fp8SavedLinear.apply(x, weight) if self.activations else F.linear(x, weight)
 
     def dense(self, x, weight):
-        return Fp8GemmLinear.apply(x, weight, self) if self.fp8_gemm else self.linear(x, weight)
+        return self.linear(x, weight)
 
     def silu(self, x):
         return Fp8SiLU.apply(x, self.group_size) if self.activations else F.silu(x)
@@ -230,19 +204,24 @@ class Fp8Activations(ActivationOps):
     def grad(self, dy):
         return fake_quantize_tensor(dy, E5M2) if self.activations else dy
 
-    # ------------------------------------------------------------ FP8 GEMM with a reported fallback
-    def gemm(self, a, b, scale_a, scale_b, out_dtype):
-        reason = gemm_unsupported(a, b, scale_a, scale_b, out_dtype)
-        if reason is None:
-            return scaled_mm(a, b, scale_a, scale_b, out_dtype)
-        if reason not in self._reported:
-            self._reported.add(reason)
-            warnings.warn(
-                f"FP8 GEMM {tuple(a.shape)} @ {tuple(b.shape)} runs as a dequantized matmul: {reason}",
-                Fp8GemmFallback,
-                stacklevel=2,
-            )
-        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+    # ------------------------------------------------------------ GEMMs inside custom Functions (SLTrain densify)
+    def mm(self, x, weight):
+        if not self.fp8_gemm:
+            return super().mm(x, weight)
+        cdt = torch.promote_types(x.dtype, weight.dtype)  # autocast is off here: operands are in the compute dtype
+        return self.gemms.forward(x, weight, gemm_out_dtype(cdt))[0].to(cdt)
+
+    def mm_input_grad(self, dy, weight):
+        if not self.fp8_gemm:
+            return super().mm_input_grad(dy, weight)
+        cdt = torch.promote_types(dy.dtype, weight.dtype)
+        return self.gemms.input_grad(quantize_grad(dy), weight, gemm_out_dtype(cdt)).to(cdt)
+
+    def mm_weight_grad(self, dy, x):
+        if not self.fp8_gemm:
+            return super().mm_weight_grad(dy, x)
+        cdt = torch.promote_types(dy.dtype, x.dtype)
+        return self.gemms.weight_grad(quantize_grad(dy), x, gemm_out_dtype(cdt)).to(cdt)
 
     def __repr__(self) -> str:
         return f"Fp8Activations(group_size={self.group_size}, activations={self.activations}, gemm={self.fp8_gemm})"

@@ -7,6 +7,10 @@ memory tracker (megaeff/train/memory/) runs on fake tensors, so that both measur
     pipeline schedule) -> loss reduced over pp, cp, dp -> clip by the global norm of the logical gradient ->
     the non-finite check (train.nonfinite) -> optimizer and LR schedule step
 
+With `optim.in_backward=true` the optimizer steps each parameter during the accumulation loop, as its gradient
+becomes final, and the clip is per parameter (megaeff/train/in_backward.py); the step's gradient norm is still
+the global one, and only the LR schedule steps after the guard.
+
 The per-batch helpers (`to_device`, `loss_sum`, `autocast`) are public because evaluation runs the same forward.
 """
 
@@ -28,6 +32,7 @@ from megaeff.distributed.pipeline.runner import PipelineRunner
 from megaeff.distributed.pipeline.schedule import Action
 from megaeff.distributed.tensor_parallel.sequence import loss_sum
 from megaeff.errors import DataError
+from megaeff.train.in_backward import InBackwardUpdates
 from megaeff.train.nonfinite import NonFiniteGuard
 from megaeff.train.step import PlainStep, StepExecutor, accumulate, plain_actions
 
@@ -50,6 +55,11 @@ class StepRunner:
         self.model = parallel.module
         self.optimizer, self.scheduler, self.pipeline, self.guard = optimizer, scheduler, pipeline, guard
         self.device = dims.device
+        self.in_backward: Optional[InBackwardUpdates] = None
+        if cfg.optim.in_backward:
+            self.in_backward = InBackwardUpdates(
+                optimizer, dims, max_norm=cfg.optim.grad_clip, dp_sharded=parallel.dp_sharded
+            )
 
     # ---------------------------------------------------------------- one batch
     def autocast(self):
@@ -123,15 +133,21 @@ class StepRunner:
         if self.parallel.context is not None:
             self.parallel.context.counter.reset()
         executor, actions = self.executor(batches, global_tokens)
+        if self.in_backward is not None:
+            self.in_backward.begin(self.parallel.grad_sync)
         accumulate(actions, executor, self.parallel.grad_sync)  # megaeff/train/step.py
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.in_backward is not None:  # updated and clipped per parameter; the norm is the global one
+            grad_norm = self.in_backward.end(self.parallel.grad_sync)
         loss_total = self.reduce_loss(float(executor.loss_sum))
 
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.parallel.dp_sharded)
+        if self.in_backward is None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.parallel.dp_sharded)
         lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor
         if self.guard.admit(step + 1, loss_total / global_tokens, grad_norm):
-            self.optimizer.step()
+            if self.in_backward is None:
+                self.optimizer.step()
             self.scheduler.step()
         loss_mean = loss_total / global_tokens
         out = {

@@ -222,6 +222,8 @@ class Trainer:
             + ("; sequence parallel" if self.dims.tp > 1 and c.parallel.sequence_parallel else ""),
             self.parallel.grad_sync.describe(),
         ]
+        if self.runner.in_backward is not None:
+            lines.append(self.runner.in_backward.describe())
         if self.pipeline is not None:
             m, pc = c.train.grad_accum, c.parallel
             bubble = bubble_fraction(

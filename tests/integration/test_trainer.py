@@ -91,11 +91,18 @@ def test_naive_per_micro_batch_mean_would_differ(tmp_path, smoke_cfg):
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["precision=coat", "optim.min_fp8_numel=0", "optim.fp8_backend=torch"]],
-    ids=["fp32", "coat-fp8-states"],
+    [
+        [],
+        ["precision=coat", "optim.min_fp8_numel=0", "optim.fp8_backend=torch"],
+        # bf16 weights: the stochastic rounding noise is a function of (parameter, update count), not of RNG state
+        ["precision=coat", "precision.autocast_bf16=true", "precision.param_dtype=bf16", "optim.fp8_backend=torch"],
+    ],
+    ids=["fp32", "coat-fp8-states", "bf16-weights-coat"],
 )
 def test_resume_is_bit_exact(tmp_path, smoke_cfg, extra):
     full = make_trainer(smoke_cfg(tmp_path / "full", *extra))
+    want = torch.bfloat16 if "precision.param_dtype=bf16" in extra else torch.float32
+    assert {p.dtype for p in full.model.parameters()} == {want}
     ref = full.fit()
     ref_params = {n: p.detach().clone() for n, p in full.model.named_parameters()}
     full.close()

@@ -163,8 +163,10 @@ def test_every_yaml_composes_and_validates(group, option, compose_cfg):
     cfg = compose_cfg([f"{group}={option}", *extra])
     assert isinstance(cfg, Config)
     if group in ("model", "method", "precision", "optim", "data"):
-        # These group files name themselves after the file (method presets after the method they configure).
-        assert getattr(cfg, group).name == (option.split("_", 1)[0] if sized else option)
+        # These group files name themselves after the file (method presets after the method they configure, and
+        # precision variants such as coat_bf16, COAT on BF16 autocast, after the recipe they vary).
+        variant = sized or (group == "precision" and "_" in option)
+        assert getattr(cfg, group).name == (option.split("_", 1)[0] if variant else option)
     # Parallel presets name their degrees: validate each at the world size it asks for (-1 takes one rank).
     world = 1
     if group == "parallel":

@@ -11,6 +11,16 @@ Three phases, all on this machine:
    sweep (same seed, so the same samples in the same order); the best LR by final validation perplexity (the whole
    held-out split) is reported, with parameter count and training-state bytes (weights, grads, AdamW, indices).
 Prints a table, writes JSON and a PNG of the best runs' curves.
+
+`--precisions` runs the quality phase once per precision preset (conf/precision/), e.g. COAT on top of BF16
+against BF16 (issue 17: FP8 GEMMs in the compact layers):
+
+    OMP_NUM_THREADS=1 python tools/bench/methods.py --methods lost --lrs 3e-3 --speed-rounds 0 --steps 300 \
+        --batch 4 --seq-len 128 --threads 1 --final-eval-batches 64 --precisions bf16 coat_bf16 \
+        --workdir runs/bench_coat_lost --out bench_coat_lost.json --png bench_coat_lost.png
+
+and reports, per method, each precision's validation loss relative to the first one's (at that precision's
+best LR). `--speed-rounds 0` skips the speed phase.
 """
 
 from __future__ import annotations
@@ -72,11 +82,12 @@ def measure_speed(rounds: int, batch: int, seq_len: int, threads: int) -> dict:
     return {m: batch * seq_len / statistics.median(t) for m, t in times.items()}
 
 
-def train_one(method: str, lr: float, args, run_dir: Path) -> dict:
+def train_one(method: str, lr: float, args, run_dir: Path, precision: str = "fp32") -> dict:
     cfg = compose(
         [
             f"model={args.model}",
             *method_overrides(method),
+            f"precision={precision}",
             f"optim.lr={lr}",
             f"train.steps={args.steps}",
             f"optim.warmup_steps={max(args.steps // 10, 1)}",
@@ -90,7 +101,7 @@ def train_one(method: str, lr: float, args, run_dir: Path) -> dict:
             "train.plot=false",
             f"train.threads={args.threads}",
             f"run_dir={run_dir}",
-            f"name={method}_lr{lr:g}",
+            f"name={method}_{precision}_lr{lr:g}",
             *args.extra,
         ]
     )
@@ -98,12 +109,15 @@ def train_one(method: str, lr: float, args, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
-    trainer.cfg.train.eval_max_batches = None  # the final number covers the whole held-out split
+    # The final number covers the whole held-out split unless --final-eval-batches caps it (the same batches for
+    # every run, so runs compare paired).
+    trainer.cfg.train.eval_max_batches = args.final_eval_batches
     final = trainer.evaluate()
     mem = state_memory(trainer.model, trainer.optimizer)
     trainer.close()
     return {
         "method": method,
+        "precision": precision,
         "lr": lr,
         "val_ppl": final["val_ppl"],
         "val_loss": final["val_loss"],
@@ -130,6 +144,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_methods.json"))
     ap.add_argument("--png", type=Path, default=Path("bench_methods.png"))
     ap.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every quality run")
+    ap.add_argument("--final-eval-batches", type=int, default=None, help="cap the final evaluation (default: all)")
+    ap.add_argument(
+        "--precisions", nargs="+", default=["fp32"], help="precision presets (conf/precision/) of the quality runs"
+    )
     args = ap.parse_args(argv)
 
     work = {m: count_work(m) for m in METHODS}
@@ -142,33 +160,38 @@ def main(argv=None) -> int:
         ),
         flush=True,
     )
-    speed = measure_speed(args.speed_rounds, args.speed_batch, args.seq_len, args.threads)
-    print("tokens/s at llama_60m shapes: " + ", ".join(f"{m} {v:.0f}" for m, v in speed.items()), flush=True)
+    speed = {}
+    if args.speed_rounds > 0:
+        speed = measure_speed(args.speed_rounds, args.speed_batch, args.seq_len, args.threads)
+        print("tokens/s at llama_60m shapes: " + ", ".join(f"{m} {v:.0f}" for m, v in speed.items()), flush=True)
 
     runs = []
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for method in args.methods:
-        for lr in args.lrs:
-            run_dir = args.workdir / f"{method}_lr{lr:g}"
-            with open(f"{run_dir}.log", "w") as log, contextlib.redirect_stdout(log):
-                r = train_one(method, lr, args, run_dir)
-            runs.append(r)
-            print(f"{method:<8} lr {lr:<7g} val_ppl {r['val_ppl']:.3f}  ({r['train_seconds']:.0f} s)", flush=True)
+    for precision in args.precisions:
+        for method in args.methods:
+            for lr in args.lrs:
+                tag = method if precision == "fp32" else f"{method}_{precision}"
+                run_dir = args.workdir / f"{tag}_lr{lr:g}"
+                with open(f"{run_dir}.log", "w") as log, contextlib.redirect_stdout(log):
+                    r = train_one(method, lr, args, run_dir, precision)
+                runs.append(r)
+                print(
+                    f"{method:<8} {precision:<10} lr {lr:<7g} val_loss {r['val_loss']:.4f} val_ppl {r['val_ppl']:.3f}"
+                    f"  ({r['train_seconds']:.0f} s)",
+                    flush=True,
+                )
 
-    best = {m: min((r for r in runs if r["method"] == m), key=lambda r: r["val_ppl"]) for m in args.methods}
-    header = (
-        f"{'method':<8}{'best lr':>9}{'val ppl':>9}{'params':>10}{'state MB':>10}{'lin MACs/tok 60m':>18}"
-        f"{'vs dense':>9}{'tok/s 60m':>11}"
+    best = {
+        (m, p): min((r for r in runs if r["method"] == m and r["precision"] == p), key=lambda r: r["val_ppl"])
+        for p in args.precisions
+        for m in args.methods
+    }
+    print_table(best, work, speed, args.precisions)
+    plot_runs(
+        [Path(r["run_dir"]) for r in best.values()],
+        args.png,
+        [f"{m} {p} (lr {r['lr']:g})" for (m, p), r in best.items()],
     )
-    print("\n" + header + "\n" + "-" * len(header))
-    dense_macs = work["dense"]["linear_macs_per_token_60m"]
-    for m, r in best.items():
-        macs = work[m]["linear_macs_per_token_60m"]
-        print(
-            f"{m:<8}{r['lr']:>9g}{r['val_ppl']:>9.3f}{r['params'] / 1e6:>9.3f}M{r['state_bytes'] / 2**20:>10.2f}"
-            f"{macs / 1e6:>17.2f}M{macs / dense_macs:>9.3f}{speed[m]:>11.0f}"
-        )
-    plot_runs([Path(best[m]["run_dir"]) for m in best], args.png, [f"{m} (lr {best[m]['lr']:g})" for m in best])
     args.out.write_text(
         json.dumps(
             {
@@ -176,13 +199,42 @@ def main(argv=None) -> int:
                 "work": work,
                 "tokens_per_s_60m": speed,
                 "runs": runs,
-                "best": {m: r["lr"] for m, r in best.items()},
+                "best": {f"{m}/{p}": r["lr"] for (m, p), r in best.items()},
+                "val_loss_rel_diff": rel_diffs(best, args.precisions),
             },
             indent=1,
         )
     )
     print(f"wrote {args.out} and {args.png}")
     return 0
+
+
+def rel_diffs(best: dict, precisions) -> dict:
+    """Per method and precision: (val_loss - val_loss at the first precision) / val_loss at the first precision."""
+    base = precisions[0]
+    return {
+        f"{m}/{p}": (r["val_loss"] - best[(m, base)]["val_loss"]) / best[(m, base)]["val_loss"]
+        for (m, p), r in best.items()
+        if p != base
+    }
+
+
+def print_table(best: dict, work: dict, speed: dict, precisions) -> None:
+    diffs = rel_diffs(best, precisions)
+    header = (
+        f"{'method':<8}{'precision':>11}{'best lr':>9}{'val loss':>10}{'vs ' + precisions[0]:>14}{'val ppl':>9}"
+        f"{'params':>10}{'state MB':>10}{'lin MACs/tok 60m':>18}{'vs dense':>9}{'tok/s 60m':>11}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    dense_macs = work["dense"]["linear_macs_per_token_60m"]
+    for (m, p), r in best.items():
+        macs = work[m]["linear_macs_per_token_60m"]
+        diff = diffs.get(f"{m}/{p}")
+        print(
+            f"{m:<8}{p:>11}{r['lr']:>9g}{r['val_loss']:>10.4f}{'' if diff is None else f'{diff:+.3%}':>14}"
+            f"{r['val_ppl']:>9.3f}{r['params'] / 1e6:>9.3f}M{r['state_bytes'] / 2**20:>10.2f}"
+            f"{macs / 1e6:>17.2f}M{macs / dense_macs:>9.3f}{f'{speed[m]:.0f}' if m in speed else '-':>11}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ With `overlap=False`, or when `prepare(final=True)` was never called, `finish` r
 The final micro-batch must run exactly one backward: a gradient accumulated into a bucket already in flight
 raises an error instead of being silently lost.
 
+Optimizer in backward (`set_final_hook`, megaeff/train/in_backward.py): each bucket's parameters are reported
+in `finish()`, bucket by bucket as its all-reduce completes. Their gradients are views into the static buckets,
+so freeing them saves no gradient memory in this layout (use FSSDP for that). In a group of one (no buckets), a
+post-accumulate-grad hook reports each parameter as the final micro-batch's backward accumulates it: tensor
+and sequence parallel partial sums are all-reduced inside autograd before that, so the gradient is complete.
+
 A parameter unused on every rank ends the step with a zero gradient, not None (as torch DDP with
 `gradient_as_bucket_view`). Every all-reduce is recorded in `dims.comm_stats` as `dp_cp/all_reduce` with the
 bucket's bytes. A group of one is a no-op: no buckets, no hooks, `finish` returns at once.
@@ -110,15 +116,18 @@ class GradReducer:
         self._ready: set = set()
         self._from_hooks = 0
         self.launched_in_backward = 0
-        if not self.enabled:
-            return
-
+        self._final_hook = None
+        self._in_final = False  # inside the step's final backward (whatever `overlap`): the optimizer-in-backward hook
         unique: List[Tuple[str, torch.nn.Parameter]] = []
         seen = set()
         for name, p in params:
             if p.requires_grad and id(p) not in seen:  # tied weights: one slot, one hook
                 seen.add(id(p))
                 unique.append((name, p))
+        self._params = [p for _, p in unique]
+        if not self.enabled:
+            return
+
         cap = bucket_mb * MiB
         open_: Dict[tuple, Tuple[List[torch.nn.Parameter], List[str], int]] = {}
         closed: List[Tuple[List[torch.nn.Parameter], List[str]]] = []
@@ -172,9 +181,21 @@ class GradReducer:
         )
 
     # ------------------------------------------------------------------ step
+    def set_final_hook(self, hook) -> None:
+        """`GradSync.set_final_hook` (module docstring): buckets report in `finish()`; a group of one registers
+        post-accumulate-grad hooks (once) that report during the final backward."""
+        self._final_hook = hook
+        if hook is not None and not self.enabled and not self._hooks:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._final_grad) for p in self._params]
+
+    def _final_grad(self, p: torch.nn.Parameter) -> None:
+        if self._in_final and self._final_hook is not None:
+            self._final_hook([p])
+
     def prepare(self, final: bool) -> None:
         """Call before each micro-batch's backward; `final=True` for the last one of the step, whose backward
         launches the reduction (with overlap). Attaches the bucket views as `.grad`."""
+        self._in_final = bool(final)
         if not self.enabled:
             return
         if self._handles or self._next:
@@ -214,14 +235,17 @@ class GradReducer:
 
     def finish(self) -> None:
         """Launch the buckets not launched during backward (in order), wait for all; grads are then summed."""
+        self._in_final = False
         if not self.enabled:
             return
         with self._lock:
             for bucket in self.buckets[self._next :]:
                 self._launch(bucket)
             handles, self._handles = self._handles, []
-        for h in handles:
+        for bucket, h in zip(self.buckets, handles):  # one handle per bucket, in bucket order
             h.wait()
+            if self._final_hook is not None:
+                self._final_hook(list(bucket.params))
         self.launched_in_backward = self._from_hooks
         self._next, self._final, self._from_hooks = 0, False, 0
         self._ready.clear()

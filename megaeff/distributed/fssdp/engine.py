@@ -294,6 +294,7 @@ class FSSDP:
     sparse_rows, peak_gathered_bytes, live_gathered_bytes = _Via("engine"), _Via("engine"), _Via("engine")
     # the gradient sync (the trainer's gradient reducer)
     prepare, finish, describe = _Via("grad_sync"), _Via("grad_sync"), _Via("grad_sync")
+    set_final_hook = _Via("grad_sync")  # optimizer in backward (megaeff/train/in_backward.py)
     # the byte tally
     last_step, last_gathers = _Via("tally"), _Via("tally")
     bytes_gathered_last_step, bytes_reduced_last_step = _Via("tally"), _Via("tally")

@@ -17,6 +17,12 @@ End of step (`finish()`). Wait for the reduce-scatters; the hybrid tensors' (pla
 gradients are all-reduced within the node (`node_cg`): the sum over every rank, at 1/n_nodes of the all-reduce
 volume; the replicated tensors' gradients are all-reduced over the whole group. Then the byte tally closes the
 step (tally.py).
+
+Optimizer in backward (`set_final_hook`, megaeff/train/in_backward.py): as the reduce-scatter of a unit's last
+micro-batch lands, the unit's shard parameters are reported (their `.grad` is then complete: every micro-batch
+landed before it, in launch order), so each is updated and its gradient freed during backward; hybrid and
+replicated tensors are reported in `finish()` after their all-reduce. The unsharded unit gradients are dropped
+as each reduce-scatter lands, so no full-size gradient outlives its unit's reduction.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ class FSSDPGradSync:
         self.sparse_rows: list = []
         self._inflight: deque = deque()
         self._hybrid_acc: Dict[int, torch.Tensor] = {}
+        self._final_hook = None
+
+    def set_final_hook(self, hook) -> None:
+        """`GradSync.set_final_hook` (module docstring)."""
+        self._final_hook = hook
 
     def track_sparse_rows(self, rows) -> None:
         """Flush `rows` (embedding.py's SparseRows) at every `finish()`."""
@@ -72,11 +83,12 @@ class FSSDPGradSync:
             self.tally.count("reduce_scatter", flat.reduce_bytes, flat.cg)
             launched.append((flat, unit.params[i : i + n], *flat.launch_reduce(grads[i : i + n], async_op=True)))
             i += n
-        self._inflight.append(launched)
+        self._inflight.append((self.final, launched))
         while len(self._inflight) > self.max_inflight:
-            self._land(self._inflight.popleft())
+            self._land(*self._inflight.popleft())
 
-    def _land(self, launched) -> None:
+    def _land(self, final: bool, launched) -> None:
+        done = []
         for flat, params, work, out, _send in launched:
             if work is not None:
                 work.wait()
@@ -88,6 +100,10 @@ class FSSDPGradSync:
                     p.grad = g.clone()
                 else:
                     p.grad.add_(g)
+                if spec.kind != "hybrid":
+                    done.append(p)
+        if final and self._final_hook is not None:
+            self._final_hook(done)
 
     # ------------------------------------------------------------------ end of step
     def prepare(self, final: bool) -> None:
@@ -104,23 +120,27 @@ class FSSDPGradSync:
         plan = self.plan
         if not plan.enabled:
             return
+        self.final = True  # what is reduced from here on is final
         for unit in plan.units:  # deferred gradients whose final micro-batch was not marked: reduce them now
             if unit.acc is not None:
                 grads, unit.acc = unit.acc, None
                 self._reduce(unit, grads)
         for rows in self.sparse_rows:
             rows.flush()
-        self.final = True
         while self._inflight:
-            self._land(self._inflight.popleft())
+            self._land(*self._inflight.popleft())
         for unit in plan.units:  # a gather launched for a forward that will see other weights after the step
             unit.retire_prefetch()
         if plan.hybrid:  # hybrid tensors exist only with a node group of more than one rank
             pairs = [(p, self._hybrid_acc.get(id(p))) for _, p in plan.hybrid]
             self._all_reduce_into(pairs, plan.node_cg, accumulate=True)
+            if self._final_hook is not None:
+                self._final_hook([p for p, _ in pairs])
         self._hybrid_acc.clear()
         if plan.replicated:
             self._all_reduce_into([(p, p.grad) for _, p in plan.replicated], plan.cg, accumulate=False)
+            if self._final_hook is not None:
+                self._final_hook([p for _, p in plan.replicated])
         self.tally.close_step()
 
     def _all_reduce_into(self, pairs, cg: CommGroup, accumulate: bool) -> None:

@@ -6,6 +6,14 @@
     megaeff-estimate-memory --model llama_1b --paper-formula       # SLTrain's estimate: bf16 weights and states,
                                                                     # no grads, int64 indices
 
+    megaeff-estimate-memory --measure --model llama_7b --method lost_7b --set precision=coat \
+        --set data.seq_len=2048 --set train.micro_batch_size=1   # the peak of one whole training step
+
+`--measure` runs one real training step (forward, backward, clipping, optimizer; megaeff/train/memory/) of one
+rank (`--rank`) of the configured layout on fake tensors, and prints its peak live tensor bytes with their
+breakdown at the peak and the phase that held it; `--set` takes any Hydra override (precision=coat,
+train.activation_checkpointing=true, parallel.tp=2, train.grad_accum=4, ...). Without it:
+
 The model is composed from conf/ exactly as `megaeff-train model=... method=...` would, then built on the meta
 device: parameter and buffer shapes only (LOST's SVD runs at initialization, which never happens here). Bytes
 are AdamW's training state (see `megaeff.train.perf.estimate_state_memory`); "B/dense param" divides the total by
@@ -127,11 +135,77 @@ def build_parser() -> argparse.ArgumentParser:
         help="SLTrain's estimate: bf16 weights, bf16 AdamW states, no grads, int64 indices",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="measure the peak of one whole training step on fake tensors (one --method, default dense)",
+    )
+    p.add_argument("--rank", type=int, default=0, help="with --measure: which rank of the layout, default 0")
     return p
+
+
+CATEGORY_LABELS = {
+    "parameters": "parameters",
+    "buffers": "buffers (indices, RoPE tables)",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "comm_buffers": "communication buffers",
+    "activations": "activations saved for backward",
+    "temporaries": "temporaries",
+}
+
+
+def measure(model: str, method: str, sets: Sequence[str] = (), rank: int = 0) -> Dict:
+    """One training step of `rank` on fake tensors (megaeff/train/memory/fake_step.py): peak and breakdown."""
+    from megaeff.train.memory.fake_step import measure_step
+
+    cfg = compose(model, method, sets)
+    row = {"model": model, "preset": method, "overrides": list(sets), "precision": str(cfg.precision.name)}
+    row.update(measure_step(cfg, rank=rank).as_dict())
+    return row
+
+
+def format_measure(row: Dict) -> str:
+    layout = " ".join(f"{a}={n}" for a, n in row["layout"].items())
+    sets = f" ({' '.join(row['overrides'])})" if row["overrides"] else ""
+    where = row["phase"] + (f", micro-batch {row['microbatch']}" if row["microbatch"] >= 0 else "")
+    lines = [
+        f"{row['model']} / {row['preset']}{sets}: one training step of rank {row['rank']} ({layout}), fake tensors",
+        f"peak {row['peak_gb']:.3f} GB ({row['peak_gib']:.3f} GiB) of live tensors, during {where}",
+        "breakdown at the peak:",
+    ]
+    for key, label in CATEGORY_LABELS.items():
+        n = row["breakdown"][key]
+        share = n / row["peak_bytes"] if row["peak_bytes"] else 0.0
+        lines.append(f"  {label:<32} {n / 1e9:9.3f} GB {n / 2**30:9.3f} GiB {100 * share:6.1f}%")
+    if row["largest_at_peak"]:
+        lines.append("largest other storages at the peak (what made them):")
+        for item in row["largest_at_peak"][:6]:
+            lines.append(f"  {item['bytes'] / 1e9:9.3f} GB  {item['category']:<12} {item['made_by']}")
+    return "\n".join(lines)
+
+
+def _main_measure(args) -> int:
+    if args.paper_formula or args.no_grads:
+        raise MegaeffError("--paper-formula and --no-grads belong to the state-only estimate, not to --measure")
+    if args.method and len(args.method) > 1:
+        raise MegaeffError("--measure takes one --method")
+    row = measure(args.model, (args.method or ["dense"])[0], args.set, args.rank)
+    print(json.dumps(row, indent=2) if args.json else format_measure(row))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.measure:
+        try:
+            return _main_measure(args)
+        except MegaeffError as exc:
+            print(f"megaeff-estimate-memory: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except Exception as exc:  # Hydra composition errors: unknown flavor or preset, bad override
+            print(f"megaeff-estimate-memory: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     if args.paper_formula:
         args.param_dtype, args.state_dtype, args.index_dtype, args.no_grads = "bf16", "bf16", "int64", True
     dtypes = dict(

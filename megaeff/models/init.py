@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from megaeff.layers.norm import RMSNorm
 
@@ -91,6 +92,10 @@ def _run_parallel(jobs, init: Initializer, workers: int) -> None:
         with torch.no_grad():  # grad mode is thread-local
             module.init_weights(prefix, init)
 
+    if workers == 1:  # in this thread, with its dispatch modes
+        for job in jobs:
+            run(job)
+        return
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -135,7 +140,8 @@ def init_weights(
     if missing:
         raise RuntimeError(f"no initialization rule for parameters: {missing}")
     if deferred:
-        _run_parallel(deferred, normal_, workers or _init_workers())
+        # A dispatch mode (the memory tracker's fake tensors) is thread-local: pool threads would not see it.
+        _run_parallel(deferred, normal_, 1 if is_in_torch_dispatch_mode() else workers or _init_workers())
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
 

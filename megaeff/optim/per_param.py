@@ -30,15 +30,30 @@ import torch
 HPARAM_KEYS_SKIPPED = ("params",)
 
 
+# Elements rounded per pass: the noise and bit-twiddling temporaries (about 12 bytes per element) stay a few MB
+# instead of several times the largest parameter (LLaMA-7B's embedding: 0.5 GB each).
+ROUND_CHUNK = 1 << 20
+
+
+def stochastic_round_bf16_(
+    out: torch.Tensor, x: torch.Tensor, generator: Optional[torch.Generator] = None, chunk: int = ROUND_CHUNK
+) -> torch.Tensor:
+    """Write fp32 `x` into bf16 `out` with stochastic rounding (unbiased); non-finite values round to nearest."""
+    flat_out, flat_x = out.view(-1), x.reshape(-1)
+    for lo in range(0, flat_x.numel(), chunk):
+        piece = flat_x[lo : lo + chunk].float().contiguous()
+        bits = piece.view(torch.int32)
+        noise = torch.randint(0, 1 << 16, piece.shape, dtype=torch.int32, device=piece.device, generator=generator)
+        # Adding to the low 16 bits carries into the mantissa (and exponent) exactly as incrementing the
+        # magnitude; truncation then leaves a value bf16 holds exactly, so the final cast does not round again.
+        rounded = ((bits + noise) & -65536).view(torch.float32)
+        flat_out[lo : lo + chunk] = torch.where(torch.isfinite(piece), rounded, piece)
+    return out
+
+
 def stochastic_round_bf16(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """fp32 -> bf16 with stochastic rounding (unbiased); non-finite values round to nearest."""
-    x = x.float().contiguous()
-    bits = x.view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    # Adding to the low 16 bits carries into the mantissa (and exponent) exactly as incrementing the magnitude;
-    # truncation then leaves a value bf16 holds exactly, so the final cast does not round again.
-    rounded = ((bits + noise) & -65536).view(torch.float32)
-    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+    """fp32 -> a new bf16 tensor with stochastic rounding (`stochastic_round_bf16_`)."""
+    return stochastic_round_bf16_(torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), x, generator)
 
 
 class PerParamOptimizer(torch.optim.Optimizer):
@@ -118,7 +133,7 @@ class PerParamOptimizer(torch.optim.Optimizer):
             p.data, p.grad = low.float(), grad.float()  # one parameter's fp32 working copy (fp32 moments too)
             opt.step()
             if self.stochastic_rounding:
-                low.copy_(stochastic_round_bf16(p.data, self._rounding_generator(p)))
+                stochastic_round_bf16_(low, p.data, self._rounding_generator(p))
             else:  # round to nearest: the control that shows what stochastic rounding buys
                 low.copy_(p.data)
             p.data, p.grad = low, grad

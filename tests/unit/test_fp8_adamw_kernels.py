@@ -20,7 +20,7 @@ from torch import nn
 
 from megaeff.kernels import fp8_adamw_cpp, fp8_adamw_cuda
 from megaeff.kernels.fp8_adamw import select_backend
-from megaeff.kernels.fp8_adamw_ref import StepScalars, reference_update
+from megaeff.kernels.fp8_adamw_ref import StepScalars, reference_update, row_chunks
 from megaeff.optim.coat_adamw import CoatAdamW
 from megaeff.precision.fp8 import FORMATS, get_format, to_fp8
 from megaeff.precision.group_quant import GroupLayout, _pow, _root, dequantize_groups, quantize_groups
@@ -292,3 +292,24 @@ def test_cuda_update_matches_reference(cuda_ext, formats, expand, weight_decay):
         torch.cuda.synchronize()
 
     run_against_reference(update, "cuda", formats, expand, weight_decay)
+
+
+@pytest.mark.parametrize("chunk", [1, 300, 1000])
+def test_reference_in_row_chunks_is_the_whole_tensor_update(chunk):
+    """The reference updates large tensors in chunks of whole row blocks (bounded temporaries). Groups are
+    independent, so any chunk size (1: one row block at a time; a chunk ending inside a row block of a narrow
+    tensor is rounded to whole blocks) gives the whole-tensor result bit for bit. The tensors here are below
+    CHUNK_ELEMENTS, so `reference_update` on the whole entry is the unchunked reference."""
+
+    def chunked(es):
+        for e in es:
+            for piece in row_chunks(e, chunk):
+                reference_update([piece])
+
+    run_against_reference(chunked, "cpu", ("e4m3", "e4m3"), True, 0.1)
+    fmt = get_format("e4m3")
+    s = StepScalars.compute(1e-2, 0.9, 0.999, 1e-8, 0.0, 1)
+    e = entries([new_state((40, 256), fmt, fmt, 0)], [torch.ones(40, 256)], s, fmt, fmt, True)[0]
+    pieces = list(row_chunks(e, 256 * 8))
+    assert [c.layout.n_rows for c in pieces] == [8] * 5 and sum(c.m_meta.shape[0] for c in pieces) == 80
+    assert pieces[1].m_meta.data_ptr() == e.m_meta[16:].data_ptr()  # rows 8..15 -> groups 16..31 (2 per row)

@@ -10,7 +10,7 @@ import torch
 
 from megaeff.errors import ConfigError
 from megaeff.optim.coat_adamw import CoatAdamW
-from megaeff.optim.per_param import PerParamOptimizer, stochastic_round_bf16
+from megaeff.optim.per_param import ROUND_CHUNK, PerParamOptimizer, stochastic_round_bf16, stochastic_round_bf16_
 
 BF16_ULP_AT_1 = 2.0**-7  # spacing of bf16 numbers in [1, 2): 7 explicit mantissa bits
 
@@ -22,12 +22,13 @@ def _bf16_neighbours(x: torch.Tensor):
     return lo.float(), hi.float()
 
 
-def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+@pytest.mark.parametrize("chunk", [ROUND_CHUNK, 4096])  # one pass, and many passes over the tensor
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour(chunk):
     n = 200_000
     # A quarter of an ulp above 1.0: round-to-nearest always returns 1.0, a bias of 0.25 ulp.
     x = torch.full((n,), 1.0 + 0.25 * BF16_ULP_AT_1)
     g = torch.Generator().manual_seed(0)
-    r = stochastic_round_bf16(x, g).float()
+    r = stochastic_round_bf16_(torch.empty(n, dtype=torch.bfloat16), x, g, chunk).float()
     lo, hi = _bf16_neighbours(x)
     assert bool(((r == lo) | (r == hi)).all())
     # Each draw is lo or hi with P(hi) = 0.25: the mean's standard error is ulp*sqrt(p(1-p)/n) ~ 1e-3 ulp; allow

@@ -23,6 +23,22 @@ if TYPE_CHECKING:
     from megaeff.distributed.dims import ParallelDims
 
 
+# Elements squared per pass: a float64 copy of a whole gradient would cost 8 bytes per element (1 GB for
+# LLaMA-7B's embedding) on top of the step's peak.
+SQUARE_CHUNK = 1 << 20
+
+
+def square_sum(t: torch.Tensor, chunk: int = SQUARE_CHUNK) -> torch.Tensor:
+    """The sum of squares of `t` in float64 (a 0-d tensor on its device), `chunk` elements at a time."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() <= chunk:
+        return flat.double().pow(2).sum()
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for lo in range(0, flat.numel(), chunk):
+        total += flat[lo : lo + chunk].double().pow(2).sum()
+    return total
+
+
 def global_grad_norm(params: Iterable[torch.Tensor], dims: ParallelDims, *, dp_sharded: bool = False) -> float:
     local = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]: complete on this dp rank
     spread = torch.zeros(2, dtype=torch.float64)  # the same, for tensors whose parts are spread over dp x cp
@@ -34,7 +50,7 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims: ParallelDims, *, dp_s
         has_spread = has_spread or on_dp
         if p.grad is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = square_sum(p.grad).cpu()
         acc = spread if on_dp else local
         acc[0 if meta.tp_split in SHARDED else 1] += sq / meta.dp_replicas if on_dp else sq
     if has_spread and dims.size("dp_cp") > 1:

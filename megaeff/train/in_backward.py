@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, List, Sequence
 import torch
 
 from megaeff.distributed.comm import all_reduce
+from megaeff.distributed.grad_norm import square_sum
 from megaeff.distributed.logical_state import SHARDED
 from megaeff.layers.param_meta import param_meta
 
@@ -127,7 +128,7 @@ class InBackwardUpdates:
         local = torch.zeros(len(todo), dtype=torch.float64)
         for i, p in enumerate(todo):
             if p.grad is not None:
-                local[i] = p.grad.detach().double().pow(2).sum().cpu()
+                local[i] = square_sum(p.grad).cpu()
                 self.squares.add(p, local[i])
         logical = local
         if self.max_norm > 0 and self.dp_sharded and self.dims.size("dp_cp") > 1:

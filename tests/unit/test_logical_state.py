@@ -8,7 +8,7 @@ import torch
 
 from megaeff.config.schema import MethodConfig, ModelConfig
 from megaeff.distributed.dims import ParallelDims
-from megaeff.distributed.grad_norm import clip_grad_norm_, global_grad_norm
+from megaeff.distributed.grad_norm import clip_grad_norm_, global_grad_norm, square_sum
 from megaeff.distributed.logical_state import LogicalState, annotate_parameters, fp8_group_problem
 from megaeff.layers.param_meta import ParamMeta, param_meta, set_param_meta
 from megaeff.models.init import materialize
@@ -74,3 +74,16 @@ def shard(shape, spec, logical_shape):
 def test_fp8_groups_must_not_straddle_shards(shape, spec, logical, ok):
     problem = fp8_group_problem(shard(shape, spec, logical))
     assert (problem == "") == ok, problem
+
+
+def test_square_sum_in_chunks_is_the_float64_sum_of_squares():
+    """Chunked (bounded temporaries) against the whole-tensor float64 sum: identical at or below one chunk;
+    above, only the float64 summation order differs (relative error below n * 2^-53 by the usual bound, with n
+    the number of partial sums). A chunk that skipped the tail or squared twice would be off by far more."""
+    g = torch.randn(10_007, generator=torch.Generator().manual_seed(0))
+    whole = g.double().pow(2).sum()
+    assert torch.equal(square_sum(g, chunk=10_007), whole)
+    for chunk in (1000, 4096):
+        got = square_sum(g, chunk=chunk)
+        assert abs(float(got) - float(whole)) <= 10_007 * 2.0**-53 * float(whole)
+    assert abs(float(square_sum(g[:-7], chunk=1000)) - float(whole)) > 1e-6 * float(whole)  # a lost tail shows

@@ -195,17 +195,26 @@ def _main_measure(args) -> int:
     return 0
 
 
+def _usage_errors_as_one_line(run) -> int:
+    """`run()` (its return value, 0 for None); a config mistake (megaeff's errors, Hydra's composition errors:
+    an unknown flavor or preset, a bad override) is one `megaeff-estimate-memory: error:` line and exit 2. Any
+    other exception is a bug and keeps its traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return run() or 0
+    except MegaeffError as exc:
+        print(f"megaeff-estimate-memory: error: {exc}", file=sys.stderr)
+    except (HydraException, OmegaConfBaseException) as exc:
+        print(f"megaeff-estimate-memory: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.measure:
-        try:
-            return _main_measure(args)
-        except MegaeffError as exc:
-            print(f"megaeff-estimate-memory: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except Exception as exc:  # Hydra composition errors: unknown flavor or preset, bad override
-            print(f"megaeff-estimate-memory: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+        return _usage_errors_as_one_line(lambda: _main_measure(args))
     if args.paper_formula:
         args.param_dtype, args.state_dtype, args.index_dtype, args.no_grads = "bf16", "bf16", "int64", True
     dtypes = dict(
@@ -214,15 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state_dtype=args.state_dtype,
         index_dtype=args.index_dtype,
     )
-    try:
-        methods = args.method or default_methods(args.model)
-        rows = [estimate(args.model, m, args.set, **dtypes) for m in methods]
-    except MegaeffError as exc:
-        print(f"megaeff-estimate-memory: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception as exc:  # Hydra composition errors: unknown flavor or preset, bad override
-        print(f"megaeff-estimate-memory: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    methods = args.method or default_methods(args.model)
+    rows = []
+    code = _usage_errors_as_one_line(lambda: rows.extend(estimate(args.model, m, args.set, **dtypes) for m in methods))
+    if code:
+        return code
     if args.json:
         print(json.dumps({"settings": dtypes, "rows": rows}, indent=2))
         return 0

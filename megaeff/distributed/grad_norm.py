@@ -11,7 +11,7 @@ float64 so that the norm does not depend on how the layout splits the sum.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
@@ -39,29 +39,48 @@ def square_sum(t: torch.Tensor, chunk: int = SQUARE_CHUNK) -> torch.Tensor:
     return total
 
 
-def global_grad_norm(params: Iterable[torch.Tensor], dims: ParallelDims, *, dp_sharded: bool = False) -> float:
-    local = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]: complete on this dp rank
-    spread = torch.zeros(2, dtype=torch.float64)  # the same, for tensors whose parts are spread over dp x cp
-    has_spread = dp_sharded  # decided from the parameters, never from values: every rank must agree to reduce
-    for p in params:
-        # Expert shards (expert FSSDP / expert parallelism) are distinct on every dp x cp rank, as FSSDP's are.
+class GradSquares:
+    """The global norm of the gradients, added parameter by parameter (the optimizer in backward adds each as it
+    is final): tp-sharded squares summed over tp, replicated ones counted once, dp x cp spread ones (FSSDP
+    shards, expert shards) weighted by 1 / dp_replicas and summed over dp x cp, stages summed over pp; float64."""
+
+    def __init__(self, params: Sequence[torch.Tensor], dims: ParallelDims, *, dp_sharded: bool):
+        self.dims, self.dp_sharded = dims, dp_sharded
+        # Decided from the parameters, never from values: every rank must agree to reduce.
+        self.has_spread = dp_sharded or any(param_meta(p).expert for p in params)
+        self.reset()
+
+    def reset(self) -> None:
+        self.local = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]
+        self.spread = torch.zeros(2, dtype=torch.float64)
+
+    def add(self, p: torch.Tensor, sq: torch.Tensor) -> None:
         meta = param_meta(p)
-        on_dp = dp_sharded or meta.expert
-        has_spread = has_spread or on_dp
-        if p.grad is None:
-            continue
-        sq = square_sum(p.grad).cpu()
-        acc = spread if on_dp else local
+        on_dp = self.dp_sharded or meta.expert
+        acc = self.spread if on_dp else self.local
         acc[0 if meta.tp_split in SHARDED else 1] += sq / meta.dp_replicas if on_dp else sq
-    if has_spread and dims.size("dp_cp") > 1:
-        spread = all_reduce(spread.to(dims.device), dims.comm("dp_cp")).cpu()
-    sharded, replicated = local[0] + spread[0], local[1] + spread[1]
-    if dims.tp > 1:
-        sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
-    total = sharded + replicated
-    if dims.pp > 1:
-        total = all_reduce(total.to(dims.device), dims.comm("pp")).cpu()
-    return float(total.sqrt())
+
+    def total(self) -> float:
+        """The global norm (a collective over dp x cp, tp and pp)."""
+        dims, spread = self.dims, self.spread
+        if self.has_spread and dims.size("dp_cp") > 1:
+            spread = all_reduce(spread.to(dims.device), dims.comm("dp_cp")).cpu()
+        sharded, replicated = self.local[0] + spread[0], self.local[1] + spread[1]
+        if dims.tp > 1:
+            sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
+        total = sharded + replicated
+        if dims.pp > 1:
+            total = all_reduce(total.to(dims.device), dims.comm("pp")).cpu()
+        return float(total.sqrt())
+
+
+def global_grad_norm(params: Iterable[torch.Tensor], dims: ParallelDims, *, dp_sharded: bool = False) -> float:
+    params = list(params)
+    squares = GradSquares(params, dims, dp_sharded=dp_sharded)
+    for p in params:
+        if p.grad is not None:
+            squares.add(p, square_sum(p.grad).cpu())
+    return squares.total()
 
 
 def clip_grad_norm_(params, max_norm: float, dims: ParallelDims, *, dp_sharded: bool = False) -> float:

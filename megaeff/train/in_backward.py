@@ -43,49 +43,13 @@ from typing import TYPE_CHECKING, List, Sequence
 import torch
 
 from megaeff.distributed.comm import all_reduce
-from megaeff.distributed.grad_norm import square_sum
-from megaeff.distributed.logical_state import SHARDED
+from megaeff.distributed.grad_norm import GradSquares, square_sum
 from megaeff.layers.param_meta import param_meta
 
 if TYPE_CHECKING:
     from megaeff.distributed.dims import ParallelDims
     from megaeff.distributed.parallel_model import GradSync
     from megaeff.optim.per_param import PerParamOptimizer
-
-
-class GradSquares:
-    """The global norm of the gradients, added parameter by parameter: megaeff/distributed/grad_norm.py's rule
-    (tp-sharded squares summed over tp, replicated ones counted once, dp x cp spread ones weighted by
-    1 / dp_replicas and summed over dp x cp, stages summed over pp), with its float64 accumulation."""
-
-    def __init__(self, params: Sequence[torch.Tensor], dims: ParallelDims, *, dp_sharded: bool):
-        self.dims, self.dp_sharded = dims, dp_sharded
-        # Decided from the parameters, never from values: every rank must agree to reduce.
-        self.has_spread = dp_sharded or any(param_meta(p).expert for p in params)
-        self.reset()
-
-    def reset(self) -> None:
-        self.local = torch.zeros(2, dtype=torch.float64)  # [tp-sharded, tp-replicated]
-        self.spread = torch.zeros(2, dtype=torch.float64)
-
-    def add(self, p: torch.Tensor, sq: torch.Tensor) -> None:
-        meta = param_meta(p)
-        on_dp = self.dp_sharded or meta.expert
-        acc = self.spread if on_dp else self.local
-        acc[0 if meta.tp_split in SHARDED else 1] += sq / meta.dp_replicas if on_dp else sq
-
-    def total(self) -> float:
-        """The global norm (collective over dp x cp, tp and pp, as `global_grad_norm`)."""
-        dims, spread = self.dims, self.spread
-        if self.has_spread and dims.size("dp_cp") > 1:
-            spread = all_reduce(spread.to(dims.device), dims.comm("dp_cp")).cpu()
-        sharded, replicated = self.local[0] + spread[0], self.local[1] + spread[1]
-        if dims.tp > 1:
-            sharded = all_reduce(sharded.to(dims.device), dims.comm("tp")).cpu()
-        total = sharded + replicated
-        if dims.pp > 1:
-            total = all_reduce(total.to(dims.device), dims.comm("pp")).cpu()
-        return float(total.sqrt())
 
 
 class InBackwardUpdates:

@@ -102,10 +102,6 @@ class PerParamOptimizer(torch.optim.Optimizer):
         """COAT's kernel backend (all inner optimizers share the setting)."""
         return next(iter(self.inner.values())).backend
 
-    def inner_type(self) -> str:
-        first = next(iter(self.inner.values()), None)
-        return type(first).__name__ if first is not None else "none"
-
     # ------------------------------------------------------------------ updates
     def _rounding_generator(self, p: torch.Tensor) -> torch.Generator:
         """Rounding noise drawn from (seed, parameter index, its update count): a resumed run rounds exactly as

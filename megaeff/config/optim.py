@@ -28,7 +28,8 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    # auto picks fused on CUDA, foreach elsewhere.
+    # auto picks fused on CUDA and CPU, foreach elsewhere; apex: apex's multi-tensor Adam (CUDA with apex only,
+    # docs/gpu.md).
     impl: OptimImpl = OptimImpl["auto"]
     grad_clip: float = 1.0
     # Linear warmup length in steps; null: warmup_fraction x train.steps (so a shortened run keeps its shape).

@@ -22,6 +22,7 @@ from megaeff.config.choices import (
     require_positive,
 )
 from megaeff.config.optim import uses_fp8_states
+from megaeff.config.train import validate_compile
 from megaeff.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ def validate_world(cfg: "Config", world_size: int) -> Dict[str, int]:
             f"MoE models train with data parallelism only in this build (got tp={tp} cp={cp} pp={pp})",
         )
     _check_tp_layout(cfg, tp)
+    validate_compile(cfg, dims)
     return dims
 
 

@@ -2,10 +2,13 @@
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from megaeff.config.choices import LoggingBackend, NonfinitePolicy, WandbMode, require_choice, require_positive
 from megaeff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megaeff.config.schema import Config
 
 # The devices a run can use (resolve_device in megaeff/distributed/dims.py turns auto and cuda into one).
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -53,6 +56,28 @@ class TrainConfig:
     # Python stacks to <run_dir>/hang_rank<r>.txt and exits with EXIT_HUNG; null disables. Below
     # collective_timeout_s, so that the stacks are dumped before a collective times out.
     hang_timeout_s: Optional[float] = 1200.0
+    # torch.compile (inductor) of every transformer block's forward (megaeff/distributed/compile.py): single
+    # process or plain data parallelism; compiles on the first step (tens of seconds on CPU, needs a C++ compiler).
+    compile: bool = False
+
+
+def validate_compile(cfg: "Config", degrees: Dict[str, int]) -> None:
+    """`train.compile=true` with what megaeff/distributed/compile.py does not support: one ConfigError."""
+    if not cfg.train.compile:
+        return
+    refused = [f"parallel.{axis}={degrees[axis]}" for axis in ("tp", "cp", "pp") if degrees[axis] > 1]
+    if cfg.parallel.dp_impl == "fssdp" and degrees["dp"] * degrees["cp"] > 1:
+        refused.append("parallel.dp_impl=fssdp")
+    if cfg.model.moe_experts:
+        refused.append("model.moe_experts")
+    if cfg.precision.fp8_activations or cfg.precision.fp8_gemm:
+        refused.append("precision.fp8_activations/fp8_gemm")
+    if refused:
+        raise ConfigError(
+            "train.compile",
+            f"compiled blocks run single-process or with plain data parallelism in this build; not with "
+            f"{', '.join(refused)} (set train.compile=false)",
+        )
 
 
 def validate_train(t: TrainConfig) -> None:

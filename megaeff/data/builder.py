@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 import numpy as np
 
 from megaeff.data.blend import BlendedDataset, blending_indices, parse_blend
-from megaeff.data.corpus import load_plays
+from megaeff.data.corpus import load_plays, play_names
 from megaeff.data.gpt_dataset import (
     GPTDataset,
     SampleOptions,
@@ -79,13 +79,14 @@ def _cache_root(dcfg) -> Path:
     return Path(os.environ.get("MEGAEFF_CACHE", Path.home() / ".cache" / "megaeff"))
 
 
-def _write_corpus(prefix: Path, docs: Sequence[str], tokenizer, ctx: BuildContext) -> IndexedDataset:
-    """Tokenize the plays into `<prefix>.bin/.idx` once; later runs (and the other ranks) just open it."""
+def _write_corpus(prefix: Path, docs: Callable[[], Sequence[str]], tokenizer, ctx: BuildContext) -> IndexedDataset:
+    """Tokenize the plays into `<prefix>.bin/.idx` once; later runs (and the other ranks) just open it. `docs` is
+    called only when the files must be written."""
     if ctx.is_builder and not IndexedDataset.exists(str(prefix)):
         make_cache_dir(prefix.parent)
         tmp = prefix.with_name(prefix.name + f".tmp{os.getpid()}")
         builder = IndexedDatasetBuilder(data_file_path(str(tmp)), dtype=optimal_dtype(tokenizer.vocab_size))
-        for doc in docs:
+        for doc in docs():
             builder.add_document(np.append(tokenizer.encode_array(doc), tokenizer.eod_id))
         builder.finalize(index_file_path(str(tmp)))
         os.replace(data_file_path(str(tmp)), data_file_path(str(prefix)))
@@ -98,9 +99,8 @@ def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
     tokenizer = build_tokenizer(dcfg.tokenizer)
     if tokenizer.name != "byte":
         raise ConfigError("data.tokenizer", "the default corpus is tokenized with the byte tokenizer")
-    plays = load_plays()
-    names = list(plays)
-    unknown = [n for n in dcfg.valid_docs if n not in plays]
+    names = play_names()
+    unknown = [n for n in dcfg.valid_docs if n not in names]
     if unknown or not dcfg.valid_docs:
         raise DataError(
             "data.valid_docs",
@@ -109,7 +109,7 @@ def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
             else "at least one play must be held out for validation",
         )
     prefix = _cache_root(dcfg) / "shakespeare" / "plays_byte"
-    indexed = _write_corpus(prefix, [plays[n] for n in names], tokenizer, ctx)
+    indexed = _write_corpus(prefix, lambda: list(load_plays().values()), tokenizer, ctx)
     doc_ids = np.arange(len(names))
     valid_mask = np.isin(np.array(names), list(dcfg.valid_docs))
     train_seqs, valid_seqs = doc_ids[~valid_mask], doc_ids[valid_mask]  # one sequence per play

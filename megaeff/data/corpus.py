@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 from megaeff.errors import DataError
 
@@ -37,9 +37,19 @@ def clean_markdown(text: str) -> str:
     return _TRAILING.sub("", text)
 
 
-def load_plays() -> Dict[str, str]:
-    """{play name: cleaned text}, sorted by name so the corpus order never depends on the file system."""
+def _play_files() -> List[Path]:
     files = sorted(plays_dir().rglob("*.md"), key=lambda p: p.stem)
     if not files:
         raise DataError(plays_dir(), "no plays found")
-    return {p.stem: clean_markdown(p.read_text(encoding="utf-8")) for p in files}
+    return files
+
+
+def play_names() -> List[str]:
+    """The plays' names in corpus order, without reading them (a run whose tokenized corpus is cached needs only
+    these: cleaning the Markdown costs every rank of every run a few hundred ms)."""
+    return [p.stem for p in _play_files()]
+
+
+def load_plays() -> Dict[str, str]:
+    """{play name: cleaned text}, sorted by name so the corpus order never depends on the file system."""
+    return {p.stem: clean_markdown(p.read_text(encoding="utf-8")) for p in _play_files()}

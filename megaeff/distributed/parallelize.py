@@ -1,8 +1,9 @@
 """`parallelize(model, dims, cfg) -> ParallelModel`: the one place a logical (single-process) LLaMA becomes this
 rank's part of a parallel layout and gets what trains it, always in the same order:
 
-    pipeline split -> tensor / sequence parallel -> context parallel -> activation checkpointing
-    -> materialization (if the model is still on the meta device; then `precision.param_dtype`) -> data parallelism:
+    pipeline split -> tensor / sequence parallel -> context parallel -> compile (`train.compile`, compile.py)
+    -> activation checkpointing -> materialization (if the model is still on the meta device; then
+    `precision.param_dtype`) -> data parallelism:
        MoE experts over dp x cp (expert_parallel.parallelize_experts), then FSSDP or the bucketed GradReducer
 
 Why this order. The first four steps replace modules of the meta-built model, so no rank ever allocates the
@@ -43,6 +44,7 @@ from torch import nn
 
 from megaeff.distributed import logical_state
 from megaeff.distributed.comm import CommGroup
+from megaeff.distributed.compile import apply_compile
 from megaeff.distributed.data_parallel.bucketed import GradReducer
 from megaeff.distributed.expert_parallel.experts import parallelize_experts
 from megaeff.distributed.fssdp.engine import FSSDP
@@ -118,13 +120,16 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, *, sequence_para
     return model
 
 
-def apply_context_parallel(model: nn.Module, dims: ParallelDims, *, impl: str = "ring", sharding: str = "zigzag"):
+def apply_context_parallel(
+    model: nn.Module, dims: ParallelDims, *, impl: str = "ring", sharding: str = "zigzag", backend: str = "auto"
+):
     """Attention over the cp group's sequence shards (megaeff/distributed/context_parallel/attention.py): becomes
     the model's attention backend and is returned; the caller feeds every rank its shard of the tokens
-    (`shard`) and their global positions."""
+    (`shard`) and their global positions. `backend` (`model.attention_backend`) picks the block kernel:
+    auto/sdpa/flash the fused ones (context_parallel/flash_blocks.py), math the exact one."""
     from megaeff.distributed.context_parallel.attention import ContextParallelAttention
 
-    cp = ContextParallelAttention(dims.comm("cp"), impl=impl, sharding=sharding, backend="math")
+    cp = ContextParallelAttention(dims.comm("cp"), impl=impl, sharding=sharding, backend=backend)
     model.attention_backend = cp
     return cp
 
@@ -216,7 +221,13 @@ def parallelize(
     chunks = split_pipeline(model, dims, pcfg) if dims.pp > 1 else []
     if dims.tp > 1:
         apply_tensor_parallel(model, dims, sequence_parallel=pcfg.sequence_parallel)
-    context = apply_context_parallel(model, dims, impl=pcfg.cp_impl, sharding=pcfg.cp_sharding) if dims.cp > 1 else None
+    context = None
+    if dims.cp > 1:
+        context = apply_context_parallel(
+            model, dims, impl=pcfg.cp_impl, sharding=pcfg.cp_sharding, backend=cfg.model.attention_backend
+        )
+    if t.compile:  # the blocks' forwards, in place: names unchanged, checkpointing then wraps the compiled forward
+        apply_compile(model)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model, context)
     if any(x.is_meta for x in itertools.chain(model.parameters(), model.buffers())):

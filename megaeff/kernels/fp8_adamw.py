@@ -1,11 +1,12 @@
 """Backends of the FP8 AdamW update, one contract (megaeff/kernels/fp8_adamw_ref.py), and the dispatcher.
 
 Preference on CUDA: the csrc extension (multi-tensor, one launch for all groups of all parameters) > Triton >
-the torch reference. On CPU: the torch reference, then the C++ kernel (OpenMP, compiled on first use): the
-contract's float64 exp2/log2 per element dominate both, and torch's vectorized ones are as fast as the C++
-loop (docs/benchmarks.md: 119 vs 144 ms per llama_20m update on one thread, 78 vs 74 on two), so the C++ kernel
-is kept as an exact, selectable alternative (`fp8_backend=cpp`), not the default. Asking for a backend that is
-not available is an error that says why; `auto` falls back and the run log names the choice.
+the torch reference. On CPU: the C++ kernel (OpenMP, compiled on first use), then the torch reference, which
+`auto` takes only where no C++ compiler is found. The contract's float64 exp2/log2 per element dominate the
+reference; the C++ kernel replaces them with vectorized polynomials wherever an interval check proves the result
+the exact one (csrc/fp8_adamw_fastmath.h) and runs libm elsewhere, so it stays bit for bit the reference at
+several times its speed, on par with torchao's AdamWFp8 (docs/benchmarks.md, "FP8 AdamW on CPU"). Asking for a
+backend that is not available is an error that says why; `auto` falls back and the run log names the choice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from megaeff.errors import ConfigError
 from megaeff.kernels.fp8_adamw_ref import Fp8Entry, reference_update
@@ -41,9 +43,22 @@ def _module_backend(module: str) -> Callable[[torch.device], Tuple[Optional[Upda
         except ImportError as exc:
             return None, f"{module} cannot be imported: {exc}"
         ok, reason = mod.available(device)
-        return (mod.update, "") if ok else (None, reason)
+        return (_with_storage_free_fallback(mod.update), "") if ok else (None, reason)
 
     return probe
+
+
+def _with_storage_free_fallback(kernel: UpdateFn) -> UpdateFn:
+    """The kernels work on data pointers, which fake and meta tensors lack (the memory tracker's step runs on
+    fake tensors): those updates go through the reference's torch ops, whose results nobody reads."""
+
+    def update(entries: List[Fp8Entry]) -> None:
+        if entries and (entries[0].param.is_meta or isinstance(entries[0].param, FakeTensor)):
+            reference_update(entries)
+        else:
+            kernel(entries)
+
+    return update
 
 
 PROBES: Dict[str, Callable[[torch.device], Tuple[Optional[UpdateFn], str]]] = {
@@ -52,7 +67,7 @@ PROBES: Dict[str, Callable[[torch.device], Tuple[Optional[UpdateFn], str]]] = {
     "cpp": _module_backend("megaeff.kernels.fp8_adamw_cpp"),
     "torch": _torch_backend,
 }
-PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch", "cpp")}
+PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 class BackendUnavailable(ConfigError, RuntimeError):

@@ -5,9 +5,12 @@ sources, the flags and the platform, so a source change recompiles and ranks sha
 Each rank compiles to a private temporary name and renames it into place: the rename is atomic, so concurrent
 ranks never load a half-written file (at worst they compile the same bytes twice).
 
-No -march=native: the cache may be shared by nodes of different CPUs, and the kernel is bound by float64
-exp2/log2 calls that the flag does not speed up. -ffp-contract=off and no fast-math keep every operation the
-contract's IEEE one (fp8_adamw_math.h).
+No -march=native: the cache may be shared by nodes of different CPUs; the loops of the fast path
+(fp8_adamw_fastmath.h: polynomial log2/exp2, kept only where provably equal to the exact libm result) are
+compiled for AVX2 and the baseline with target_clones, plus an AVX2+FMA build, picked at run time. The fused
+multiply-adds are explicit and only in those polynomials: -ffp-contract=off and no fast-math keep every
+operation of the contract its IEEE one (fp8_adamw_math.h); -fno-math-errno and -fno-trapping-math change no
+value (no errno, no FP traps observed) but let GCC if-convert and vectorize.
 """
 
 from __future__ import annotations
@@ -22,15 +25,28 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megaeff.kernels.fp8_adamw_ref import Fp8Entry
 
-FLAGS = ("-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC")
+FLAGS = (
+    "-std=c++17",
+    "-O3",
+    "-fopenmp",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-shared",
+    "-fPIC",
+)
 SOURCE = "fp8_adamw_cpu.cpp"
-HEADERS = ("fp8_adamw.h", "fp8_adamw_math.h")
+HEADERS = ("fp8_adamw.h", "fp8_adamw_math.h", "fp8_adamw_fastmath.h")
+# megaeff_fp8_adamw_step_cpu_ex's counters: quantized elements that took the fast path's interval check, those of
+# them that fell back to libm, dequantized (distinct per group) codes that took it, those that fell back.
+STAT_NAMES = ("quant_checked", "quant_fallback", "root_checked", "root_fallback")
 FORMAT_IDS = {"e4m3": 0, "e5m2": 1}  # fp8_adamw.h's MEGAEFF_FP8_*
 COMPILE_TIMEOUT_S = 300
 
@@ -142,9 +158,15 @@ def _compile(source: Path, target: Path) -> str:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    p, i64, i32, dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
     lib.megaeff_fp8_adamw_step_cpu.argtypes = [ctypes.POINTER(Desc), i32, i64, i32]
     lib.megaeff_fp8_adamw_step_cpu.restype = i32
+    lib.megaeff_fp8_adamw_step_cpu_ex.argtypes = [ctypes.POINTER(Desc), i32, i64, i32, i32, dbl, dbl, p]
+    lib.megaeff_fp8_adamw_step_cpu_ex.restype = i32
+    lib.megaeff_fp8_fast_error.argtypes = [p, p, i64, p]
+    lib.megaeff_fp8_fast_error.restype = None
+    lib.megaeff_fp8_fast_bounds.argtypes = [p]
+    lib.megaeff_fp8_fast_bounds.restype = None
     lib.megaeff_fp8_adamw_desc_size.argtypes = []
     lib.megaeff_fp8_adamw_desc_size.restype = i64
     lib.megaeff_fp8_log2_target_range.argtypes = [i32]
@@ -215,11 +237,50 @@ def descriptors(entries: List[Fp8Entry]) -> Tuple[ctypes.Array, int]:
 
 def update(entries: List[Fp8Entry]) -> None:
     """In place, like `reference_update`; one call for all entries, OpenMP with torch's intra-op thread count."""
+    update_with_stats(entries)
+
+
+def update_with_stats(
+    entries: List[Fp8Entry], fast: bool = True, e_scale: float = 1.0, perturb: float = 0.0
+) -> Dict[str, int]:
+    """`update`, returning the fast path's counters (STAT_NAMES). fast=False runs the exact libm path only;
+    e_scale (scales the fast path's error bound E) and perturb (a relative error added to its approximations)
+    are test hooks that break the proof on purpose: the defaults are the kernel the optimizer runs."""
+    stats = {name: 0 for name in STAT_NAMES}
     if not entries:
-        return
+        return stats
+    lib = _library_or_raise()
+    descs, total = descriptors(entries)
+    out = (ctypes.c_int64 * len(STAT_NAMES))()
+    rc = lib.megaeff_fp8_adamw_step_cpu_ex(
+        descs, len(entries), total, torch.get_num_threads(), int(fast), e_scale, perturb, out
+    )
+    if rc != 0:
+        raise ValueError("megaeff_fp8_adamw_step_cpu rejected the descriptors (format or layout)")
+    return dict(zip(STAT_NAMES, out))
+
+
+def fast_error(t: torch.Tensor, k: torch.Tensor) -> Tuple[float, float]:
+    """The fast path's pow t^k (FP32) and root t^(1/k) (float64) against libm's float64 results, over FP32 t > 0
+    (normal) and k > 1 with |k log2 t| <= 32: (largest relative error of the pow as a fraction of its per-element
+    bound, largest relative error of the root). fp8_adamw_fastmath.h derives the bounds."""
+    lib = _library_or_raise()
+    t, k = t.float().contiguous(), k.float().contiguous()
+    out = (ctypes.c_double * 2)()
+    lib.megaeff_fp8_fast_error(t.data_ptr(), k.data_ptr(), t.numel(), out)
+    return out[0], out[1]
+
+
+def fast_bounds() -> Tuple[float, float]:
+    """The error bounds E the fast path assumes: (quantize's power at k = 1, z = 0, its smallest; dequantize's
+    root)."""
+    out = (ctypes.c_double * 2)()
+    _library_or_raise().megaeff_fp8_fast_bounds(out)
+    return out[0], out[1]
+
+
+def _library_or_raise() -> ctypes.CDLL:
     lib, reason = library()
     if lib is None:
         raise RuntimeError(f"the C++ FP8 AdamW kernel is not available: {reason}")
-    descs, total = descriptors(entries)
-    if lib.megaeff_fp8_adamw_step_cpu(descs, len(entries), total, torch.get_num_threads()) != 0:
-        raise ValueError("megaeff_fp8_adamw_step_cpu rejected the descriptors (format or layout)")
+    return lib

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional
 import torch
 from torch import nn
 
-from megaeff.layers.ops import resolve
+from megaeff.layers.ops import HIGH_PRECISION, resolve
 from megaeff.layers.sltrain_ops import index_checksum
 
 if TYPE_CHECKING:
@@ -176,9 +176,17 @@ class LostLinear(nn.Module):
         h = ops.linear(x, self.A)
         if self.act == "silu":
             h = ops.silu(h)
-        low = ops.linear(h, self.B)
         # index_select saves only the index for backward, so the selected block is the one activation saved here.
-        sparse = ops.linear(x.index_select(-1, self.channel_index), self.sparse_weight)
+        xs = x.index_select(-1, self.channel_index)
+        if ops is HIGH_PRECISION:
+            # Both branches as ONE GEMM over the concatenated inner dimension (r + k): [f(xA^T), x_I] [gamma B,
+            # (1 - gamma) W_s]^T. The same sum in another order (round-off only); it saves a GEMM per pass and the
+            # three output-sized elementwise passes of the mix (and their backward). An activation policy that
+            # quantizes each GEMM operand (FP8) keeps the two GEMMs, so each operand keeps its own scales.
+            w = torch.cat([self.B * self.gamma, self.sparse_weight * (1.0 - self.gamma)], dim=1)
+            return ops.linear(torch.cat([h, xs.to(h.dtype)], dim=-1), w)
+        low = ops.linear(h, self.B)
+        sparse = ops.linear(xs, self.sparse_weight)
         return self.gamma * low + (1.0 - self.gamma) * sparse
 
     # ------------------------------------------------------------------ accounting and logging

@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaeff.layers import apex_ops
 from megaeff.layers.ops import resolve
 
 
@@ -22,4 +23,8 @@ class RMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # apex's fused kernel on CUDA where it applies (megaeff/layers/apex_ops.py); None elsewhere.
+        fused = apex_ops.fused_rmsnorm(x, self.weight, self.eps, self.ops)
+        if fused is not None:
+            return fused
         return self.ops.rmsnorm(x, self.weight, self.eps)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megaeff.layers.attention import SdpaAttention
+from megaeff.layers.head_loss import LMHead
 from megaeff.layers.linear import build_linear
 from megaeff.layers.norm import RMSNorm
 from megaeff.layers.ops import ActivationOps, resolve
@@ -97,7 +98,8 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, method, i, act) for i in range(cfg.n_layers))
         # Embedding, final norm and head stay high precision whatever the policy (as in COAT).
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # An nn.Linear whose forward can also return the fused head + cross-entropy (megaeff/layers/head_loss.py).
+        self.output = LMHead(cfg.dim, cfg.vocab_size)
         head_dim = cfg.dim // cfg.n_heads
         # Derived tables, not state: non-persistent so checkpoints hold only logical weights.
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, head_dim), persistent=False)
@@ -111,12 +113,28 @@ class Llama(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(
-        self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None
+        self,
+        tokens: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
     ) -> torch.Tensor:
         """`positions` [B, T]: RoPE positions (default 0..T-1); `segment_ids` [B, T]: tokens attend only within
-        their own segment (per-document attention)."""
+        their own segment (per-document attention). Returns the fp32 logits, or with `labels` [B, T] the sum of
+        the token cross-entropies (labels equal to `ignore_index` excluded) computed by the fused head, which
+        never holds the whole batch's logits (`fused_loss`)."""
         x = self.run_layers(self.tok_embeddings(tokens), self.layers, positions, segment_ids)
+        if labels is not None:
+            if not self.fused_loss:
+                raise ValueError("labels need the single-process head (LMHead); a replaced head returns logits")
+            return self.output(self.norm(x), labels, ignore_index)
         return self.head(x)
+
+    @property
+    def fused_loss(self) -> bool:
+        """Whether forward(labels=...) can fuse the head with the loss (not under a tensor-parallel head)."""
+        return isinstance(self.output, LMHead)
 
     # The pieces a pipeline stage runs (megaeff/distributed/pipeline/runner.py): a stage may hold the embedding, some
     # blocks (kept under their logical names in a ModuleDict) and the head.

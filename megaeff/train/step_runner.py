@@ -95,8 +95,13 @@ class StepRunner:
         if self.pipeline is not None:
             return self.pipeline.forward_loss(batch, self.loss_fn, to_device=self.to_device, autocast=self.autocast)
         b = self.to_device(batch)
+        kwargs = dict(positions=b.get("positions"), segment_ids=b.get("segment_ids"))
+        if self.dims.tp == 1 and getattr(self.model, "fused_loss", False):
+            # The head fused with the loss (megaeff/layers/head_loss.py): the same sum, no whole-batch logits.
+            with self.autocast():
+                return self.model(b["inputs"], labels=b["labels"], ignore_index=IGNORE_INDEX, **kwargs)
         with self.autocast():
-            logits = self.model(b["inputs"], positions=b.get("positions"), segment_ids=b.get("segment_ids"))
+            logits = self.model(b["inputs"], **kwargs)
         return self.loss_fn(logits, b["labels"])
 
     def reduce_loss(self, value: float) -> float:

@@ -36,8 +36,8 @@ from megaeff.models.llama import build_llama, count_params, flops_per_token
 from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
 from megaeff.precision.fp8_activations import activation_ops
+from megaeff.train import backends, nonfinite, resume_policy, watchdog
 from megaeff.train import checkpoint as ckpt
-from megaeff.train import nonfinite, resume_policy, watchdog
 from megaeff.train.init_from import load_pretrained, materialization_weights
 from megaeff.train.metrics import MetricsLogger
 from megaeff.train.perf import peak_flops, peak_memory_bytes, state_memory
@@ -129,6 +129,13 @@ class Trainer:
             config=to_plain(cfg),
         )
         self._announce()
+        # What accelerators were found and used, printed once and kept in the run dir (megaeff/train/backends.py).
+        usage = backends.usage_of(cfg, self.device, self.model.attention_backend, self.act_ops, self.optimizer)
+        self.backends = backends.build_report(usage, backends.probe(self.device))
+        for line in self.backends.lines():
+            self.log.info(line)
+        if dims.is_main:
+            backends.write_report(self.backends, self.run_dir)
         if cfg.model.init_from and self.resumed_from is None:  # megaeff/train/init_from.py
             load_pretrained(cfg, self.parallel, dims, self.run_dir, self.log.info)
 

@@ -3,7 +3,9 @@
 Four spawned ranks serve both layouts (cp=2 x dp=2 and cp=4). Every rank draws the whole q, k, v of its
 dp replica from a seed, keeps its sequence shard and runs context-parallel attention on it; this side computes
 single-process causal attention on the whole sequence and compares the shards: output, log-sum-exp and
-dq/dk/dv to 1e-10 in float64, grouped-query (Hq=4, Hkv=2) and odd (Hq=3, Hkv=1) heads. Also: the byte counters
+dq/dk/dv to 1e-10 in float64, grouped-query (Hq=4, Hkv=2) and odd (Hq=3, Hkv=1) heads, with both block kernels
+(`auto`: the fused kernels of flash_blocks.py, `math`: the exact one), and the fused kernels in float32 against
+a float64 reference to the round-off bound derived at FP32_REL. Also: the byte counters
 against closed forms written out here, LightSeq's per-rank block counts and balance, and rematerialization-aware
 checkpointing (gradients unchanged, no second attention forward). Bad inputs are checked in-process.
 """
@@ -24,7 +26,7 @@ from megaeff.distributed.context_parallel.attention import (
     shard_sequence,
     unshard_sequence,
 )
-from megaeff.layers.attention import MathAttention
+from megaeff.layers.attention import MathAttention, flash_available
 from megaeff.layers.rope import apply_rope, rope_tables
 from tests.distributed.harness import pool_fixture
 
@@ -41,7 +43,17 @@ IMPLS = [
 ]
 SEQ_HEADS = [(4, 2), (3, 1)]  # GQA, and an odd head count (MQA)
 ULYSSES_HEADS = {2: (4, 2), 4: (8, 4)}
+GROUPED_HEADS = {"ring": (4, 2), "lightseq": (4, 2), "ulysses": (16, 8)}  # 2 head groups; Ulysses: each group's
+# heads divisible by cp = 4
+BACKENDS = ("auto", "math")  # auto on CPU = torch's flash attention for CPU per block; math = exact fp32+ scores
 TOL = dict(rtol=0, atol=1e-10)
+# float32 runs of the fused kernels against the float64 reference, relative to the largest reference entry:
+# every output and gradient entry is a sum of at most T = 16 products of O(1) terms (softmax weights <= 1,
+# |v|, |q|, |k|, |dO| = randn), each rounded once (u = 2**-24 = 6e-8), plus the exp/log of each score and the
+# log-sum-exp merge of at most 2 cp blocks per row (a few u each): |err| <= (T + D + 4 cp) u max|ref| =
+# (16 + 4 + 16) * 6e-8 = 2.1e-6 max|ref| at cp = 4; 1e-5 leaves 4x margin. A block merged with a wrong lse, a
+# skipped or doubled block, or the wrong causal alignment moves entries by O(0.1 max|ref|).
+FP32_REL = 1e-5
 
 pool = pool_fixture(4)
 
@@ -50,13 +62,13 @@ def heads_for(impl, cp):
     return [ULYSSES_HEADS[cp]] if impl == "ulysses" else SEQ_HEADS
 
 
-def full_inputs(hq, hkv, replica):
+def full_inputs(hq, hkv, replica, dtype=torch.float64):
     gen = torch.Generator().manual_seed(100 * hq + 10 * hkv + replica)
     q = torch.randn(B, hq, T, D, generator=gen, dtype=torch.float64)
     k = torch.randn(B, hkv, T, D, generator=gen, dtype=torch.float64)
     v = torch.randn(B, hkv, T, D, generator=gen, dtype=torch.float64)
     g = torch.randn(B, hq, T, D, generator=gen, dtype=torch.float64)
-    return q, k, v, g
+    return tuple(t.to(dtype) for t in (q, k, v, g))  # float32: the float64 draws rounded, same reference
 
 
 def run_attention(attn, q, k, v, g, stats):
@@ -73,15 +85,25 @@ def run_attention(attn, q, k, v, g, stats):
 def _attention(dims):
     cg = dims.comm("cp")
     res = {}
+    runs = [(backend, torch.float64) for backend in BACKENDS] + [("auto", torch.float32)]
     for impl, sharding in IMPLS:
         for hq, hkv in heads_for(impl, dims.cp):
-            counter = AttentionCounter()
-            attn = ContextParallelAttention(cg, impl, sharding, counter=counter)
-            q, k, v, g = (attn.shard(t, dim=2) for t in full_inputs(hq, hkv, dims.dp_rank))
-            r = run_attention(attn, q, k, v, g, dims.comm_stats)
-            r["counter"] = counter.as_dict()
-            r["gathered"] = attn.gather(q, dim=2)
-            res[(impl, sharding, hq, hkv)] = r
+            for backend, dtype in runs:
+                counter = AttentionCounter()
+                attn = ContextParallelAttention(cg, impl, sharding, backend=backend, counter=counter)
+                q, k, v, g = (attn.shard(t, dim=2) for t in full_inputs(hq, hkv, dims.dp_rank, dtype))
+                r = run_attention(attn, q, k, v, g, dims.comm_stats)
+                r["counter"] = counter.as_dict()
+                r["gathered"] = attn.gather(q, dim=2)
+                r["kernel"], r["sends_out"] = attn.kernel.name, attn.sends_out
+                res[(impl, sharding, hq, hkv, backend, str(dtype))] = r
+        hq, hkv = GROUPED_HEADS[impl]  # the same attention run as 2 head groups, one after the other
+        counter = AttentionCounter()
+        attn = ContextParallelAttention(cg, impl, sharding, counter=counter, head_groups=2)
+        q, k, v, g = (attn.shard(t, dim=2) for t in full_inputs(hq, hkv, dims.dp_rank))
+        r = run_attention(attn, q, k, v, g, dims.comm_stats)
+        r["counter"], r["sends_out"] = counter.as_dict(), attn.sends_out
+        res[(impl, sharding, hq, hkv, "groups")] = r
     return dict(res=res, cp_rank=dims.cp_rank, dp_rank=dims.dp_rank)
 
 
@@ -146,8 +168,9 @@ def results(pool):
     return get
 
 
-def reference(hq, hkv, replica):
-    q, k, v, g = (t.clone().requires_grad_(True) for t in full_inputs(hq, hkv, replica))
+def reference(hq, hkv, replica, dtype=torch.float64):
+    """Single-process attention in float64 of the inputs drawn (and rounded to `dtype`) as on the ranks."""
+    q, k, v, g = (t.double().requires_grad_(True) for t in full_inputs(hq, hkv, replica, dtype))
     out, lse = MathAttention().forward_with_lse(q, k, v, causal=True)
     out.backward(g.detach())
     return dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad)
@@ -158,9 +181,10 @@ def assert_close(a, b, what):
     assert torch.allclose(a, b, **TOL), f"{what}: max abs diff {(a - b).abs().max().item():.3e}"
 
 
-def expected_bytes(impl, cp, cp_rank, hq, hkv):
+def expected_bytes(impl, cp, cp_rank, hq, hkv, sends_out):
     """(forward, backward) "cp/*" counters of one forward_with_lse + backward, float64 (e = a = 8), written
-    out from the schedules: Tl local tokens, kv = one K/V pair of this rank's size."""
+    out from the schedules: Tl local tokens, kv = one K/V pair of this rank's size. `sends_out`: the fused
+    kernels take the final output O instead of delta, so LightSeq's helpers receive O (D numbers a row)."""
     Tl = T // cp
     kv = 2 * B * hkv * Tl * D * E
     rows = B * hq * Tl
@@ -177,31 +201,78 @@ def expected_bytes(impl, cp, cp_rank, hq, hkv):
     }[cp]
     i = cp_rank
     fwd = n_kv[i] * kv + n_q[i] * rows * D * E + n_help[i] * rows * (D + 1) * E
-    bwd = n_kv[i] * kv + n_q[i] * rows * (2 * D + 2) * E + n_help[i] * rows * D * E + n_loc[i] * kv
+    bundle = (3 * D + 1) if sends_out else (2 * D + 2)  # q, dO, lse + O or delta
+    bwd = n_kv[i] * kv + n_q[i] * rows * bundle * E + n_help[i] * rows * D * E + n_loc[i] * kv
     return {"cp/p2p_send": fwd} if fwd else {}, {"cp/p2p_send": bwd} if bwd else {}
 
 
 # ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("impl,sharding", IMPLS, ids=[f"{i}-{s}" for i, s in IMPLS])
-def test_matches_full_causal_attention(results, impl, sharding, cp):
+def test_matches_full_causal_attention(results, impl, sharding, cp, backend):
     ranks = results((cp, "attn"), _attention)
     refs = {}
     for rank, res in enumerate(ranks):
         i, rep = res["cp_rank"], res["dp_rank"]
         for hq, hkv in heads_for(impl, cp):
-            r = res["res"][(impl, sharding, hq, hkv)]
+            r = res["res"][(impl, sharding, hq, hkv, backend, str(torch.float64))]
+            assert r["kernel"] == ("math" if backend == "math" else "fused (auto)")
             ref = refs.setdefault((hq, hkv, rep), reference(hq, hkv, rep))
             where = f"{impl}/{sharding} cp={cp} rank {rank} Hq={hq} Hkv={hkv}"
             for name in ("out", "dq", "dk", "dv"):
                 assert_close(r[name], shard_sequence(ref[name], cp, i, sharding, dim=2), f"{where} {name}")
             assert_close(r["lse"], shard_sequence(ref["lse"], cp, i, sharding, dim=2), f"{where} lse")
             assert torch.equal(r["gathered"], full_inputs(hq, hkv, rep)[0]), f"{where} gather of the shards"
-            fwd, bwd = expected_bytes(impl, cp, i, hq, hkv)
+            fwd, bwd = expected_bytes(impl, cp, i, hq, hkv, r["sends_out"])
             assert (r["fwd"], r["bwd"]) == (fwd, bwd), f"{where} bytes"
-            cf, cb = comm_bytes(impl, B=B, T=T, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=E, rank=i)
+            cf, cb = comm_bytes(impl, B=B, T=T, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=E, rank=i, sends_out=r["sends_out"])
             lse_a2a = B * hq * (T // cp) * E if impl == "ulysses" else 0
             assert (sum(fwd.values()) - lse_a2a, sum(bwd.values())) == (cf, cb), f"{where} comm_bytes"
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("impl,sharding", IMPLS, ids=[f"{i}-{s}" for i, s in IMPLS])
+def test_fused_blocks_in_float32_match_full_attention(results, impl, sharding, cp):
+    """The fused CPU kernel per block in float32 against float64 full attention of the same (rounded) inputs,
+    to the bound derived at FP32_REL; the float64 runs above already pin the algorithm to 1e-10."""
+    worst = 0.0
+    for rank, res in enumerate(results((cp, "attn"), _attention)):
+        i, rep = res["cp_rank"], res["dp_rank"]
+        for hq, hkv in heads_for(impl, cp):
+            r = res["res"][(impl, sharding, hq, hkv, "auto", str(torch.float32))]
+            ref = reference(hq, hkv, rep, torch.float32)
+            for name in ("out", "lse", "dq", "dk", "dv"):
+                want = shard_sequence(ref[name], cp, i, sharding, dim=2)
+                assert r[name].dtype == torch.float32, f"{name} came back in {r[name].dtype}"
+                err = (r[name].double() - want).abs().max().item() / ref[name].abs().max().item()
+                assert err <= FP32_REL, f"{impl}/{sharding} cp={cp} rank {rank} Hq={hq} {name}: rel err {err:.2e}"
+                worst = max(worst, err)
+    assert worst > 0  # float32 really ran (a float64 run would match to 1e-16)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("impl,sharding", IMPLS, ids=[f"{i}-{s}" for i, s in IMPLS])
+def test_head_groups_match_full_attention_and_send_the_same_bytes(results, impl, sharding, cp):
+    """Two head groups run one after the other: the same attention, the same bytes in total (two transfers of
+    half the size), blocks counted once per call and work over all heads."""
+    hq, hkv = GROUPED_HEADS[impl]
+    for rank, res in enumerate(results((cp, "attn"), _attention)):
+        i, rep = res["cp_rank"], res["dp_rank"]
+        r = res["res"][(impl, sharding, hq, hkv, "groups")]
+        ref = reference(hq, hkv, rep)
+        where = f"{impl}/{sharding} cp={cp} rank {rank} 2 head groups"
+        for name in ("out", "lse", "dq", "dk", "dv"):
+            assert_close(r[name], shard_sequence(ref[name], cp, i, sharding, dim=2), f"{where} {name}")
+        lse_a2a = B * hq * (T // cp) * E if impl == "ulysses" else 0
+        want = comm_bytes(impl, B=B, T=T, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=E, rank=i, sends_out=r["sends_out"])
+        assert (sum(r["fwd"].values()) - lse_a2a, sum(r["bwd"].values())) == want, f"{where} bytes"
+        c = r["counter"]
+        assert c["forward_calls"] == 1 and c["forward_blocks"] == c["backward_blocks"]
+        if impl == "ring":
+            assert c["forward_blocks"] == (2 * cp + 1 if sharding == "zigzag" else i + 1)  # as with one group
+        if impl == "ulysses":
+            assert c["forward_work"] == B * hq // cp * T * (T + 1) // 2  # this rank's heads, all tokens
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -210,7 +281,9 @@ def test_block_counts_and_balance(results, cp):
         (res for res in results((cp, "attn"), _attention) if res["dp_rank"] == 0), key=lambda res: res["cp_rank"]
     )
     counters = {
-        (impl, sharding): [res["res"][(impl, sharding, *SEQ_HEADS[0])]["counter"] for res in ranks]
+        (impl, sharding): [
+            res["res"][(impl, sharding, *SEQ_HEADS[0], "math", str(torch.float64))]["counter"] for res in ranks
+        ]
         for impl, sharding in IMPLS[:3]
     }
     ls = counters[("lightseq", "contiguous")]
@@ -295,13 +368,18 @@ def test_bad_inputs_raise():
         ContextParallelAttention(_cg(3), "lightseq")
     with pytest.raises(ContextParallelError, match="unknown context-parallel impl 'star'"):
         ContextParallelAttention(_cg(2), "star")
-    with pytest.raises(ContextParallelError, match="'flash' has no block kernel"):
-        ContextParallelAttention(_cg(2), "ring", backend="flash")
+    if not flash_available():
+        with pytest.raises(ContextParallelError, match="flash needs CUDA and the flash-attn package") as exc:
+            ContextParallelAttention(_cg(2), "ring", backend="flash")
+        assert exc.value.field == "model.attention_backend"
+    with pytest.raises(ContextParallelError, match="unknown backend 'flash3'; available: auto, sdpa, flash, math"):
+        ContextParallelAttention(_cg(2), "ring", backend="flash3")
     assert ContextParallelAttention(_cg(4), "ring").name == "ring/zigzag over cp=4"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("impl,cp", [("ring", 8), ("lightseq", 8), ("ulysses", 4)])
-def test_meta_dry_run_records_the_closed_form(impl, cp):
+def test_meta_dry_run_records_the_closed_form(impl, cp, backend):
     """On meta tensors (the benchmark's dry runs) nothing is sent, every byte is still recorded, per rank, and
     the bf16 element sizes with fp32 partial sums follow the same closed forms."""
     from megaeff.distributed.comm import CommStats
@@ -309,11 +387,12 @@ def test_meta_dry_run_records_the_closed_form(impl, cp):
     hq, hkv, seq = 8, 4, 64
     for rank in range(cp):
         stats = CommStats()
-        attn = ContextParallelAttention(CommGroup("cp", None, stats, cp, rank), impl)
+        attn = ContextParallelAttention(CommGroup("cp", None, stats, cp, rank), impl, backend=backend)
         q, k, v = (
             torch.empty(B, h, seq // cp, D, device="meta", dtype=torch.bfloat16).requires_grad_(True)
             for h in (hq, hkv, hkv)
         )
         attn(q, k, v).backward(torch.empty(B, hq, seq // cp, D, device="meta", dtype=torch.bfloat16))
-        assert stats.total() == sum(comm_bytes(impl, B=B, T=seq, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=2, rank=rank))
+        want = comm_bytes(impl, B=B, T=seq, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=2, rank=rank, sends_out=attn.sends_out)
+        assert stats.total() == sum(want)
         assert stats.total() > 0

@@ -59,9 +59,10 @@ def test_breakdown_matches_what_the_step_holds(tiny_cfg):
     assert final["optimizer_state"] == extra["optimizer_state_bytes"] > 0
     assert final["activations"] == final["temporaries"] == 0
     # What a forward leaves for its backward is what SavedBytes (autograd's saved-tensor hooks, in PlainStep)
-    # counts, less the token ids (saved by the embedding and the loss, but made before the forward) plus the fp32
-    # scalars the step keeps without autograd saving them (the loss and the objective: at most 3 x 4 bytes).
-    batch_bytes = 2 * 2 * 64 * 8  # inputs and labels, int64
+    # counts, less the token ids (saved by the embedding, but made before the forward; the fused head + loss saves
+    # no labels) plus the fp32 scalars the step keeps without autograd saving them (the loss and the objective: at
+    # most 3 x 4 bytes).
+    batch_bytes = 2 * 64 * 8  # inputs, int64
     extra_scalars = report.saved_per_forward[0] - (extra["act_saved_bytes"] - batch_bytes)
     assert 0 <= extra_scalars <= 12
     assert len(report.saved_per_forward) == 2 and report.saved_per_forward[0] == report.saved_per_forward[1]

@@ -16,8 +16,11 @@ Shapes are LLaMA-7B's attention (hidden 4096, 32 query heads of 128; 32 or 8 key
    activations) trains in under `--budget-gib` per rank: peak *live tensor bytes*, measured by a dispatch mode
    that tracks every storage an op creates until it is freed, on meta tensors (dry runs, so any length is
    cheap); a real gloo run at `--check-seq` checks that the meta peak equals the real one. It excludes the
-   allocator's cache, the torch runtime and gloo's buffers, and the math block kernel materializes each
-   block's scores, which dominates (flash-attn would not; not measured, no GPU).
+   allocator's cache, the torch runtime, gloo's buffers and the scratch a fused kernel allocates inside one op
+   (torch's CPU flash kernel: per-thread tiles of a few hundred KB). One row per block kernel
+   (`--backends`: `math` materializes each block's fp32 scores; `auto` is torch's flash attention for CPU per
+   block, which runs on meta tensors through torch's meta kernels) and head grouping (`--head-groups`: 1 = all
+   heads at once, auto = context_parallel/heads.py).
 3. Compute balance: attention blocks and causally visible score entries per rank (AttentionCounter).
 """
 
@@ -75,7 +78,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
 # ----------------------------------------------------------------------------- one rank's work
 def attention_step(cg, stats, impl, sharding, T, hkv, device, dtype=torch.bfloat16):
-    """One attention forward + backward on random local q, k, v: bytes, counter and wall time."""
+    """One attention forward + backward on random local q, k, v (default block kernel): bytes, counter and
+    wall time."""
     counter = AttentionCounter()
     attn = ContextParallelAttention(cg, impl, sharding, counter=counter)
     Tl = T // cg.size
@@ -90,14 +94,20 @@ def attention_step(cg, stats, impl, sharding, T, hkv, device, dtype=torch.bfloat
     fwd = stats.snapshot()
     stats.reset()
     out.backward(torch.ones_like(out))
-    return dict(fwd=fwd, bwd=stats.snapshot(), counter=counter.as_dict(), wall_s=time.perf_counter() - t0)
+    return dict(
+        fwd=fwd,
+        bwd=stats.snapshot(),
+        counter=counter.as_dict(),
+        wall_s=time.perf_counter() - t0,
+        sends_out=attn.sends_out,
+    )
 
 
-def layer_step(cg, impl, sharding, T, hkv, device):
+def layer_step(cg, impl, sharding, T, hkv, device, backend="auto", groups="auto"):
     """Peak live tensor bytes of training one fp32 attention layer on this rank's shard of T tokens."""
     tracker = LiveTensorBytes()
     with tracker:
-        attn = ContextParallelAttention(cg, impl, sharding)
+        attn = ContextParallelAttention(cg, impl, sharding, backend=backend, head_groups=groups)
         Tl = T // cg.size
         w = [(torch.randn(HIDDEN, h * HEAD_DIM, device=device) * 0.02).requires_grad_(True) for h in (HEADS, hkv, hkv)]
         wo = (torch.randn(HEADS * HEAD_DIM, HIDDEN, device=device) * 0.02).requires_grad_(True)
@@ -125,8 +135,9 @@ def dry_attention(impl, sharding, cp, T, hkv):
     return out
 
 
-def dry_peak(impl, sharding, cp, T, hkv):
-    return max(layer_step(dry_cg(cp, r), impl, sharding, T, hkv, torch.device("meta")) for r in range(cp))
+def dry_peak(impl, sharding, cp, T, hkv, backend="auto", groups="auto"):
+    meta = torch.device("meta")
+    return max(layer_step(dry_cg(cp, r), impl, sharding, T, hkv, meta, backend, groups) for r in range(cp))
 
 
 # ----------------------------------------------------------------------------- real gloo runs
@@ -140,11 +151,11 @@ def _worker(rank, world, port, cases, out_dir):
     dims = ParallelDims(tp=1, cp=world, dp=1, pp=1, world_size=world, rank=rank)
     dims.build_groups()
     cg, results = dims.comm("cp"), []
-    for kind, impl, sharding, T, hkv in cases:
+    for kind, impl, sharding, T, hkv, *kernel in cases:
         if kind == "bytes":
             results.append(attention_step(cg, dims.comm_stats, impl, sharding, T, hkv, torch.device("cpu")))
         else:
-            results.append(layer_step(cg, impl, sharding, T, hkv, torch.device("cpu")))
+            results.append(layer_step(cg, impl, sharding, T, hkv, torch.device("cpu"), *kernel))
         dist.barrier()
     dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
@@ -195,8 +206,13 @@ def bytes_phase(args, real):
                     key = ("bytes", impl, sharding, T, hkv)
                     per_rank = real.get((cp, key)) or dry_attention(impl, sharding, cp, T, hkv)
                     rec = [sum(r["fwd"].values()) + sum(r["bwd"].values()) for r in per_rank]
+                    out = per_rank[0]["sends_out"]
                     formula = [
-                        sum(comm_bytes(impl, B=1, T=T, cp=cp, Hq=HEADS, Hkv=hkv, D=HEAD_DIM, elem=2, rank=r))
+                        sum(
+                            comm_bytes(
+                                impl, B=1, T=T, cp=cp, Hq=HEADS, Hkv=hkv, D=HEAD_DIM, elem=2, rank=r, sends_out=out
+                            )
+                        )
                         for r in range(cp)
                     ]
                     rows.append(
@@ -217,37 +233,49 @@ def bytes_phase(args, real):
     return rows
 
 
+def longest(impl, sharding, cp, hkv, budget, backend, groups):
+    """Longest multiple of 128 cp tokens whose dry-run peak fits `budget` (doubling, then bisection)."""
+    unit = 128 * cp
+    lo, hi = 0, 1
+    while dry_peak(impl, sharding, cp, hi * unit, hkv, backend, groups) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if dry_peak(impl, sharding, cp, mid * unit, hkv, backend, groups) <= budget else (lo, mid)
+    return lo * unit
+
+
 def memory_phase(args, real):
-    rows = []
-    for hkv in args.kv_heads:
-        for cp in (1, 2, 4):
-            for impl, sharding in SCHEMES[:1] if cp == 1 else SCHEMES:  # cp=1: every impl is local attention
-                if impl == "ulysses" and (HEADS % cp or hkv % cp):
-                    continue
-                unit = 128 * cp
-                lo, hi = 0, 1
-                while dry_peak(impl, sharding, cp, hi * unit, hkv) <= args.budget_gib * 2**30:
-                    lo, hi = hi, hi * 2
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    lo, hi = (
-                        (mid, hi)
-                        if dry_peak(impl, sharding, cp, mid * unit, hkv) <= args.budget_gib * 2**30
-                        else (lo, mid)
-                    )
-                row = dict(
-                    kv_heads=hkv,
-                    cp=cp,
-                    scheme=f"{impl}/{sharding}" if cp > 1 else "none",
-                    max_seq=lo * unit,
-                    peak_gib_at_max=dry_peak(impl, sharding, cp, lo * unit, hkv) / 2**30 if lo else None,
-                )
-                check = real.get((cp, ("memory", impl, sharding, args.check_seq, hkv)))
-                if check is not None:
-                    row["check_seq"] = args.check_seq
-                    row["check_real_gib"] = max(check) / 2**30
-                    row["check_meta_gib"] = dry_peak(impl, sharding, cp, args.check_seq, hkv) / 2**30
-                rows.append(row)
+    rows, budget = [], args.budget_gib * 2**30
+    for hkv in args.memory_kv_heads:
+        for backend in args.backends:
+            for groups in args.head_groups:
+                for cp in (1, 2, 4):
+                    if cp == 1 and groups != args.head_groups[0]:
+                        continue  # cp=1: no communication buffers, auto runs one group
+                    for impl, sharding in SCHEMES[:1] if cp == 1 else SCHEMES:  # cp=1: every impl is local attention
+                        if impl == "ulysses" and (HEADS % cp or hkv % cp):
+                            continue
+                        g = int(groups) if groups.isdigit() else groups
+                        T = longest(impl, sharding, cp, hkv, budget, backend, g)
+                        peak = dry_peak(impl, sharding, cp, T, hkv, backend, g) / 2**30 if T else None
+                        row = dict(
+                            kv_heads=hkv,
+                            backend=backend,
+                            head_groups=groups if cp > 1 else "-",
+                            cp=cp,
+                            scheme=f"{impl}/{sharding}" if cp > 1 else "none",
+                            max_seq=T,
+                            peak_gib_at_max=peak,
+                        )
+                        check = real.get((cp, ("memory", impl, sharding, args.check_seq, hkv, backend, g)))
+                        if check is not None:
+                            row["check_seq"] = args.check_seq
+                            row["check_real_gib"] = max(check) / 2**30
+                            meta = dry_peak(impl, sharding, cp, args.check_seq, hkv, backend, g)
+                            row["check_meta_gib"] = meta / 2**30
+                        rows.append(row)
+                        print(f"  memory: {row}", flush=True)
     return rows
 
 
@@ -283,6 +311,9 @@ def main(argv=None):
     ap.add_argument("--balance-cps", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--budget-gib", type=float, default=8.0)
     ap.add_argument("--check-seq", type=int, default=1024, help="length of the real-run check of the meta peak")
+    ap.add_argument("--backends", nargs="+", default=["math", "auto"], help="block kernels of the memory search")
+    ap.add_argument("--head-groups", nargs="+", default=["1", "auto"], help="head groups of the memory search")
+    ap.add_argument("--memory-kv-heads", type=int, nargs="+", default=[32], help="kv heads of the memory search")
     ap.add_argument("--out", default="bench_cp.json")
     args = ap.parse_args(argv)
 
@@ -296,7 +327,11 @@ def main(argv=None):
             for impl, sharding in SCHEMES
             if not (impl == "ulysses" and (HEADS % cp or hkv % cp))
         ]
-        cases += [("memory", impl, sharding, args.check_seq, args.kv_heads[0]) for impl, sharding in SCHEMES]
+        cases += [
+            ("memory", impl, sharding, args.check_seq, args.memory_kv_heads[0], backend, "auto")
+            for impl, sharding in SCHEMES
+            for backend in args.backends
+        ]
         print(f"real gloo runs, cp={cp}: {len(cases)} cases", flush=True)
         for case, per_rank in zip(cases, real_runs(cp, cases)):
             real[(cp, case)] = per_rank
@@ -325,12 +360,20 @@ def main(argv=None):
             f"{r['formula_mb']:.1f} | {r['sent_mb']:.1f}{low} | {match} |"
         )
     print(f"\nLongest trainable sequence, one fp32 attention layer, {args.budget_gib:g} GiB of live tensors per rank")
-    print("| kv heads | cp | scheme | max seq | peak GiB at max | real vs meta peak at check seq (GiB) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| kv heads | block kernel | head groups | cp | scheme | max seq | x cp=1 | peak GiB at max "
+        "| real / meta peak at check seq (GiB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = {(r["kv_heads"], r["backend"]): r["max_seq"] for r in result["memory"] if r["cp"] == 1}
     for r in result["memory"]:
         chk = f"{r['check_real_gib']:.3f} / {r['check_meta_gib']:.3f} @ {r['check_seq']}" if "check_seq" in r else "-"
         peak = f"{r['peak_gib_at_max']:.2f}" if r["peak_gib_at_max"] else "-"
-        print(f"| {r['kv_heads']} | {r['cp']} | {r['scheme']} | {r['max_seq']} | {peak} | {chk} |")
+        r["x_cp1"] = r["max_seq"] / base[(r["kv_heads"], r["backend"])]
+        print(
+            f"| {r['kv_heads']} | {r['backend']} | {r['head_groups']} | {r['cp']} | {r['scheme']} | {r['max_seq']} | "
+            f"{r['x_cp1']:.2f} | {peak} | {chk} |"
+        )
     print(f"\nAttention compute balance at seq {args.seqs[0]} (forward; backward identical)")
     print("| cp | scheme | blocks per rank | visible work max/min | max/mean |")
     print("|---|---|---|---|---|")
@@ -341,6 +384,16 @@ def main(argv=None):
         )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out} ({result['seconds']} s)")
+    best = [r for r in result["memory"] if r["cp"] == 4 and r["backend"] == args.backends[-1]]
+    best = [r for r in best if r["head_groups"] == args.head_groups[-1]]
+    cp1 = {(r["backend"]): r["max_seq"] for r in result["memory"] if r["cp"] == 1}
+    if best and len(cp1) == len(args.backends):
+        ratios = ", ".join(f"{r['scheme']} {r['x_cp1']:.2f}x" for r in best)
+        new, old = args.backends[-1], args.backends[0]
+        print(
+            f"longest seq, {new} blocks: cp=1 {cp1[new]} = {cp1[new] / cp1[old]:.2f}x {old}'s; "
+            f"cp=4 / cp=1 ({args.head_groups[-1]} head groups): {ratios}"
+        )
 
 
 if __name__ == "__main__":

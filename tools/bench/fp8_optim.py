@@ -14,7 +14,12 @@ Three phases:
 2. Training: the trainer runs the tiny model on the default corpus with optim=adamw (FP32), optim=coat_adamw
    (FP8 states only) and precision=coat (FP8 states, activations and GEMMs), and, outside the trainer's optimizer
    builder, with torchao AdamWFp8 and AdamW8bit; final train loss and validation loss at the same steps.
-3. CPU step time of each update implementation on the parameters of a larger model (`--timing-model`).
+3. CPU step time (ns per parameter) of COAT with fp8_backend=auto (the C++ kernel), the torch reference,
+   torchao's AdamWFp8 and FP32 foreach AdamW on the parameters of `--timing-model` (llama_20m, vocab 32000),
+   alternating rounds in one process per thread count (`--timing-threads`, default 1 and 2), and how often the
+   C++ fast path fell back to libm. The last line is COAT / torchao per thread count. Timing only:
+
+    python tools/bench/fp8_optim.py --phases timing --timing-steps 7 --out bench_fp8_timing.json
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -201,42 +207,113 @@ def train_phase(args, torchao_kinds) -> Dict:
     return out
 
 
-def timing_phase(args, torchao_kinds) -> Dict:
+TIMED = (
+    ("COAT auto", "COAT", "auto"),
+    ("COAT torch reference", "COAT", "torch"),
+    ("torchao AdamWFp8", "torchao AdamWFp8", None),
+    ("fp32 AdamW (foreach)", "fp32 AdamW", None),
+)
+
+
+def fallback_rate(opt, params) -> Dict[str, float]:
+    """One more step of a COAT optimizer through the C++ kernel's counting entry point: how often the fast path's
+    interval check left an element to libm on these real states."""
+    from megaeff.kernels import fp8_adamw_cpp
+    from megaeff.kernels.fp8_adamw import Backend
+
+    totals = dict.fromkeys(fp8_adamw_cpp.STAT_NAMES, 0)
+
+    def counting(entries):
+        for name, n in fp8_adamw_cpp.update_with_stats(entries).items():
+            totals[name] += n
+
+    opt.backend = Backend("cpp", counting)
+    opt.step()
+    return {
+        **totals,
+        "quant_rate": totals["quant_fallback"] / max(totals["quant_checked"], 1),
+        "root_rate": totals["root_fallback"] / max(totals["root_checked"], 1),
+    }
+
+
+def timing_one(args) -> Dict:
+    """CPU step time of each update on the parameters of `--timing-model`, in alternating rounds (A, B, C, D, A,
+    B, ...) so that a change of machine load hits every row alike; medians over the rounds after the first two
+    (state allocation, and torchao's compilation). One thread count per process: torchao's compiled kernels fix
+    their thread count when they are compiled."""
     from megaeff.models.llama import build_llama
 
-    cfg = compose([f"model={args.timing_model}", "model.vocab_size=264"])
+    cfg = compose([f"model={args.timing_model}", f"model.vocab_size={args.timing_vocab}"])
     model = build_llama(cfg.model, cfg.method, device="cpu")
     shapes = [p.shape for p in model.parameters()]
     n = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
-    rows = {}
-    impls = [
-        ("fp32 AdamW (foreach)", "fp32 AdamW", None),
-        ("COAT, torch reference", "COAT", "torch"),
-        ("COAT, C++ kernel", "COAT", "cpp"),
-        *[(k, k, None) for k in torchao_kinds],
-    ]
-    for label, kind, backend in impls:
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
-        try:
-            opt = make_optimizer(kind, params, 1e-3, (0.9, 0.95), 0.1, backend or "auto")
-        except RuntimeError as exc:
-            print(f"{label}: skipped ({exc})", flush=True)
+    opts = {}
+    for label, kind, backend in TIMED:
+        if kind.startswith("torchao") and kind not in torchao_optimizers():
             continue
-        times = []
-        for i in range(args.timing_steps + 2):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen) * 1e-3
-            t0 = time.perf_counter()
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        opt = make_optimizer(kind, params, 1e-3, (0.9, 0.95), 0.1, backend or "auto")
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        opts[label] = (opt, params)
+    times: Dict[str, list] = {label: [] for label in opts}
+    cpu: Dict[str, list] = {label: [] for label in opts}
+    for i in range(args.timing_steps + 2):
+        for label, (opt, _) in opts.items():
+            t0, c0 = time.perf_counter(), time.process_time()
             opt.step()
-            if i >= 2:  # the first steps allocate state (and compile, for torchao)
-                times.append(time.perf_counter() - t0)
-        rows[label] = {"median_s": statistics.median(times), "ns_per_param": statistics.median(times) / n * 1e9}
+            if i >= 2:
+                times[label].append(time.perf_counter() - t0)
+                cpu[label].append(time.process_time() - c0)
+    rows = {}
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        rows[label] = {"median_s": med, "ns_per_param": med / n * 1e9, "rounds": len(ts)}
+        # CPU seconds of the whole process: on a loaded machine, the work itself (spinning OpenMP threads count)
+        rows[label]["cpu_ns_per_param"] = statistics.median(cpu[label]) / n * 1e9
+    coat = opts["COAT auto"][0]
+    out = {"model": args.timing_model, "vocab": args.timing_vocab, "params": n, "threads": torch.get_num_threads()}
+    out.update(rows=rows, coat_auto_backend=coat.backend.name, fallbacks=fallback_rate(*opts["COAT auto"]))
+    return out
+
+
+def timing_phase(args) -> Dict:
+    """`timing_one` for each of --timing-threads, each in its own process (this script, --timing-child)."""
+    import subprocess
+    import tempfile
+
+    results = {}
+    for threads in args.timing_threads:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "timing.json"
+            cmd = [sys.executable, __file__, "--timing-child", "--threads", str(threads), "--out", str(out)]
+            cmd += ["--timing-model", args.timing_model, "--timing-vocab", str(args.timing_vocab)]
+            cmd += ["--timing-steps", str(args.timing_steps)]
+            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            res = json.loads(out.read_text())
+        results[str(threads)] = res
         print(
-            f"{label:<28} {rows[label]['median_s'] * 1e3:8.1f} ms/step  {rows[label]['ns_per_param']:6.2f} ns/param",
-            flush=True,
+            f"{res['model']} (vocab {res['vocab']}, {res['params'] / 1e6:.1f}M params), {threads} thread(s), "
+            f"COAT auto = {res['coat_auto_backend']}:"
         )
-    return {"model": args.timing_model, "params": n, "threads": torch.get_num_threads(), "rows": rows}
+        for label, row in res["rows"].items():
+            print(
+                f"  {label:<24} {row['median_s'] * 1e3:8.1f} ms/step  {row['ns_per_param']:7.2f} ns/param  "
+                f"(CPU {row['cpu_ns_per_param']:7.2f} ns/param)"
+            )
+        fb = res["fallbacks"]
+        print(
+            f"  fast-path fallbacks: quantize {fb['quant_fallback']} of {fb['quant_checked']} "
+            f"({fb['quant_rate']:.1e}), dequantize {fb['root_fallback']} of {fb['root_checked']} "
+            f"({fb['root_rate']:.1e})"
+        )
+    ratios = {}
+    for threads, res in results.items():
+        rows = res["rows"]
+        if "torchao AdamWFp8" in rows:
+            ratios[threads] = rows["COAT auto"]["ns_per_param"] / rows["torchao AdamWFp8"]["ns_per_param"]
+    return {"by_threads": results, "coat_over_torchao": ratios}
 
 
 def main(argv=None) -> int:
@@ -245,7 +322,10 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--timing-model", default="llama_20m")
-    ap.add_argument("--timing-steps", type=int, default=5)
+    ap.add_argument("--timing-vocab", type=int, default=32000)
+    ap.add_argument("--timing-steps", type=int, default=5, help="timed rounds (after two warm-up rounds)")
+    ap.add_argument("--timing-threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--timing-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="auto", help="FP8 AdamW kernel for the COAT rows of phases 1 and 2")
     ap.add_argument("--phases", nargs="+", default=["error", "train", "timing"], choices=["error", "train", "timing"])
@@ -253,6 +333,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench_fp8_optim.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.timing_child:
+        args.out.write_text(json.dumps(timing_one(args)))
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     tao = list(torchao_optimizers())
     coat_kinds = ["COAT E4M3/E4M3 + expansion", "COAT E4M3/E5M2 + expansion", "COAT E4M3/E4M3 no expansion"]
@@ -267,9 +350,12 @@ def main(argv=None) -> int:
     if "train" in args.phases:
         result["train"] = train_phase(args, tao)
     if "timing" in args.phases:
-        result["timing"] = timing_phase(args, tao)
+        result["timing"] = timing_phase(args)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
+    ratios = result.get("timing", {}).get("coat_over_torchao")
+    if ratios:  # the ratio is the last line
+        print("COAT auto / torchao AdamWFp8 time: " + ", ".join(f"{r:.2f} ({t} thread(s))" for t, r in ratios.items()))
     return 0
 
 

@@ -7,17 +7,22 @@
 
 `attn` is called exactly like the attention backends of megaeff/layers/attention.py, so the model's
 `attention_backend` can be replaced by it. Implementations (`impl`):
-- `ring` (cp_ring.py): K/V blocks circulate over the ring with batched isend/irecv overlapped with compute,
+- `ring` (ring.py): K/V blocks circulate over the ring with batched isend/irecv overlapped with compute,
   partial outputs merged by log-sum-exp, dK/dV circulating back to their owners; `zigzag` sharding (default)
   balances the causal work, `contiguous` is the plain ring.
-- `lightseq` (cp_lightseq.py): LightSeq DistAttn's balanced schedule on contiguous shards (even cp), where ranks
+- `lightseq` (lightseq.py): LightSeq DistAttn's balanced schedule on contiguous shards (even cp), where ranks
   that finish early compute blocks of later ranks; plus rematerialization-aware checkpointing (below).
-- `ulysses` (cp_ulysses.py): all-to-all to head shards, full local attention, all-to-all back; query and
+- `ulysses` (ulysses.py): all-to-all to head shards, full local attention, all-to-all back; query and
   key/value heads divisible by cp.
 All three are exact (float64 tests match single-process attention to 1e-10), support grouped-query attention
 without expanding K/V, and count every transfer in `dims.comm_stats` under "cp/p2p_send" or "cp/all_to_all".
-The blocks are computed by the math kernel in at least fp32 (cp_blocks.py); any object with its `forward` /
-`backward` methods can be passed as `backend`.
+The blocks are computed by the block kernel `backend` names (`model.attention_backend`): `auto` (default),
+`sdpa` and `flash` select the fused kernels of flash_blocks.py, which never materialize a block's scores
+(torch's flash attention on CPU; flash-attn or torch's memory-efficient kernel on CUDA) and match the math
+kernel to fp32 round-off; `math` selects the exact math kernel of blocks.py (each block's fp32 scores
+materialized). Any object with the block-kernel `forward` / `backward` methods (blocks.py) can be passed too.
+Every scheme runs head group by head group where its K/V are large (heads.py): its buffers then span a few
+heads instead of all of them, which is what makes the longest trainable sequence grow with cp.
 
 Rematerialization-aware checkpointing (LightSeq): standard activation checkpointing reruns the whole layer in
 backward, attention forward included. With
@@ -33,7 +38,8 @@ for every impl (Ulysses repeats its q/k/v all-to-all, not the attention).
 Bytes per attention call per rank (recorded payloads; formulas in each module, closed forms in `comm_bytes`),
 with N = B T tokens, h_kv = Hkv D, e element size, a = max(e, 4) the accumulation element size:
     ring      fwd 2 (P-1)/P N h_kv e               bwd 2 (P-1)/P N h_kv e + 2 N h_kv a
-    lightseq  per rank, see cp_lightseq.py (keys sent directly to the ranks that need them, plus helper traffic)
+    lightseq  per rank, see lightseq.py (keys sent directly to the ranks that need them, plus helper traffic;
+              helpers receive O instead of delta when the kernel takes O: `sends_out`)
     ulysses   fwd 2 N (Hq + Hkv) D e / P           bwd the same (payload; (P-1)/P of it leaves the rank)
 
 What the model and trainer must do: shard inputs, labels (shifted before sharding) and loss masks with
@@ -45,11 +51,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
-from megaeff.distributed.context_parallel.blocks import AttentionCounter, MathBlockKernel
+from megaeff.distributed.context_parallel.blocks import AttentionCounter
+from megaeff.distributed.context_parallel.flash_blocks import select_block_kernel
+from megaeff.distributed.context_parallel.heads import HeadGroupEngine
 from megaeff.distributed.context_parallel.lightseq import (
     LightSeqEngine,
     check_lightseq,
@@ -89,17 +97,10 @@ __all__ = [
 
 
 def _block_kernel(backend):
-    if backend in (None, "auto", "math", "sdpa"):
-        # SDPA returns no log-sum-exp and has no block backward; the blocks need both.
-        return MathBlockKernel()
-    if isinstance(backend, str):
-        raise ContextParallelError(
-            "model.attention_backend",
-            f"{backend!r} has no block kernel for context parallelism in this build; use auto, sdpa or math "
-            "(cp blocks are computed by the exact math kernel)",
-        )
+    if backend is None or isinstance(backend, str):
+        return select_block_kernel("auto" if backend is None else backend)
     if not (callable(getattr(backend, "forward", None)) and callable(getattr(backend, "backward", None))):
-        raise TypeError("a context-parallel backend needs forward(q, k, v, mask) and backward(...) (see cp_blocks.py)")
+        raise TypeError("a context-parallel backend needs forward(q, k, v, causal) and backward(...) (see blocks.py)")
     return backend
 
 
@@ -116,12 +117,13 @@ class _CPAttentionFn(torch.autograd.Function):
             engine.counter.replays += 1
         else:
             out, saved, lse = engine.forward(q, k, v, want_lse)
+            engine.counter.forward_calls += 1
             if mode == "record":  # kept for the recomputation; everything else of the segment is dropped
                 cache.append(
                     (
                         out.detach(),
                         None if lse is None else lse.detach(),
-                        tuple(t.detach() for t in engine.cache_tail(saved)),
+                        tuple(None if t is None else t.detach() for t in engine.cache_tail(saved)),
                     )
                 )
         ctx.engine = engine
@@ -142,7 +144,9 @@ class ContextParallelAttention:
 
     cg: the cp CommGroup (`dims.comm("cp")`); impl: ring | lightseq | ulysses; sharding: zigzag | contiguous
     (default: zigzag for ring, contiguous otherwise; lightseq requires contiguous); backend: the block kernel
-    ("auto"/"math"/"sdpa" -> the math kernel, or an object); counter: an `AttentionCounter` to count into.
+    (`model.attention_backend`: "auto"/"sdpa"/"flash" -> fused, "math" -> exact math, or an object); counter:
+    an `AttentionCounter` to count into; head_groups: run the scheme on this many head groups one after the
+    other ("auto": by size, heads.py) so that its buffers span fewer heads.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class ContextParallelAttention:
         sharding: Optional[str] = None,
         backend="auto",
         counter: Optional[AttentionCounter] = None,
+        head_groups: Union[int, str] = "auto",
     ):
         if impl not in IMPLS:
             raise ContextParallelError(
@@ -164,8 +169,13 @@ class ContextParallelAttention:
         self.cg, self.impl, self.sharding = cg, impl, sharding
         self.counter = counter if counter is not None else AttentionCounter()
         self.kernel = _block_kernel(backend)
-        self.engine = _ENGINES[impl](cg, sharding, self.kernel, self.counter)
+        self.engine = HeadGroupEngine(_ENGINES[impl](cg, sharding, self.kernel, self.counter), head_groups)
         self._modes = []
+
+    @property
+    def sends_out(self) -> bool:
+        """The block kernel's backward takes the final output O instead of delta (LightSeq's bytes differ)."""
+        return bool(getattr(self.kernel, "needs_out", False))
 
     @property
     def name(self) -> str:
@@ -248,15 +258,17 @@ def comm_bytes(
     elem: int,
     acc_elem: Optional[int] = None,
     rank: int = 0,
+    sends_out: bool = False,
 ) -> Tuple[int, int]:
     """(forward, backward) bytes rank `rank` records for one attention call: "cp/p2p_send" for ring and
-    lightseq (all of it leaves the rank), "cp/all_to_all" payload for ulysses ((cp-1)/cp of it leaves)."""
+    lightseq (all of it leaves the rank), "cp/all_to_all" payload for ulysses ((cp-1)/cp of it leaves).
+    `sends_out`: the block kernel takes O instead of delta (`ContextParallelAttention.sends_out`)."""
     if acc_elem is None:
         acc_elem = max(elem, 4)
     if impl == "ring":
         return ring_bytes(B, T, cp, Hkv, D, elem, acc_elem)
     if impl == "lightseq":
-        return lightseq_bytes(B, T, cp, Hq, Hkv, D, elem, acc_elem, rank)
+        return lightseq_bytes(B, T, cp, Hq, Hkv, D, elem, acc_elem, rank, sends_out)
     if impl == "ulysses":
         return ulysses_bytes(B, T, cp, Hq, Hkv, D, elem)
     raise ValueError(f"unknown impl {impl!r}")

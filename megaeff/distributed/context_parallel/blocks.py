@@ -3,15 +3,21 @@
 A rank computes attention of its local queries against one key/value block at a time (its own, or one that
 arrived from a peer) and merges the partial results. Three pieces are shared by the ring and LightSeq engines:
 
-- `MathBlockKernel`: forward returns the block output *and* its log-sum-exp in at least fp32 (float64 stays
-  float64); backward takes the final output's row statistics (lse, delta = rowsum(dO * O)) so that every block's
-  dQ/dK/dV contribution is exact without rescaling (FlashAttention's backward). Grouped-query attention is
-  computed grouped: the g = Hq/Hkv query heads of one kv head are stacked along the rows of a single matmul,
-  so K and V are never expanded, neither on the wire nor in memory.
+- the block kernel (`kernel.forward(q, k, v, causal)` -> (out, lse); `kernel.backward(q, k, v, dout, lse,
+  delta, out, causal)` -> (dq, dk, dv)): forward returns the block output *and* its log-sum-exp in at least
+  fp32 (float64 stays float64); backward takes the final output's row statistics (lse, and delta =
+  rowsum(dO * O) or the final output O itself) so that every block's dQ/dK/dV contribution is exact without
+  rescaling (FlashAttention's backward). `causal` is the bottom-right-aligned causal mask (key j visible to
+  query i iff j <= i + Tk - Tq), the only mask the plan produces. `MathBlockKernel` here materializes each
+  block's scores; the fused kernels of flash_blocks.py never do. A kernel whose `needs_out` is true computes
+  delta from O itself (the engines then pass O and LightSeq helpers receive O instead of delta). Grouped-query
+  attention is computed grouped: K and V are never expanded, neither on the wire nor in memory.
 - `plan_blocks`: which (query chunk, key chunk) pairs of a step are visible. Chunks carry global positions
   (context_parallel/sharding.py): a key chunk after the query chunk is skipped, one before it is fully
-  visible, the same chunk gets the causal mask built from the positions. Skipped pairs are never computed, so
-  no row is ever fully masked (no NaN). The same plan serves contiguous and zigzag shards.
+  visible, the same chunk is causal. The key chunks a query chunk sees are a prefix of the local keys whose
+  last chunk is the query chunk itself, so the mask of such a block is exactly the bottom-right-aligned causal
+  mask and is never materialized by the plan. Skipped pairs are never computed, so no row is ever fully
+  masked (no NaN). The same plan serves contiguous and zigzag shards.
 - `merge_`: out and lse of the rows so far combined with a new block's, in the accumulation dtype:
   lse' = logaddexp(lse, lse_b), out' = exp(lse - lse')·out + exp(lse_b - lse')·o_b (lse = -inf before the first).
 
@@ -25,8 +31,6 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
-
-from megaeff.distributed.context_parallel.sharding import chunk_positions
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,12 +66,12 @@ class Block(NamedTuple):
     q_lo: int
     q_hi: int
     kv_len: int
-    mask: Optional[torch.Tensor]  # [q_hi - q_lo, kv_len] bool, True = visible; None = all visible
+    causal: bool  # bottom-right-aligned causal mask (key j visible to row i iff j <= i + kv_len - rows); else all
     pairs: int
     work: int  # visible score entries per (batch, head)
 
 
-def plan_blocks(q_chunks: Sequence[int], kv_chunks: Sequence[int], chunk_len: int, device=None) -> List[Block]:
+def plan_blocks(q_chunks: Sequence[int], kv_chunks: Sequence[int], chunk_len: int) -> List[Block]:
     """The computations of one (local queries, key block) step under a causal mask, query chunks that see the
     same unmasked key prefix merged into one block (fewer, larger matmuls)."""
     c = chunk_len
@@ -78,28 +82,31 @@ def plan_blocks(q_chunks: Sequence[int], kv_chunks: Sequence[int], chunk_len: in
             continue
         if any(kc > qc for kc in kv_chunks[:n]):
             raise ValueError(f"key chunks {tuple(kv_chunks)} are not ascending")
-        diag = kv_chunks[n - 1] == qc
+        diag = kv_chunks[n - 1] == qc  # then chunks [:n-1] precede qc: bottom-right causal over n*c keys
         work = (n - 1) * c * c + c * (c + 1) // 2 if diag else n * c * c
         if diag:
-            qpos = chunk_positions([qc], c, device)
-            kpos = chunk_positions(kv_chunks[:n], c, device)
-            mask = kpos.unsqueeze(0) <= qpos.unsqueeze(1)
-            out.append(Block(i * c, (i + 1) * c, n * c, mask, n, work))
-        elif out and out[-1].mask is None and out[-1].kv_len == n * c and out[-1].q_hi == i * c:
+            out.append(Block(i * c, (i + 1) * c, n * c, True, n, work))
+        elif out and not out[-1].causal and out[-1].kv_len == n * c and out[-1].q_hi == i * c:
             prev = out[-1]
-            out[-1] = Block(prev.q_lo, (i + 1) * c, prev.kv_len, None, prev.pairs + n, prev.work + work)
+            out[-1] = Block(prev.q_lo, (i + 1) * c, prev.kv_len, False, prev.pairs + n, prev.work + work)
         else:
-            out.append(Block(i * c, (i + 1) * c, n * c, None, n, work))
+            out.append(Block(i * c, (i + 1) * c, n * c, False, n, work))
     return out
+
+
+def causal_mask(Tq: int, Tk: int, device=None) -> torch.Tensor:
+    """The bottom-right-aligned causal mask [Tq, Tk] (True = visible) of a block whose keys end at its queries."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
 
 
 class MathBlockKernel:
     """Exact attention of a query block against a key block, in at least fp32; see the module docstring."""
 
     name = "math"
+    needs_out = False
 
     @staticmethod
-    def _scores(q, k, mask):
+    def _scores(q, k, causal):
         B, H, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         if H % Hkv:
@@ -108,25 +115,29 @@ class MathBlockKernel:
         acc = acc_dtype(q.dtype)
         qg = q.to(acc).reshape(B, Hkv, g * Tq, D)  # query head h = kv_head * g + j, as repeat_interleave pairs them
         s = torch.matmul(qg, k.to(acc).transpose(-1, -2)).mul_(D**-0.5)
-        if mask is not None:
+        if causal:
+            mask = causal_mask(Tq, Tk, q.device)
             s = s.view(B, Hkv, g, Tq, Tk).masked_fill_(~mask, float("-inf")).view(B, Hkv, g * Tq, Tk)
         return qg, s
 
-    def forward(self, q, k, v, mask=None):
+    def forward(self, q, k, v, causal: bool = False):
         """(out [B, H, Tq, D], lse [B, H, Tq]) in the accumulation dtype."""
         B, H, Tq, D = q.shape
-        _, s = self._scores(q, k, mask)
+        _, s = self._scores(q, k, causal)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s.sub_(lse.unsqueeze(-1)))
         o = torch.matmul(p, v.to(p.dtype))
         return o.view(B, H, Tq, D), lse.view(B, H, Tq)
 
-    def backward(self, q, k, v, dout, lse, delta, mask=None):
-        """(dq, dk, dv) of this block in the accumulation dtype, from the *final* rows' lse and delta."""
+    def backward(self, q, k, v, dout, lse, delta, out=None, causal: bool = False):
+        """(dq, dk, dv) of this block in the accumulation dtype, from the *final* rows' lse and delta (computed
+        from the final output `out` when delta is None)."""
         B, H, Tq, D = q.shape
         Hkv = k.shape[1]
         g = H // Hkv
-        qg, s = self._scores(q, k, mask)
+        if delta is None:
+            delta = row_delta(out, dout)
+        qg, s = self._scores(q, k, causal)
         acc = s.dtype
         p = torch.exp(s.sub_(lse.to(acc).reshape(B, Hkv, g * Tq, 1)))
         dog = dout.to(acc).reshape(B, Hkv, g * Tq, D)
@@ -174,20 +185,29 @@ class SequenceEngine:
 
     def attend_(self, acc_out, acc_lse, q, k, v, q_chunks, kv_chunks, chunk_len) -> None:
         """Merge q's attention to one key block into the accumulators (every visible block of the step)."""
-        for blk in plan_blocks(q_chunks, kv_chunks, chunk_len, q.device):
+        for blk in plan_blocks(q_chunks, kv_chunks, chunk_len):
             rows = slice(blk.q_lo, blk.q_hi)
-            o, lse = self.kernel.forward(q[:, :, rows], k[:, :, : blk.kv_len], v[:, :, : blk.kv_len], blk.mask)
+            o, lse = self.kernel.forward(q[:, :, rows], k[:, :, : blk.kv_len], v[:, :, : blk.kv_len], blk.causal)
             merge_(acc_out, acc_lse, o, lse, rows)
+            del o, lse
             self.count_forward(blk, q.shape[0] * q.shape[1])
 
-    def attend_backward(self, q, k, v, dout, lse, delta, q_chunks, kv_chunks, chunk_len):
-        """(dq, dk, dv) of q against one key block, in the accumulation dtype; None where nothing is visible."""
-        blocks = plan_blocks(q_chunks, kv_chunks, chunk_len, q.device)
+    def attend_backward(self, q, k, v, dout, lse, delta, out, q_chunks, kv_chunks, chunk_len):
+        """(dq, dk, dv) of q against one key block, in the accumulation dtype; None where nothing is visible.
+        `delta` (rowsum(dO * O)) or `out` (the final O) may be None, whichever the kernel does not need."""
+        blocks = plan_blocks(q_chunks, kv_chunks, chunk_len)
         dq = dk = dv = None
         for blk in blocks:
             rows, kv = slice(blk.q_lo, blk.q_hi), slice(0, blk.kv_len)
             gq, gk, gv = self.kernel.backward(
-                q[:, :, rows], k[:, :, kv], v[:, :, kv], dout[:, :, rows], lse[:, :, rows], delta[:, :, rows], blk.mask
+                q[:, :, rows],
+                k[:, :, kv],
+                v[:, :, kv],
+                dout[:, :, rows],
+                lse[:, :, rows],
+                None if delta is None else delta[:, :, rows],
+                None if out is None else out[:, :, rows],
+                blk.causal,
             )
             self.count_backward(blk, q.shape[0] * q.shape[1])
             if len(blocks) == 1 and blk.q_hi - blk.q_lo == q.shape[2] and blk.kv_len == k.shape[2]:
@@ -200,7 +220,14 @@ class SequenceEngine:
             dq[:, :, rows] += gq
             dk[:, :, kv] += gk
             dv[:, :, kv] += gv
+            del gq, gk, gv
         return dq, dk, dv
+
+    def row_stats(self, out, dout):
+        """(delta, out) for the block backward: delta = rowsum(dO * O) for kernels that take it, else O."""
+        if getattr(self.kernel, "needs_out", False):
+            return None, out
+        return row_delta(out, dout), None
 
     @staticmethod
     def new_accumulators(q):
@@ -209,7 +236,16 @@ class SequenceEngine:
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         return out, lse
 
-    # ---- the interface `ContextParallelAttention` drives (see context_parallel.py)
+    @staticmethod
+    def finish(result, dtype, out=None):
+        """The output in the input dtype: `result` itself when it already is, else a converted copy; written into
+        `out` (a head group's view of the full output, heads.py) when one is given."""
+        if out is None:
+            return result.to(dtype)
+        out.copy_(result)
+        return out
+
+    # ---- the interface `ContextParallelAttention` drives (attention.py; heads.py wraps it)
     def inputs(self, q, k, v):
         return (q, k, v)
 

@@ -17,8 +17,9 @@ P/2 + 1 only flushes the last returns.
 
 Backward, same steps: local blocks re-receive the keys, accumulate dQ locally and return the dK/dV deltas to the
 key owner a step later; helpers receive (q, dO, lse, delta) of the owner's chunk, add dK/dV to their own
-gradients and return the dQ delta. (LightSeq sends the output O; delta = rowsum(dO * O) is what the backward
-uses, so it is sent instead: B Hq T_l numbers instead of B Hq T_l D.)
+gradients and return the dQ delta. (LightSeq sends the output O; delta = rowsum(dO * O) is what the math
+kernel's backward uses, so with it delta is sent instead: B Hq T_l numbers instead of B Hq T_l D. The fused
+kernels of flash_blocks.py compute delta from O inside their backward, so with them O is sent, as LightSeq does.)
 
 Rematerialization-aware checkpointing (LightSeq's `CheckpointFunctionEndWithFlashAttention`) lives in
 context_parallel.py: the saved state here is (q, k, v, out, lse), so a recomputed segment can rebuild q, k, v and
@@ -29,6 +30,7 @@ size, with n_kv(r) = min(h, P-1-r) key blocks sent, n_q(r) = max(0, r-h) helpers
 n_help(r) = max(0, h-1-r) blocks computed for others, n_loc(r) = min(h, r) remote key blocks used:
     forward   n_kv 2 B Hkv T_l D e + n_q B Hq T_l D e + n_help B Hq T_l (D+1) a
     backward  n_kv 2 B Hkv T_l D e + n_q B Hq T_l (2 D e + 2 a) + n_help B Hq T_l D a + n_loc 2 B Hkv T_l D a
+(backward with a kernel that takes O instead of delta: n_q B Hq T_l (3 D e + a) for the query bundle)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import List, NamedTuple, Tuple
 import torch
 
 from megaeff.distributed.comm import batch_p2p
-from megaeff.distributed.context_parallel.blocks import SequenceEngine, acc_dtype, merge_, row_delta
+from megaeff.distributed.context_parallel.blocks import SequenceEngine, acc_dtype, merge_
 from megaeff.distributed.context_parallel.sharding import ContextParallelError
 
 TAG_K, TAG_V, TAG_Q, TAG_O, TAG_L, TAG_DO, TAG_D, TAG_DQ, TAG_DK, TAG_DV = range(21, 31)
@@ -122,7 +124,7 @@ class LightSeqEngine(SequenceEngine):
                 recvs += [(b, x, tag) for b, tag in zip(bufs, tags)]
         return batch_p2p(self.cg, sends, recvs), arrived
 
-    def forward(self, q, k, v, want_lse: bool = False):
+    def forward(self, q, k, v, want_lse: bool = False, out=None):
         P, r = self.cg.size, self.cg.rank
         c = q.shape[2]
         acc_out, acc_lse = self.new_accumulators(q)
@@ -147,19 +149,19 @@ class LightSeqEngine(SequenceEngine):
             for o, lse in arrived.pop("ret_help", []):
                 merge_(acc_out, acc_lse, o.to(acc), lse.to(acc), slice(None))
             inbox = arrived
-        self.counter.forward_calls += 1
-        out = acc_out.to(q.dtype)
+        out = self.finish(acc_out, q.dtype, out)
         return out, (q, k, v, out, acc_lse), acc_lse if want_lse else None
 
     def backward(self, saved, dout):
         q, k, v, out, lse = saved
         P, r = self.cg.size, self.cg.rank
         c = q.shape[2]
-        delta = row_delta(out, dout)
+        delta, final_out = self.row_stats(out, dout)
         dq = dk = dv = None
-        bundle = tuple(t.contiguous() for t in (q, dout, lse, delta))
+        stat = final_out if delta is None else delta  # what helpers need besides q, dO, lse: O or delta
+        bundle = tuple(t.contiguous() for t in (q, dout, lse, stat))
         kv_out = (k.contiguous(), v.contiguous())
-        acc = delta.dtype
+        acc = lse.dtype
         dq_like = (Spec(q.shape, acc, q.device),)
         dkv_like = tuple(Spec(t.shape, acc, t.device) for t in (k, v))
         returns = {"help": (dq_like, (TAG_DQ,)), "local": (dkv_like, (TAG_DK, TAG_DV))}
@@ -169,13 +171,15 @@ class LightSeqEngine(SequenceEngine):
             pending = None
             kind, peer = _own_action(P, r, t)
             if kind == "diag":
-                dq, dk, dv = self.attend_backward(q, k, v, dout, lse, delta, [r], [r], c)
+                dq, dk, dv = self.attend_backward(q, k, v, dout, lse, delta, final_out, [r], [r], c)
             elif kind == "local":
-                gq, gk, gv = self.attend_backward(q, *inbox["local"], dout, lse, delta, [r], [peer], c)
+                gq, gk, gv = self.attend_backward(q, *inbox["local"], dout, lse, delta, final_out, [r], [peer], c)
                 dq.add_(gq)
                 pending = (peer, (gk, gv), (TAG_DK, TAG_DV))
             elif kind == "help":
-                gq, gk, gv = self.attend_backward(*inbox["help"][:1], k, v, *inbox["help"][1:], [peer], [r], c)
+                q_o, dout_o, lse_o, stat_o = inbox["help"]
+                delta_o, out_o = (None, stat_o) if delta is None else (stat_o, None)
+                gq, gk, gv = self.attend_backward(q_o, k, v, dout_o, lse_o, delta_o, out_o, [peer], [r], c)
                 dk.add_(gk)
                 dv.add_(gv)
                 pending = (peer, (gq,), (TAG_DQ,))
@@ -189,8 +193,11 @@ class LightSeqEngine(SequenceEngine):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def lightseq_bytes(B: int, T: int, P: int, Hq: int, Hkv: int, D: int, elem: int, acc_elem: int, rank: int):
-    """(forward, backward) bytes rank `rank` sends in one attention call (the formulas of the module docstring)."""
+def lightseq_bytes(
+    B: int, T: int, P: int, Hq: int, Hkv: int, D: int, elem: int, acc_elem: int, rank: int, sends_out: bool = False
+):
+    """(forward, backward) bytes rank `rank` sends in one attention call (the formulas of the module docstring);
+    `sends_out`: the block kernel takes O instead of delta, so helpers receive O."""
     if P == 1:
         return 0, 0
     h, Tl = P // 2, T // P
@@ -201,7 +208,7 @@ def lightseq_bytes(B: int, T: int, P: int, Hq: int, Hkv: int, D: int, elem: int,
     fwd = n_kv * kv * elem + n_q * rows * D * elem + n_help * rows * (D + 1) * acc_elem
     bwd = (
         n_kv * kv * elem
-        + n_q * rows * (2 * D * elem + 2 * acc_elem)
+        + n_q * rows * ((3 * D * elem + acc_elem) if sends_out else (2 * D * elem + 2 * acc_elem))
         + n_help * rows * D * acc_elem
         + n_loc * kv * acc_elem
     )

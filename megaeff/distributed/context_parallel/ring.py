@@ -3,8 +3,8 @@
 Forward, rank r of P, step s = 0..P-1: the key/value block held at step s belongs to rank (r - s) mod P. Before
 computing on it the rank posts the transfer that passes it to rank r+1 and receives the next one from rank r-1
 (one `batch_p2p`), so the transfer runs while the block is computed; then it waits and swaps buffers. Partial
-outputs are merged by log-sum-exp in at least fp32 (cp_blocks.merge_). Which query/key chunk pairs are computed
-follows from the chunks' global positions (cp_blocks.plan_blocks): with zigzag shards every rank does the same
+outputs are merged by log-sum-exp in at least fp32 (blocks.merge_). Which query/key chunk pairs are computed
+follows from the chunks' global positions (blocks.plan_blocks): with zigzag shards every rank does the same
 work at every step, with contiguous shards rank r computes r + 1 of its P blocks (the diagonal one masked).
 K and V travel with their Hkv heads; grouped queries are expanded nowhere.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from megaeff.distributed.comm import batch_p2p
-from megaeff.distributed.context_parallel.blocks import SequenceEngine, row_delta
+from megaeff.distributed.context_parallel.blocks import SequenceEngine
 from megaeff.distributed.context_parallel.sharding import rank_chunks
 
 TAG_K, TAG_V, TAG_DK, TAG_DV = 11, 12, 13, 14
@@ -50,7 +50,7 @@ class RingEngine(SequenceEngine):
         )
         return req, nxt
 
-    def forward(self, q, k, v, want_lse: bool = False):
+    def forward(self, q, k, v, want_lse: bool = False, out=None):
         P, r, chunks, c = self._layout(q)
         acc_out, acc_lse = self.new_accumulators(q)
         kv = (k, v)
@@ -63,14 +63,13 @@ class RingEngine(SequenceEngine):
             if req is not None:
                 req.wait()
                 kv = tuple(nxt)
-        self.counter.forward_calls += 1
-        out = acc_out.to(q.dtype)
+        out = self.finish(acc_out, q.dtype, out)
         return out, (q, k, v, out, acc_lse), acc_lse if want_lse else None
 
     def backward(self, saved, dout):
         q, k, v, out, lse = saved
         P, r, chunks, c = self._layout(q)
-        delta = row_delta(out, dout)
+        delta, final_out = self.row_stats(out, dout)
         dq = None
         kv = (k, v)
         dkv_req = dkv_in = None
@@ -80,7 +79,7 @@ class RingEngine(SequenceEngine):
             if s < P - 1:
                 kv_req, nxt = self._pass_on(kv, (TAG_K, TAG_V))
             gq, gk, gv = self.attend_backward(
-                q, kv[0], kv[1], dout, lse, delta, chunks, rank_chunks(P, src, self.sharding), c
+                q, kv[0], kv[1], dout, lse, delta, final_out, chunks, rank_chunks(P, src, self.sharding), c
             )
             if gq is not None:
                 dq = gq if dq is None else dq.add_(gq)

@@ -22,7 +22,7 @@ from typing import List, Sequence
 import torch
 
 from megaeff.distributed.comm import all_to_all
-from megaeff.distributed.context_parallel.blocks import SequenceEngine, plan_blocks, row_delta
+from megaeff.distributed.context_parallel.blocks import SequenceEngine, plan_blocks
 from megaeff.distributed.context_parallel.sharding import ContextParallelError, shard_order
 
 
@@ -79,25 +79,26 @@ class UlyssesEngine(SequenceEngine):
         self._check(q, k)
         return tuple(self.to_heads([q, k, v]))
 
-    def _plan(self, T, device):
-        return plan_blocks([0], [0], T, device)  # one causal block: all of the sequence, this rank's heads
+    @staticmethod
+    def _plan(T):
+        return plan_blocks([0], [0], T)  # one causal block: all of the sequence, this rank's heads
 
-    def forward(self, q, k, v, want_lse: bool = False):
+    def forward(self, q, k, v, want_lse: bool = False, out=None):
         qh, kh, vh = self.inputs(q, k, v)
-        (blk,) = self._plan(qh.shape[2], q.device)
-        oh, lseh = self.kernel.forward(qh, kh, vh, blk.mask)
+        (blk,) = self._plan(qh.shape[2])
+        oh, lseh = self.kernel.forward(qh, kh, vh, blk.causal)
         self.count_forward(blk, qh.shape[0] * qh.shape[1])
-        self.counter.forward_calls += 1
         oh = oh.to(q.dtype)
-        (out,) = self.to_sequence([oh])
+        out = self.finish(self.to_sequence([oh])[0], q.dtype, out)
         lse = self.to_sequence([lseh.unsqueeze(-1)])[0].squeeze(-1) if want_lse else None
         return out, (qh, kh, vh, oh, lseh), lse
 
     def backward(self, saved, dout):
         qh, kh, vh, oh, lseh = saved
         (doh,) = self.to_heads([dout])
-        (blk,) = self._plan(qh.shape[2], qh.device)
-        gq, gk, gv = self.kernel.backward(qh, kh, vh, doh, lseh, row_delta(oh, doh), blk.mask)
+        (blk,) = self._plan(qh.shape[2])
+        delta, final_out = self.row_stats(oh, doh)
+        gq, gk, gv = self.kernel.backward(qh, kh, vh, doh, lseh, delta, final_out, blk.causal)
         self.count_backward(blk, qh.shape[0] * qh.shape[1])
         dtype = qh.dtype
         dq, dk, dv = self.to_sequence([gq.to(dtype), gk.to(dtype), gv.to(dtype)])

@@ -228,6 +228,7 @@ def measure_step(
         with _fake_build(fake_mode) if fake else contextlib.nullcontext():
             rs = build_rank(cfg, dims)
         tracker = tracker_cls(rs.parallel.module, rs.optimizer, fake_reads=fake)
+        dims.comm_stats.reset()  # the build's collectives (none today) are not the step's
         with fake_mode or contextlib.nullcontext(), tracker:
             with unset_fake_temporarily():  # the token ids are real: routing by token (FSSDP's embedding) is exact
                 batches = make_batches(cfg)
@@ -242,6 +243,9 @@ def measure_step(
             optimizer_state_bytes=_distinct_bytes(state),
             act_saved_bytes=int(metrics["act_saved_bytes"]),
         )
+        # The payload bytes of every collective of the step, keyed "<axis>/<kind>" (megaeff/distributed/comm.py):
+        # the fake process group accepts each call with its real shapes, so these are the real step's counts.
+        report.extra["comm_bytes"] = dims.comm_stats.snapshot()
     report.extra.update(
         layout={axis: dims.size(axis) for axis in AXES},
         rank=rank,

@@ -16,7 +16,8 @@ train.activation_checkpointing=true, parallel.tp=2, train.grad_accum=4, ...). Wi
 
 The model is composed from conf/ exactly as `megaeff-train model=... method=...` would, then built on the meta
 device: parameter and buffer shapes only (LOST's SVD runs at initialization, which never happens here). Bytes
-are AdamW's training state (see `megaeff.train.perf.estimate_state_memory`); "B/dense param" divides the total by
+are the training state of the configured optimizer: AdamW's, or GaLore's with `--set optim=galore` (projected
+moments plus projector; `megaeff.train.perf.estimate_state_memory`); "B/dense param" divides the total by
 the parameter count of the dense model of the same flavor.
 """
 
@@ -59,8 +60,8 @@ def estimate(model: str, method: str, sets: Sequence[str] = (), **dtypes) -> Dic
     cfg = compose(model, method, sets)  # validated
     net = build_llama(cfg.model, cfg.method, device="meta")
     dense = count_params(build_llama(cfg.model, MethodConfig(), device="meta"))
-    row = {"model": model, "preset": method, "method": cfg.method.name}
-    row.update(estimate_state_memory(net, **dtypes))
+    row = {"model": model, "preset": method, "method": cfg.method.name, "optimizer": str(cfg.optim.name)}
+    row.update(estimate_state_memory(net, **dtypes, ocfg=cfg.optim))  # optim=galore: its projected state
     row["nnz"] = sum(getattr(layer, "nnz", 0) for _, layer in method_layers(net))
     row["dense_params"] = dense
     row["bytes_per_dense_param"] = row["mem_total_bytes"] / dense
@@ -79,7 +80,7 @@ def _b(n: int) -> str:
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    head = ("preset", "params", "exact", "nnz", "weights", "grads", "adamw", "index", "total", "B/dense param")
+    head = ("preset", "params", "exact", "nnz", "weights", "grads", "optim state", "index", "total", "B/dense param")
     lines = [
         (
             r["preset"],
@@ -231,8 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps({"settings": dtypes, "rows": rows}, indent=2))
         return 0
+    optimizers = "/".join(sorted({str(r["optimizer"]) for r in rows}))
     print(
-        f"{args.model}: AdamW training state; weights {dtypes['param_dtype']}, grads {dtypes['grad_dtype'] or 'none'}, "
+        f"{args.model}: {optimizers} training state; weights {dtypes['param_dtype']}, "
+        f"grads {dtypes['grad_dtype'] or 'none'}, "
         f"states {dtypes['state_dtype']}, indices {dtypes['index_dtype']}"
     )
     print(format_table(rows))

@@ -41,6 +41,7 @@ def run(cfg: DictConfig, claim: Optional[RunDirClaim] = None) -> int:
     launch = read_launch_env()
     _job_run_dir(cfg)
     try:
+        _record_sources(cfg)
         note = relax_preset_warmup(cfg, _task_overrides())
         if note and launch.rank == 0:
             print(f"megaeff: warning: {note}", file=sys.stderr, flush=True)
@@ -89,6 +90,17 @@ def _task_overrides() -> List[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _record_sources(cfg: DictConfig) -> None:
+    """`optim.sources`: where each optimizer value came from, replayed from this job's command line and group
+    choices (megaeff/config/provenance.py); every rank of a torchrun/deepspeed launch computes the same."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from megaeff.config.provenance import record_sources
+
+    if HydraConfig.initialized():  # run() called without Hydra's main: nothing to attribute
+        record_sources(cfg, _task_overrides(), HydraConfig.get().runtime.choices, conf_dir())
 
 
 def _job_run_dir(cfg: DictConfig) -> None:

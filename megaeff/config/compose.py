@@ -80,17 +80,27 @@ def check_choice_overrides(overrides: Iterable[str], config_dir: Optional[str] =
 
 
 def compose_raw(overrides: Iterable[str] = (), config_dir: Optional[str] = None):
-    """Compose conf/config.yaml with Hydra overrides into a DictConfig (checked against the schema, not validated)."""
+    """Compose conf/config.yaml with Hydra overrides into a DictConfig (checked against the schema, not validated),
+    with `optim.sources` recorded (megaeff/config/provenance.py)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from megaeff.config.provenance import record_sources
 
     overrides = list(overrides)
     check_choice_overrides(overrides, config_dir)
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir or conf_dir()), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    root = str(config_dir or conf_dir())
+    with initialize_config_dir(config_dir=root, version_base="1.3"):
+        cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)  # the groups chosen, an experiment's `override /method:` included
+    with open_dict(cfg):
+        del cfg["hydra"]
+    record_sources(cfg, overrides, choices, root)
+    return cfg
 
 
 def compose(overrides: Iterable[str] = (), config_dir: Optional[str] = None) -> Config:

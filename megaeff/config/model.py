@@ -8,6 +8,7 @@ from megaeff.config.choices import (
     LinearMethod,
     LostActivation,
     LostSparseInit,
+    SltrainCosts,
     SltrainPath,
     require_choice,
     require_nonnegative,
@@ -97,6 +98,10 @@ class MethodConfig:
     density: float = 0.03
     # sltrain: auto (chosen per call from shape and tokens) | dense (build W, SLTrain's) | sparse (never build W)
     sltrain_path: SltrainPath = SltrainPath["auto"]
+    # sltrain, auto path: the sparse kernels' cost from the constants fitted on one CPU (fixed, the default: the same
+    # choice on every machine, in every run and its resumption) or measured per shape at start-up (measured: the
+    # same on every rank of a run, but a resumption may measure otherwise and take a path that rounds differently).
+    sltrain_costs: SltrainCosts = SltrainCosts["fixed"]
     # lost: fraction s of input channels in the dense channel block (at least one channel).
     lost_channel_ratio: float = 0.05
     # lost: fixed mixing weight gamma of the low-rank branch; the channel branch gets 1 - gamma.
@@ -148,6 +153,7 @@ def _validate_sltrain(me: MethodConfig, shapes: list) -> None:
     if out * inp >= 2**31:
         raise ConfigError("method.name", f"sltrain keeps int32 indices; the {out}x{inp} projection is too large")
     require_choice(me.sltrain_path, "method.sltrain_path", SltrainPath)
+    require_choice(me.sltrain_costs, "method.sltrain_costs", SltrainCosts)
 
 
 def _validate_lost(me: MethodConfig) -> None:

@@ -1,11 +1,13 @@
 """`optim` and `precision`: the optimizer, its schedule, and the numeric formats of training."""
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from megaeff.config.choices import (
     Fp8Backend,
     Fp8Format,
+    GaloreProjector,
+    GaloreSide,
     LrSchedule,
     OptimImpl,
     Optimizer,
@@ -51,6 +53,27 @@ class OptimConfig:
     # Optimizer in backward: each parameter is updated by its own optimizer step as soon as its gradient is final
     # (the last micro-batch's backward), and the gradient is freed at once (megaeff/optim/per_param.py).
     in_backward: bool = False
+    # GaLore (name=galore; megaeff/optim/galore.py, docs/configuration.md): the dense attention and MLP weights'
+    # Adam moments live in a rank-galore_rank projection of the gradient, refreshed every galore_update_proj_gap
+    # steps; the update is scaled by galore_scale. galore_side: auto (the smaller side, GaLore's "std") | left |
+    # right. galore_projector: svd | randomized (subspace iteration: galore_power_iters rounds, a sketch of
+    # rank + galore_oversample columns; GaLore+'s fast SVD). galore_cross_head: attention bases from one head's
+    # gradient, shared by all heads (GaLore+).
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_side: GaloreSide = GaloreSide["auto"]
+    galore_projector: GaloreProjector = GaloreProjector["svd"]
+    galore_power_iters: int = 2
+    galore_oversample: int = 8
+    galore_cross_head: bool = False
+    # Filled in when the config is composed, not set by hand: {field: user | experiment | method default | optim
+    # default}, where each value above came from (megaeff/config/provenance.py; the run log prints it).
+    sources: Dict[str, str] = field(default_factory=dict)
+
+
+# The labels of `OptimConfig.sources`, highest precedence first (megaeff/config/provenance.py).
+OPTIM_SOURCES = ("user", "experiment", "method default", "optim default")
 
 
 def warmup_steps_for(o: OptimConfig, train_steps: int) -> int:
@@ -86,8 +109,67 @@ def validate_optim(o: OptimConfig, train_steps: int) -> None:
     require_choice(o.first_moment, "optim.first_moment", Fp8Format)
     require_choice(o.second_moment, "optim.second_moment", Fp8Format)
     require_choice(o.fp8_backend, "optim.fp8_backend", Fp8Backend)
+    for key, source in o.sources.items():
+        if key == "sources" or not hasattr(o, key) or source not in OPTIM_SOURCES:
+            raise ConfigError(
+                f"optim.sources.{key}",
+                f"got {source!r}; composing fills this in: an optimizer field -> one of {', '.join(OPTIM_SOURCES)}",
+            )
     if o.min_fp8_numel < 0:
         raise ConfigError("optim.min_fp8_numel", f"must be >= 0, got {o.min_fp8_numel}")
+    validate_galore_fields(o)
+
+
+def validate_galore_fields(o: OptimConfig) -> None:
+    require_choice(o.galore_side, "optim.galore_side", GaloreSide)
+    require_choice(o.galore_projector, "optim.galore_projector", GaloreProjector)
+    for key in ("galore_rank", "galore_update_proj_gap"):
+        if getattr(o, key) < 1:
+            raise ConfigError(f"optim.{key}", f"must be >= 1, got {getattr(o, key)}")
+    require_positive(o.galore_scale, "optim.galore_scale")
+    for key in ("galore_power_iters", "galore_oversample"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+
+
+def validate_galore(cfg: "Config") -> None:
+    """What optim=galore cannot run with (docs/configuration.md, GaLore): each refusal names its field."""
+    o, pr, p = cfg.optim, cfg.precision, cfg.parallel
+    if o.name != "galore":
+        return
+    why = {
+        "method.name": (
+            cfg.method.name != "dense",
+            f"optim=galore projects the gradients of full-rank (dense) weights; method={cfg.method.name} already "
+            "trains compact factors. Use method=dense with optim=galore, or another optimizer",
+        ),
+        "precision.fp8_optimizer_states": (
+            pr.fp8_optimizer_states,
+            "COAT's FP8 moments (1x128 groups of the weight, updated by a fused kernel that writes the weight) do "
+            "not apply to GaLore's projected moments; set precision.fp8_optimizer_states=false (FP8 activations "
+            "and GEMMs compose with GaLore) or use optim=coat_adamw",
+        ),
+        "parallel.tp": (
+            p.tp > 1,
+            f"optim=galore needs whole weight gradients for its SVD; tensor parallelism (parallel.tp={p.tp}) "
+            "holds shards. Use parallel.tp=1 (data, pipeline and context parallelism work)",
+        ),
+        "parallel.dp_impl": (
+            p.dp_impl == "fssdp",
+            "optim=galore needs whole weight gradients for its SVD; FSSDP shards them. Use parallel.dp_impl=allreduce",
+        ),
+        "optim.in_backward": (
+            o.in_backward,
+            "per-parameter updates are not implemented for optim=galore; set optim.in_backward=false",
+        ),
+        "precision.param_dtype": (
+            pr.param_dtype == "bf16",
+            "bf16 weights (per-parameter updates) are not implemented for optim=galore; use precision.param_dtype=fp32",
+        ),
+    }
+    for field_name, (bad, message) in why.items():
+        if bad:
+            raise ConfigError(field_name, message)
 
 
 @dataclass

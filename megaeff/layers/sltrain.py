@@ -17,9 +17,12 @@ Compute path (`method.sltrain_path`): `dense` builds W per call (SLTrain's custo
 builds it (two thin GEMMs plus a CSR product), `auto` picks per call from the shape and the number of tokens in
 the call with the cost model of `sltrain_ops.path_costs`: sparse below `sparse_token_limit` tokens, densify
 above. The densify path's cost has a per-call term (4 m n r to rebuild W and the factor gradients) and a
-per-token one of 3 m n; the sparse path costs 3 r (m + n) + c nnz per token, c being the measured cost of a
-sparse multiply-add in GEMM units. Bytes: densify allocates W and G (2 m n) transiently per layer; the sparse
-path instead keeps x A^T (T r) for backward. `describe` reports the choice; the trainer prints it.
+per-token one of 3 m n; the sparse path costs 3 r (m + n) + c nnz per token, c being the cost of a sparse
+multiply-add in GEMM units: measured on the machine for this shape when the layer was calibrated at start-up
+(`method.sltrain_costs=measured`, sltrain_costs.calibrate_paths, the same on every rank), else the constants
+fitted on one CPU (`fixed`, and any layer not calibrated). Bytes: densify allocates W and G (2 m n) transiently
+per layer; the sparse path instead keeps x A^T (T r) for backward. `describe` reports the choice; the trainer
+prints it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from megaeff.layers.ops import resolve
+from megaeff.layers.sltrain_costs import COSTS
 from megaeff.layers.sltrain_ops import (
     DensifyMatmul,
     SparseMatmul,
@@ -61,15 +65,20 @@ class SLTrainLinear(nn.Module):
         path: str = "auto",
         name: Optional[str] = None,
         ops=None,
+        costs: str = "measured",
     ):
         super().__init__()
         self.ops = resolve(ops)
         if path not in PATHS:
             raise ValueError(f"unknown SLTrain path {path!r}; available: {', '.join(PATHS)}")
+        if costs not in COSTS:
+            raise ValueError(f"unknown SLTrain costs {costs!r}; available: {', '.join(COSTS)}")
         if in_features * out_features >= 2**31:
             raise ValueError(f"{out_features}x{in_features} has too many positions for int32 indices")
         self.in_features, self.out_features, self.name = in_features, out_features, name
         self.rank, self.alpha, self.density, self.path = rank, float(alpha), float(density), path
+        # {training: c} once calibrate_paths has measured this shape; empty: the fixed constants.
+        self.costs, self.sparse_costs = costs, {}
         self.scale = self.alpha / rank
         self.nnz = support_size(out_features, in_features, density)
         self.A = nn.Parameter(torch.empty(rank, in_features))
@@ -91,6 +100,7 @@ class SLTrainLinear(nn.Module):
             path=method.sltrain_path,
             name=name,
             ops=ops,
+            costs=method.sltrain_costs,
         )
 
     # ------------------------------------------------------------------ init and checkpoints
@@ -122,8 +132,21 @@ class SLTrainLinear(nn.Module):
         )
 
     # ------------------------------------------------------------------ compute
+    @property
+    def wants_measured_costs(self) -> bool:
+        """Whether start-up calibration (sltrain_costs.calibrate_paths) should measure this layer's shape."""
+        return self.path == "auto" and self.costs == "measured"
+
+    def cost_key(self):
+        return (self.out_features, self.in_features, self.nnz)
+
+    def sparse_cost(self, training: bool = True) -> Optional[float]:
+        """c of the auto rule: the measured one when calibrated (and costs=measured), else None (the constants)."""
+        return self.sparse_costs.get(training) if self.costs == "measured" else None
+
     def token_limit(self, training: bool = True) -> float:
-        return sparse_token_limit(self.out_features, self.in_features, self.rank, self.nnz, training)
+        m, n = self.out_features, self.in_features
+        return sparse_token_limit(m, n, self.rank, self.nnz, training, self.sparse_cost(training))
 
     def select_path(self, tokens: int, training: bool = True) -> str:
         if self.path != "auto":
@@ -153,15 +176,21 @@ class SLTrainLinear(nn.Module):
     def summary(self) -> str:
         return (
             f"sltrain r={self.rank} alpha={self.alpha:g} (scale {self.scale:g}) density={self.density:g} "
-            f"path={self.path}"
+            f"path={self.path}" + (f" costs={self.costs}" if self.path == "auto" else "")
         )
 
     def describe(self, tokens: Optional[int] = None) -> str:
         text = f"nnz {self.nnz}"
         if self.path != "auto":
             return f"{text}, {self.path} path"
-        limit = self.token_limit(True)
+        limit, c = self.token_limit(True), self.sparse_cost(True)
         rule = "sparse at any batch" if math.isinf(limit) else f"sparse below {limit:.0f} tokens/call, dense above"
+        if c is not None:
+            rule += f"; sparse cost measured at start-up: {c:.1f} GEMM multiply-adds"
+        elif self.costs == "measured":
+            rule += "; fixed sparse cost (not calibrated yet)"
+        else:
+            rule += "; fixed sparse cost"
         if tokens is not None:
             return f"{text}, {self.select_path(tokens)} path at {tokens} tokens/call (auto: {rule})"
         return f"{text}, auto: {rule}"

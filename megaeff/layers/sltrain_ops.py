@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Optional
 
 import torch
 
@@ -181,31 +182,39 @@ class SparseMatmul(torch.autograd.Function):
 # at the tiny 128-wide shapes, where fixed overheads dominate); the forward alone about 50-65. The kernels run
 # near memory bandwidth and GEMMs near peak, hence the large ratio; GPU sparse kernels are not better placed
 # against cuBLAS. With 70 the rule reproduces the measured crossovers (densify faster above): 512x512 ~1000
-# tokens per call (rule: 854), 1376x512 between 2048 and 4096 (rule: 3.9k). Force a path with
-# method.sltrain_path where measurements on the target machine say otherwise.
+# tokens per call (rule: 854), 1376x512 between 2048 and 4096 (rule: 3.9k). These constants are the rule of
+# method.sltrain_costs=fixed (the default) and of layers not calibrated; with `measured` the trainer measures c per
+# shape on the machine at start-up (sltrain_costs.py) and passes it as `sparse_cost`.
 SPARSE_COST_FORWARD = 50.0
 SPARSE_COST_TRAIN = 70.0
 
 
-def path_costs(m: int, n: int, rank: int, nnz: int, tokens: int, training: bool = True):
+def path_costs(
+    m: int, n: int, rank: int, nnz: int, tokens: int, training: bool = True, sparse_cost: Optional[float] = None
+):
     """(densify, sparse) cost of one call in dense-GEMM multiply-adds.
 
     densify: W rebuilt (m n r) and one GEMM in forward; in backward W again, dx and G (2 T m n), dB and dA (2 m n r).
-    sparse:  the two thin GEMMs T r (m + n) per pass (3 passes in training) plus the sparse kernels at their cost."""
+    sparse:  the two thin GEMMs T r (m + n) per pass (3 passes in training) plus the sparse kernels at their cost
+    `sparse_cost` per token and nonzero (None: the fitted SPARSE_COST_TRAIN / SPARSE_COST_FORWARD)."""
+    if sparse_cost is None:
+        sparse_cost = SPARSE_COST_TRAIN if training else SPARSE_COST_FORWARD
     if training:
         dense = 4.0 * m * n * rank + 3.0 * tokens * m * n
-        sparse = 3.0 * tokens * rank * (m + n) + SPARSE_COST_TRAIN * tokens * nnz
+        sparse = 3.0 * tokens * rank * (m + n) + sparse_cost * tokens * nnz
     else:
         dense = 1.0 * m * n * rank + 1.0 * tokens * m * n
-        sparse = 1.0 * tokens * rank * (m + n) + SPARSE_COST_FORWARD * tokens * nnz
+        sparse = 1.0 * tokens * rank * (m + n) + sparse_cost * tokens * nnz
     return dense, sparse
 
 
-def sparse_token_limit(m: int, n: int, rank: int, nnz: int, training: bool = True) -> float:
+def sparse_token_limit(
+    m: int, n: int, rank: int, nnz: int, training: bool = True, sparse_cost: Optional[float] = None
+) -> float:
     """Calls with fewer tokens than this take the sparse path (inf: always; 0: never). Both costs are linear in
     the token count and only the densify path has a per-call term (rebuilding W), so there is one crossover."""
-    d0, s0 = path_costs(m, n, rank, nnz, 0, training)
-    d1, s1 = path_costs(m, n, rank, nnz, 1, training)
+    d0, s0 = path_costs(m, n, rank, nnz, 0, training, sparse_cost)
+    d1, s1 = path_costs(m, n, rank, nnz, 1, training, sparse_cost)
     per_token_gap = (s1 - s0) - (d1 - d0)
     if per_token_gap <= 0:
         return math.inf

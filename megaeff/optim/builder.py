@@ -86,9 +86,18 @@ def optimizer_factory(
 
 
 def build_optimizer(
-    model: nn.Module, ocfg: OptimConfig, device: torch.device, pcfg: Optional[PrecisionConfig] = None
+    model: nn.Module,
+    ocfg: OptimConfig,
+    device: torch.device,
+    pcfg: Optional[PrecisionConfig] = None,
+    seed: int = 0,
 ) -> Tuple[torch.optim.Optimizer, str]:
-    """Returns the optimizer and a description of the implementation actually used (for the run log)."""
+    """Returns the optimizer and a description of the implementation actually used (for the run log). `seed`
+    (train.seed) seeds GaLore's randomized refreshes (megaeff/optim/galore_projector.py)."""
+    if ocfg.name == "galore":
+        from megaeff.optim.galore import build_galore
+
+        return build_galore(model, ocfg, seed)
     make, description = optimizer_factory(ocfg, device, pcfg)
     groups = param_groups(model, ocfg.weight_decay)
     if per_parameter(ocfg, pcfg):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from megaeff.config.optim import OptimConfig
 
 # Dense bf16 tensor-core peak per GPU (vendor datasheets, without sparsity).
 GPU_PEAK_FLOPS = {
@@ -95,6 +98,7 @@ def estimate_state_memory(
     grad_dtype: Optional[str] = "fp32",
     state_dtype: str = "fp32",
     index_dtype: str = "int32",
+    ocfg: Optional[OptimConfig] = None,
 ) -> Dict[str, int]:
     """Training-state bytes of an AdamW run of `model`, from shapes only (works on the meta device).
 
@@ -103,6 +107,9 @@ def estimate_state_memory(
     fp32 step counter torch keeps per parameter tensor; index: the int32 index buffers counted at `index_dtype`
     (int64 is what SLTrain's upstream code stores) plus the 8-byte checksums. With the fp32 defaults the numbers
     equal `state_memory` of a real model after its first optimizer step.
+
+    `ocfg` (OptimConfig) with name=galore: GaLore's state instead (megaeff/optim/galore.py): projected moments and
+    the projector bases in `state_dtype`, plain AdamW moments elsewhere, an int64 step per tensor.
     """
     from megaeff.layers.linear import index_buffers
 
@@ -121,6 +128,12 @@ def estimate_state_memory(
         "mem_optim_bytes": 2 * n_train * DTYPE_BYTES[state_dtype] + 4 * len(trainable),
         "mem_index_bytes": index_entries * DTYPE_BYTES[index_dtype] + other_int,
     }
+    if ocfg is not None and ocfg.name == "galore":
+        from megaeff.optim.galore import galore_state_numel
+
+        g = galore_state_numel(model, ocfg.galore_rank, str(ocfg.galore_side), bool(ocfg.galore_cross_head))
+        out["mem_optim_bytes"] = (g["moments"] + g["projector"]) * DTYPE_BYTES[state_dtype] + 8 * g["tensors"]
+        out["projector_bytes"] = g["projector"] * DTYPE_BYTES[state_dtype]  # part of mem_optim_bytes
     out["mem_total_bytes"] = sum(v for k, v in out.items() if k.startswith("mem_"))
     return out
 

@@ -21,6 +21,7 @@ import torch
 
 from megaeff.config import check_tokenizer_vocab, to_plain, to_yaml
 from megaeff.config.optim import warmup_steps_for
+from megaeff.config.provenance import describe_sources, write_sources
 from megaeff.config.schema import Config
 from megaeff.data.builder import BuildContext, build_data
 from megaeff.data.sampler import IGNORE_INDEX, GlobalSampleOrder, micro_batch_indices
@@ -32,6 +33,7 @@ from megaeff.distributed.pipeline.runner import PipelineRunner
 from megaeff.distributed.pipeline.schedule import bubble_fraction, build_schedule
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
+from megaeff.layers.sltrain_costs import calibrate_paths
 from megaeff.models.llama import build_llama, count_params, flops_per_token
 from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
@@ -95,7 +97,9 @@ class Trainer:
         self.pipeline = self._build_pipeline()
         self.peak_flops = peak_flops(self.device, cfg.logging.peak_tflops)
         # Built on the parameters parallelize left (FSSDP's shards).
-        self.optimizer, self.optim_impl = build_optimizer(self.model, cfg.optim, self.device, cfg.precision)
+        self.optimizer, self.optim_impl = build_optimizer(
+            self.model, cfg.optim, self.device, cfg.precision, seed=t.seed
+        )
         self.scheduler = LRScheduler(
             self.optimizer, t.steps, warmup_steps_for(cfg.optim, t.steps), cfg.optim.min_lr_ratio, cfg.optim.schedule
         )
@@ -136,6 +140,7 @@ class Trainer:
             self.log.info(line)
         if dims.is_main:
             backends.write_report(self.backends, self.run_dir)
+            write_sources(cfg.optim, self.run_dir)  # optim_sources.json: each optimizer value and its source
         if cfg.model.init_from and self.resumed_from is None:  # megaeff/train/init_from.py
             load_pretrained(cfg, self.parallel, dims, self.run_dir, self.log.info)
 
@@ -162,7 +167,12 @@ class Trainer:
         self.method_summary = describe_method(model, self.tokens_per_call)
         self.logical_keys = list(model.state_dict().keys())
         model.attention_backend = select_attention(cfg.model.attention_backend, self.device)
-        return parallelize(model, self.dims, cfg, init_weights=materialization_weights(cfg))
+        parallel = parallelize(model, self.dims, cfg, init_weights=materialization_weights(cfg))
+        me = cfg.method
+        if me.name == "sltrain" and me.sltrain_costs == "measured" and me.sltrain_path == "auto":
+            # Every rank, at the same point: rank 0 times each distinct shape and broadcasts (sltrain_costs.py).
+            calibrate_paths(parallel.module, self.tokens_per_call)
+        return parallel
 
     def _build_pipeline(self) -> Optional[PipelineRunner]:
         if self.dims.pp == 1:
@@ -229,6 +239,7 @@ class Trainer:
             + ("; sequence parallel" if self.dims.tp > 1 and c.parallel.sequence_parallel else ""),
             self.parallel.grad_sync.describe(),
         ]
+        lines += describe_sources(c.optim)  # lr, clipping, ...: command line, experiment, method or optim default
         if self.runner.in_backward is not None:
             lines.append(self.runner.in_backward.describe())
         if self.pipeline is not None:

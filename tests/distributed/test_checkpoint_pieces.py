@@ -50,6 +50,11 @@ OPTIMS = {
     "adamw": OptimConfig(name="adamw", lr=1e-2, eps=1e-6, impl="foreach"),
     # Every tensor in FP8 (norm gains too): 1-D metadata, ragged groups of 136- and 200-wide rows.
     "coat": OptimConfig(name="coat_adamw", lr=1e-2, eps=1e-6, min_fp8_numel=0, fp8_backend="torch"),
+    # GaLore's projector is computed on every rank from the all-reduced gradient (seeded sketch and head draw):
+    # the replicas' boxes must be equal, which `assemble` checks.
+    "galore": OptimConfig(
+        name="galore", lr=1e-2, eps=1e-6, galore_rank=8, galore_projector="randomized", galore_cross_head=True
+    ),
 }
 ODD = dict(dim=96, ffn_dim=160, n_heads=2, n_layers=1, vocab_size=130, max_seq_len=16)  # no multiple of 128
 # tp2 + COAT: the row-parallel shards' columns must be whole 128-groups (the optimizer refuses otherwise).
@@ -67,6 +72,7 @@ CASES = {
         DP4,
         dict(model=RAGGED, methods=list(METHODS), optim="coat", dp_impl="fssdp", fssdp_node_size=2),
     ),
+    "dp4_galore": (DP4, dict(model=ODD, methods=["dense"], optim="galore")),
     "experts_fssdp_dp4": (DP4, dict(model=MOE, methods=["dense", "sltrain"], optim="adamw", expert_impl="fssdp")),
     "experts_ep_dp4": (DP4, dict(model=MOE, methods=["dense", "sltrain"], optim="adamw", expert_impl="ep")),
     "experts_fssdp_in_fssdp_dp4": (

@@ -27,7 +27,7 @@ from megaeff.distributed.context_parallel.attention import (
     unshard_sequence,
 )
 from megaeff.layers.attention import MathAttention, flash_available
-from megaeff.layers.rope import apply_rope, rope_tables
+from megaeff.layers.rope import apply_rope, rope_tables, rope_tables_at
 from tests.distributed.harness import pool_fixture
 
 pytestmark = pytest.mark.slow
@@ -336,6 +336,20 @@ def test_positions_rope_and_unshard():
                 assert pos.shape == (B, T // cp)
                 local = apply_rope(shards[r].transpose(1, 2), cos, sin, pos).transpose(1, 2)
                 assert torch.equal(local, shard_sequence(rotated, cp, r, sharding))
+                # Tables of the local positions only (what a rank needs): the same rotation and gradient, bit
+                # for bit, as rows of the whole sequence's tables.
+                lc, ls = rope_tables_at(pos[0], D, 10000.0)
+                assert torch.equal(lc, cos[pos[0]]) and torch.equal(ls, sin[pos[0]])
+                xs = shards[r].transpose(1, 2).clone().requires_grad_(True)
+                xg = xs.detach().clone().requires_grad_(True)
+                g = torch.randn(xs.shape, generator=torch.Generator().manual_seed(r), dtype=torch.float64)
+                apply_rope(xs, lc, ls).backward(g)
+                apply_rope(xg, cos, sin, pos).backward(g)
+                assert torch.equal(apply_rope(xs, lc, ls).transpose(1, 2), local)
+                assert torch.equal(xs.grad, xg.grad)
+                if cp > 1 and r > 0:  # tables of positions 0..T/cp-1 (no global offset) rotate wrongly
+                    naive = apply_rope(shards[r].transpose(1, 2), *rope_tables(D, T // cp, 10000.0))
+                    assert not torch.allclose(naive.transpose(1, 2), local, atol=1e-3)
     assert sequence_positions(16, 4, 1, "zigzag").tolist() == [2, 3, 12, 13]
     assert sequence_positions(16, 4, 1, "contiguous").tolist() == [4, 5, 6, 7]
 
@@ -396,3 +410,59 @@ def test_meta_dry_run_records_the_closed_form(impl, cp, backend):
         want = comm_bytes(impl, B=B, T=seq, cp=cp, Hq=hq, Hkv=hkv, D=D, elem=2, rank=rank, sends_out=attn.sends_out)
         assert stats.total() == sum(want)
         assert stats.total() > 0
+
+
+def test_head_groups_save_the_full_output_only_when_an_engine_needs_it():
+    """Ring and LightSeq save views of the output, so the head-group engine keeps the full output to re-slice
+    them; Ulysses saves its own head-layout output, and keeping the sequence-layout one as well would hold a
+    second output-sized tensor until the backward (the longest-sequence benchmark measures it)."""
+    hq, hkv, cp = 16, 8, 4  # 2 groups of 8 + 4 heads: divisible by cp, as Ulysses needs
+    for impl in ("ring", "ulysses"):
+        attn = ContextParallelAttention(_cg(cp), impl, head_groups=2)
+        q, k, v = (torch.empty(B, h, T // cp, D, device="meta").requires_grad_(True) for h in (hq, hkv, hkv))
+        out = attn(q, k, v)
+        saved = out.grad_fn.saved_tensors
+        shares = [t is not None and t.untyped_storage()._cdata == out.untyped_storage()._cdata for t in saved]
+        assert any(shares) == (impl == "ring"), impl
+
+
+# ----------------------------------------------------------------------------- SLTrain's measured path costs
+def _sltrain_calibration(dims):
+    """Every rank calibrates its SLTrain layers with timings of its own (rank 0's sparse kernels look 100x cheaper
+    than the others'); rank 1 also holds a shape no other rank has."""
+    from megaeff.layers.sltrain import SLTrainLinear
+    from megaeff.layers.sltrain_costs import calibrate_paths, measure_sparse_cost
+
+    shapes = [(32, 24), (40, 16)] + ([(48, 8)] if dims.rank == 1 else [])
+    model = torch.nn.Sequential(*(SLTrainLinear(i, o, rank=4, alpha=8.0, density=0.1) for i, o in shapes))
+    slow = 1.0 if dims.rank == 0 else 100.0
+
+    def timer(what, fn):  # rank 0: c = 5 m n / nnz = 50, a crossover between 1 and 16 tokens at these shapes
+        return 1e-3 if what == "gemm" else 5e-3 * slow
+
+    own = {lay.cost_key(): measure_sparse_cost(*lay.cost_key(), torch.float32, "cpu", True, timer) for lay in model}
+    calibrate_paths(model, timer=timer)
+    tokens = (1, 16, 64, 256, 1024, 4096)
+    return dict(
+        costs={lay.cost_key(): lay.sparse_costs[True] for lay in model},
+        own=own,
+        paths={lay.cost_key(): [lay.select_path(t) for t in tokens] for lay in model},
+    )
+
+
+def test_sltrain_costs_are_the_same_on_every_rank(pool):
+    """Measured on global rank 0 only and broadcast: every rank gets rank 0's costs and so takes the same path,
+    although each rank's own timings differ (and would decide differently); a shape only rank 1 holds is
+    measured by rank 0 too (the union of all ranks' shapes)."""
+    res = pool.run(_sltrain_calibration, layout=LAYOUTS[4])
+    rank0 = res[0]
+    assert rank0["costs"] == rank0["own"]
+    for r, got in enumerate(res):
+        for key, cost in got["costs"].items():
+            want = rank0["costs"].get(key, res[1]["own"][key] / 100.0)  # rank 0's timer: 100x cheaper sparse
+            assert cost == pytest.approx(want, rel=1e-12), (r, key)
+            if key in rank0["paths"]:
+                assert got["paths"][key] == rank0["paths"][key], (r, key)
+        if r > 0:
+            assert all(got["own"][k] != got["costs"][k] for k in got["costs"])  # its own timings were not used
+    assert any(len(set(p)) > 1 for p in rank0["paths"].values())  # the choice really depends on the tokens

@@ -75,6 +75,10 @@ def assert_matches(reference, run_dir):
     assert got_losses == pytest.approx(ref_losses, rel=1e-5)
     assert got_val == pytest.approx(ref_val, rel=1e-5)
     assert (run_dir / ".hydra/config.yaml").is_file()
+    # Rank 0's record of where each optimizer value came from, replayed from the launcher's command line.
+    sources = json.loads((run_dir / "optim_sources.json").read_text())
+    assert sources["warmup_steps"] == {"value": 1, "source": "user"}
+    assert sources["lr"]["source"] == "optim default"
 
 
 def test_torchrun_two_ranks_match_single_process(reference, tmp_path):

@@ -77,6 +77,12 @@ def test_short_run_beats_unigram_baseline_and_writes_outputs(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [30, 60]
     assert (run / ".hydra/config.yaml").is_file()
     assert (run / "checkpoints/latest").read_text() == "step_00000060"
+    # Where each optimizer value came from (megaeff/config/provenance.py): the command line's, else conf/optim's.
+    sources = json.loads((run / "optim_sources.json").read_text())
+    assert sources["lr"] == {"value": 1e-2, "source": "user"}
+    assert sources["warmup_steps"] == {"value": 5, "source": "user"}
+    assert sources["grad_clip"] == {"value": 1.0, "source": "optim default"}
+    assert "user (command line): lr=0.01, warmup_steps=5" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -367,6 +367,7 @@ def _registries():
     from megaeff.distributed.pipeline import schedule as pipeline
     from megaeff.kernels.fp8_adamw import PROBES
     from megaeff.layers import linear, lost, sltrain
+    from megaeff.optim import galore_projector
     from megaeff.precision.fp8 import FORMATS
 
     return {
@@ -377,6 +378,8 @@ def _registries():
         "optim.first_moment": FORMATS,
         "optim.second_moment": FORMATS,
         "optim.fp8_backend": ("auto", *PROBES),
+        "optim.galore_projector": galore_projector.PROJECTORS,
+        "optim.galore_side": galore_projector.SIDES,
         "parallel.pp_schedule": pipeline.PIPELINE_SCHEDULES,
         "parallel.cp_impl": context_parallel.IMPLS,
         "parallel.cp_sharding": cp_sharding.SHARDINGS,
@@ -428,6 +431,8 @@ def test_saved_config_is_plain(tmp_path, compose_cfg):
     cfg = compose_cfg(["parallel.pp_schedule=interleaved", "method=lost", "optim=coat_adamw"])
     plain = to_plain(cfg)
     leaves = [v for section in plain.values() for v in (section.values() if isinstance(section, dict) else [section])]
+    leaves = [w for v in leaves for w in (v.values() if isinstance(v, dict) else [v])]  # optim.sources: {field: str}
+    assert plain["optim"]["sources"]["lr"] == "method default"
     assert plain["parallel"]["pp_schedule"] == "interleaved" and plain["method"]["lost_act"] == "silu"
     assert {type(v) for v in leaves} <= {str, int, float, bool, list, type(None)}  # no Choice (a str subclass)
     torch.save(plain, tmp_path / "plain.pt")

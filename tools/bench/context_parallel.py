@@ -13,7 +13,9 @@ Shapes are LLaMA-7B's attention (hidden 4096, 32 query heads of 128; 32 or 8 key
    plus the re-gather of the inputs for the weight gradients backward: 10 (P-1)/P N h e leave each rank).
    "Sent" = bytes that leave the rank: p2p sends in full, (P-1)/P of an all-to-all or ring collective payload.
 2. Longest sequence one attention layer (q/k/v/o projections, RoPE, attention; fp32 weights, gradients and
-   activations) trains in under `--budget-gib` per rank: peak *live tensor bytes*, measured by a dispatch mode
+   activations) trains in under `--budget-gib` per rank. The layer builds RoPE tables of its own tokens' positions
+   only (`rope_tables_at`) and, like the model's Attention.forward, keeps no reference to q, k, v once attention
+   has run (only what autograd saved stays). Measure: peak *live tensor bytes*, measured by a dispatch mode
    that tracks every storage an op creates until it is freed, on meta tensors (dry runs, so any length is
    cheap); a real gloo run at `--check-seq` checks that the meta peak equals the real one. It excludes the
    allocator's cache, the torch runtime, gloo's buffers and the scratch a fused kernel allocates inside one op
@@ -47,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from megaeff.distributed.comm import CommGroup, CommStats  # noqa: E402
 from megaeff.distributed.context_parallel.attention import AttentionCounter, ContextParallelAttention, comm_bytes  # noqa: E402
-from megaeff.layers.rope import apply_rope, rope_tables  # noqa: E402
+from megaeff.layers.rope import apply_rope, rope_tables_at  # noqa: E402
 
 HIDDEN, HEADS, HEAD_DIM = 4096, 32, 128
 SCHEMES = [("ring", "zigzag"), ("ring", "contiguous"), ("lightseq", "contiguous"), ("ulysses", "contiguous")]
@@ -112,13 +114,14 @@ def layer_step(cg, impl, sharding, T, hkv, device, backend="auto", groups="auto"
         w = [(torch.randn(HIDDEN, h * HEAD_DIM, device=device) * 0.02).requires_grad_(True) for h in (HEADS, hkv, hkv)]
         wo = (torch.randn(HEADS * HEAD_DIM, HIDDEN, device=device) * 0.02).requires_grad_(True)
         x = torch.randn(1, Tl, HIDDEN, device=device).requires_grad_(True)
-        cos, sin = rope_tables(HEAD_DIM, T, 10000.0, device=device)
-        pos = attn.positions(T, batch=1, device=device)
+        # RoPE tables of this rank's positions only (a whole-sequence table on every rank would not shrink with cp)
+        cos, sin = rope_tables_at(attn.positions(T, device=device), HEAD_DIM, 10000.0)
         q, k, v = ((x @ wi).view(1, Tl, -1, HEAD_DIM).transpose(1, 2) for wi in w)
-        q, k = apply_rope(q, cos, sin, pos), apply_rope(k, cos, sin, pos)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = attn(q, k, v).transpose(1, 2).reshape(1, Tl, -1) @ wo
+        del q, k, v  # as in the model's Attention.forward: only what autograd saved outlives the forward
         y.backward(torch.ones_like(y))
-        del q, k, v, y
+        del y
     return tracker.peak
 
 

@@ -104,7 +104,10 @@ class HeadGroupEngine:
                 if lse is None:
                     lse = torch.empty(q.shape[:3], dtype=lse_g.dtype, device=q.device)
                 lse[:, hq] = lse_g
-        return out, (*inputs, *tails, out), lse
+        # The full output is saved only to re-slice the views dropped above (ring, LightSeq). Ulysses saves its
+        # own head-layout output, so saving `out` as well would keep a second output-sized tensor to the backward.
+        keep = any(t is None for t in tails)
+        return out, (*inputs, *tails, out if keep else None), lse
 
     def backward(self, saved, dout):
         n = len(saved) // SAVED

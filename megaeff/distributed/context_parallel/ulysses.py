@@ -23,7 +23,7 @@ import torch
 
 from megaeff.distributed.comm import all_to_all
 from megaeff.distributed.context_parallel.blocks import SequenceEngine, plan_blocks
-from megaeff.distributed.context_parallel.sharding import ContextParallelError, shard_order
+from megaeff.distributed.context_parallel.sharding import ContextParallelError, num_chunks, rank_chunks
 
 
 def check_heads(Hq: int, Hkv: int, P: int) -> None:
@@ -41,34 +41,49 @@ def check_heads(Hq: int, Hkv: int, P: int) -> None:
 class UlyssesEngine(SequenceEngine):
     impl = "ulysses"
 
-    def _order(self, T: int, device):
-        """(to_global, to_shard): index_select maps between rank-after-rank order and sequence order."""
-        order = shard_order(T, self.cg.size, self.sharding, device=device)
-        return torch.argsort(order), order
+    def _chunk_slices(self, T: int):
+        """(source/destination rank p, global token slice, slice in p's shard) for every chunk of the layout: the
+        permutation between rank-after-rank order and sequence order, applied by slice copies (no index copy)."""
+        P = self.cg.size
+        c = T // num_chunks(P, self.sharding)
+        return [
+            (p, slice(g * c, (g + 1) * c), slice(j * c, (j + 1) * c))
+            for p in range(P)
+            for j, g in enumerate(rank_chunks(P, p, self.sharding))
+        ]
 
     def to_heads(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """[B, H_i, T/P, D] sequence shards -> [B, H_i/P, T, D] head shards in sequence order (one all-to-all)."""
+        """[B, H_i, T/P, D] sequence shards -> [B, H_i/P, T, D] head shards in sequence order (one all-to-all).
+        Two buffers of the payload's size are alive at any time (send + receive, then receive + result)."""
         P = self.cg.size
         B, _, Tl, D = tensors[0].shape
         heads = [t.shape[1] // P for t in tensors]
         send = torch.cat([t.reshape(B, P, h, Tl, D).transpose(0, 1) for t, h in zip(tensors, heads)], dim=2)
         recv = all_to_all(send, self.cg)  # [P (source rank = sequence shard), B, sum h, Tl, D]
-        full = recv.permute(1, 2, 0, 3, 4).reshape(B, sum(heads), P * Tl, D)
-        if self.sharding != "contiguous":
-            full = full.index_select(2, self._order(P * Tl, full.device)[0])
+        del send
+        full = recv.new_empty((B, sum(heads), P * Tl, D))
+        for p, glob, loc in self._chunk_slices(P * Tl):
+            full[:, :, glob] = recv[p, :, :, loc]
         return list(full.split(heads, dim=1))
 
-    def to_sequence(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """The inverse of `to_heads`: [B, H_i/P, T, D] -> [B, H_i, T/P, D]."""
+    def to_sequence(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The inverse of `to_heads`: [B, H_i/P, T, D] -> [B, H_i, T/P, D]. Packs the inputs straight into the
+        send buffer and releases each one from `tensors` (which is left holding None) once packed, so a caller
+        that passes its only references frees them before the receive buffer exists."""
         P = self.cg.size
         B, _, T, D = tensors[0].shape
         Tl = T // P
         heads = [t.shape[1] for t in tensors]
-        full = torch.cat(list(tensors), dim=1)
-        if self.sharding != "contiguous":
-            full = full.index_select(2, self._order(T, full.device)[1])
-        send = full.reshape(B, sum(heads), P, Tl, D).permute(2, 0, 1, 3, 4)  # [P (destination), B, sum h, Tl, D]
+        send = tensors[0].new_empty((P, B, sum(heads), Tl, D))  # [P (destination), B, sum h, Tl, D]
+        off = 0
+        for i, h in enumerate(heads):
+            t, tensors[i] = tensors[i], None
+            for p, glob, loc in self._chunk_slices(T):
+                send[p, :, off : off + h, loc] = t[:, :, glob]
+            off += h
+            del t
         recv = all_to_all(send, self.cg)  # [P (source rank = head group), B, sum h, Tl, D]
+        del send
         parts = recv.split(heads, dim=2)
         return [p.transpose(0, 1).reshape(B, P * h, Tl, D) for p, h in zip(parts, heads)]
 
@@ -99,9 +114,12 @@ class UlyssesEngine(SequenceEngine):
         (blk,) = self._plan(qh.shape[2])
         delta, final_out = self.row_stats(oh, doh)
         gq, gk, gv = self.kernel.backward(qh, kh, vh, doh, lseh, delta, final_out, blk.causal)
+        del doh, delta, final_out  # not needed while the gradients travel back
         self.count_backward(blk, qh.shape[0] * qh.shape[1])
         dtype = qh.dtype
-        dq, dk, dv = self.to_sequence([gq.to(dtype), gk.to(dtype), gv.to(dtype)])
+        grads = [gq.to(dtype), gk.to(dtype), gv.to(dtype)]
+        del gq, gk, gv  # to_sequence releases each gradient once packed into its send buffer
+        dq, dk, dv = self.to_sequence(grads)
         return dq, dk, dv
 
 

@@ -148,6 +148,10 @@ def local_state_shape(optimizer, p: torch.Tensor, key: str, saved: TensorStorage
     parameter's shape."""
     if len(saved.size) == 0:
         return ()
+    shape_of = getattr(optimizer, "state_shape", None)  # state not shaped like p (GaLore's projected moments)
+    shape = shape_of(p, key) if shape_of is not None else None
+    if shape is not None:
+        return tuple(shape)
     if key.endswith("_meta"):
         layout = getattr(optimizer, "layout", None)
         n = layout(p).n_groups if layout is not None else GroupLayout.for_shape(tuple(p.shape)).n_groups

@@ -46,12 +46,22 @@ def sparse_stand_in(func, args, kwargs):
 
 
 def mirror_collective(func, args) -> None:
-    """What a collective on real tensors returns in a fake world where every rank mirrors this one: an
-    all-to-all gives back what it sends (recv splits = send splits), a sum all-reduce multiplies by the group."""
+    """What a collective on real tensors returns in a fake world where every rank mirrors this one (holds this
+    rank's data): in an all-to-all, rank j sends me the block it addresses to me, which is the block I address
+    to myself, so every received block is that one (FSSDP's embedding: each rank asks me for the ids I own of
+    my batch); a sum all-reduce multiplies by the group.
+    Not "recv splits = send splits" (rank j sends me the block I send to j): that is another world, where the
+    rows I serve are the rows I request, and it undercounts or overcounts FSSDP's `sparse_all_gather` as soon
+    as my ids are not spread evenly over the owners (tools/bench/planner_validate.py found it against real
+    gloo ranks holding the same tokens)."""
     if func is torch.ops.c10d.alltoall_base_.default:
-        out, x = args[0], args[1]
-        if out.shape == x.shape:
-            out.copy_(x)
+        out, x, pg, send_splits = args[0], args[1], args[2], args[4]
+        p = torch.distributed.ProcessGroup.unbox(pg)
+        me, size = p.rank(), p.size()
+        rows = list(send_splits) or [x.shape[0] // size] * size
+        mine = x.narrow(0, sum(rows[:me]), rows[me])
+        if out.shape[0] == size * rows[me] and out.shape[1:] == x.shape[1:]:
+            out.copy_(mine.repeat(size, *([1] * (x.dim() - 1))))
     elif func is torch.ops.c10d.allreduce_.default:
         for t in args[0]:
             t.mul_(torch.distributed.ProcessGroup.unbox(args[1]).size())

@@ -4,6 +4,8 @@
     report = measure_step(cfg, rank=0)          # fake tensors: shapes only
     report = measure_step(cfg, fake=False)      # the same step on real CPU tensors (validation)
 
+Several ranks for real: megaeff/train/memory/real_step.py (gloo processes; tools/bench/planner_validate.py).
+
 Everything is the training code itself: the model is built on the meta device (`build_llama`), laid out and
 materialized by `parallelize` (materialization onto fake CPU tensors, so nothing is allocated), the optimizer
 comes from `build_optimizer`, the LR schedule from megaeff/optim/schedule.py, and the step is
@@ -214,10 +216,17 @@ def _distinct_bytes(tensors) -> int:
 
 
 def measure_step(
-    cfg: Config, rank: int = 0, *, fake: bool = True, step: int = 0, tracker_cls=StepMemoryTracker
+    cfg: Config,
+    rank: int = 0,
+    *,
+    fake: bool = True,
+    step: int = 0,
+    tracker_cls=StepMemoryTracker,
+    seed: int = 0,
 ) -> MemoryReport:
     """Peak live bytes of one training step of `rank` (module docstring), with the breakdown at the peak.
-    `tracker_cls`: StepMemoryTracker or a variant (tests check that wrong variants disagree)."""
+    `tracker_cls`: StepMemoryTracker or a variant (tests check that wrong variants disagree); `seed`: the
+    token ids' (`make_batches`), for a rank whose batch differs (tools/bench/planner_validate.py)."""
     dims_world = layout_world_size(cfg)
     if not fake and dims_world > 1:
         raise ConfigError("parallel", "a real-tensor step runs a single-rank layout only (its collectives are real)")
@@ -231,7 +240,7 @@ def measure_step(
         dims.comm_stats.reset()  # the build's collectives (none today) are not the step's
         with fake_mode or contextlib.nullcontext(), tracker:
             with unset_fake_temporarily():  # the token ids are real: routing by token (FSSDP's embedding) is exact
-                batches = make_batches(cfg)
+                batches = make_batches(cfg, seed=seed)
             metrics = rs.runner.run(batches, step)
             del batches
         report = tracker.report()

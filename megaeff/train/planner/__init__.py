@@ -1,0 +1,11 @@
+"""The layout planner (`megaeff-plan`, docs/planner.md): the fastest tp x cp x dp x pp layout of a model on a
+cluster within its memory, from megaeff's own dry runs.
+
+    cluster.py    the hardware: GPUs per node, memory, link bandwidths, peak FLOP/s (presets h100_sxm, a100_80gb)
+    enumerate.py  the candidate layouts, pruned by stated rules and validated by megaeff's own config checks
+    measure.py    per-rank peak memory and comm bytes per axis from the fake-tensor step at reduced depth and
+                  micro-batch count, extrapolated (bilinear, per phase) to the real ones
+    cost.py       FLOPs, compute time, exposed communication (overlap rules), pipeline bubble, MFU
+    search.py     the search: candidates in order of a lower bound on step time, measured until the top N are known
+    report.py     the table, the rejected layouts by reason, the Hydra overrides and conf/parallel/ file
+"""

@@ -1,0 +1,170 @@
+"""megaeff-plan (megaeff/train/planner/): links, the cost model's pieces on hand-checkable numbers, enumeration
+and rejection reasons, the emitted overrides and parallel file (compose + validate), and the depth / micro-batch
+extrapolation of the fake-tensor step against a direct `measure_step` (exact bytes: memory and every comm key).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from megaeff.config import compose, conf_dir
+from megaeff.config.parallel import validate_world
+from megaeff.train.memory.fake_step import measure_step
+from megaeff.train.planner.cluster import PRESETS, crosses_node, link_gbps, make_cluster
+from megaeff.train.planner.cost import FlopCounter, bubble, compute_time, ring_factor, step_cost
+from megaeff.train.planner.enumerate import Layout, Options, apply, enumerate_layouts, refusal
+from megaeff.train.planner.measure import Measurer, RankCost, bilinear
+from megaeff.train.planner.report import overrides, parallel_yaml
+from megaeff.train.planner.search import Candidate, Plan, memory_reason, state_floor
+
+# Small shapes: a fake step costs ~0.1 s per layer and micro-batch here, so the measured tests stay ~5 s.
+SMALL = ["model=tiny", "precision=bf16", "model.dim=64", "model.ffn_dim=128", "model.n_heads=2", "data.seq_len=32"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    return compose(SMALL + ["model.n_layers=4"])
+
+
+def test_links_follow_megaeff_rank_order():
+    # tp innermost: tp=8 fills a node of 8, so tp stays on NVLink and dp (ranks 0, 8) crosses nodes.
+    deg = {"tp": 8, "cp": 1, "dp": 2, "pp": 1}
+    assert not crosses_node(deg, "tp", 8) and crosses_node(deg, "dp", 8)
+    assert link_gbps(PRESETS["h100_sxm"], deg, "tp") == 450.0 and link_gbps(PRESETS["h100_sxm"], deg, "dp") == 50.0
+    # tp=2 x dp=4 = one node: everything intra; pp=2 outermost on 2 nodes of 8 crosses, dp_cp does not.
+    assert not crosses_node({"tp": 2, "cp": 1, "dp": 4, "pp": 1}, "dp", 8)
+    deg = {"tp": 2, "cp": 2, "dp": 2, "pp": 2}
+    assert crosses_node(deg, "pp", 8) and not crosses_node(deg, "dp_cp", 8) and not crosses_node(deg, "tp_cp", 8)
+    c = make_cluster("a100_80gb", nodes=4, gpu_mem_gb=40)
+    assert (c.world, c.gpu_mem_gb, c.inter_gbps) == (32, 40, 25.0)
+
+
+def test_ring_factors_and_bubble():
+    assert ring_factor("all_reduce", 4) == 1.5 and ring_factor("all_gather", 4) == 0.75
+    assert ring_factor("reduce_scatter", 2) == 0.5 and ring_factor("p2p_send", 8) == 1.0
+    # The simulator's 1F1B bubble equals (pp - 1) / m; interleaved (pp - 1) / (v m); none without a pipeline.
+    assert bubble(Layout(1, 1, 1, 4, 1, 8), 1.0) == pytest.approx(3 / 8)
+    assert bubble(Layout(1, 1, 1, 4, 1, 8, pp_schedule="interleaved", pp_virtual=2), 1.0) == pytest.approx(3 / 16)
+    assert bubble(Layout(1, 1, 8, 1, 1, 8), 1.0) == 0.0
+
+
+def test_cost_model_by_hand(small):
+    m = small.model
+    flops = FlopCounter(small)
+    d, f, L, S, V = m.dim, m.ffn_dim, m.n_layers, small.data.seq_len, m.vocab_size
+    linear = L * (4 * d * d + 3 * d * f)  # q, k, v, o and SwiGLU's three (dense, n_kv_heads = n_heads)
+    assert flops.per_token(S).model == 6 * (linear + d * V) + 12 * L * S * d
+    cluster = make_cluster("h100_sxm", nodes=2, peak_tflops=100)  # 16 ranks
+    lay = Layout(2, 1, 8, 1, 1, 4, sequence_parallel=True)
+    compute_s, recompute_s, attn_s, model_flops = compute_time(small, flops, lay, cluster, 0.5)
+    tokens = 1 * 4 * 8 * S
+    assert compute_s == pytest.approx(tokens * flops.per_token(S).model / 16 / 50e12) and recompute_s == 0
+    # Hand-made measured bytes: tp (exposed, NVLink), dp gradients (crosses nodes: 2 x 8 ranks, overlapped
+    # with the last micro-batch's backward except one bucket), a scalar.
+    comm = {"tp/all_reduce": 900_000_000, "dp_cp/all_reduce": 2_000_000_000, "dp/all_reduce": 16}
+    cost = step_cost(small, flops, lay, cluster, 0.5, [RankCost(0, 1, comm, {}, "optimizer")])
+    t_tp = 9e8 * 1.0 / 450e9  # all-reduce over 2: 2 (p - 1) / p = 1
+    t_dp = 2e9 * (2 * 7 / 8) / 50e9
+    assert (
+        cost.comm_s["tp/all_reduce"] == pytest.approx(t_tp)
+        and cost.exposed_s["tp/all_reduce"] == cost.comm_s["tp/all_reduce"]
+    )
+    bwd_one = compute_s * 2 / 3 / 4
+    assert cost.exposed_s["dp_cp/all_reduce"] == pytest.approx(max(t_dp - bwd_one, 25e6 * 1.75 / 50e9))
+    assert cost.step_s == pytest.approx(compute_s + sum(cost.exposed_s.values()))
+    assert cost.mfu == pytest.approx(model_flops / (cost.step_s * 16 * 100e12))
+
+
+def test_bilinear_is_exact_on_a_bilinear_form():
+    f = lambda k, m: 7 + 3 * k + 5 * m + 11 * k * m  # noqa: E731
+    pts = {(k, m): f(k, m) for k in (1, 2) for m in (4, 6)}
+    assert bilinear(pts, 80, 64) == f(80, 64)
+    assert bilinear({(k, 3): f(k, 3) for k in (2, 3)}, 10, 3) == f(10, 3)
+
+
+def test_enumeration_and_refusals(small):
+    valid, rejected = enumerate_layouts(small, 4, 2, 4, Options(min_cp_tokens=16, max_micro_batch=2))
+    assert valid and all(refusal(small, lay) is None for lay in valid)
+    assert all(lay.tp <= 2 for lay in valid)  # tp within a node of 2
+    assert all(lay.tp * lay.cp * lay.dp * lay.pp == 4 for lay in valid)
+    assert {(lay.tp, lay.cp, lay.dp, lay.pp) for lay in valid} >= {
+        (1, 1, 4, 1),
+        (2, 1, 2, 1),
+        (1, 2, 2, 1),
+        (1, 1, 1, 4),
+    }
+    assert any(lay.pp_schedule == "interleaved" for lay in valid) and any(lay.dp_impl == "fssdp" for lay in valid)
+    reasons = {(g, r) for _, g, r in rejected}
+    # megaeff's own refusal, word for word: FSSDP with activation checkpointing.
+    assert any(g == "config refusal" and "train.activation_checkpointing" in r and "fssdp" in r for g, r in reasons)
+    assert all(not (lay.dp_impl == "fssdp" and lay.activation_checkpointing) for lay in valid)
+    # Ulysses needs the 2 heads / tp to divide over cp: refused at tp=2 x cp=2.
+    uly = Layout(2, 2, 1, 1, 1, 4, cp_impl="ulysses", cp_sharding="contiguous", sequence_parallel=True)
+    assert "ulysses" in refusal(small, uly)
+
+
+def test_memory_rejections_without_measuring():
+    lay = Layout(1, 1, 8, 1, 1, 4)
+    twin = Layout(1, 1, 8, 1, 1, 4, in_backward=True)
+    assert memory_reason(lay, set(), {}) is None
+    assert "without optim.in_backward fits" in memory_reason(twin, {lay}, {})
+    assert memory_reason(twin, set(), {}) is None  # measured when its twin did not fit
+    ooms = {Layout(1, 1, 8, 1, 1, 1): 2}  # out of memory at micro-batch 2, no activation checkpointing
+    assert "micro-batch 2" in memory_reason(Layout(1, 1, 8, 1, 4, 1), set(), ooms)
+    assert memory_reason(Layout(1, 1, 8, 1, 1, 4), set(), ooms) is None  # a smaller micro-batch may fit
+    assert memory_reason(Layout(1, 1, 8, 1, 2, 2, activation_checkpointing=True), set(), ooms) is None
+    ooms_ac = {Layout(1, 1, 8, 1, 1, 1, activation_checkpointing=True): 1}
+    assert "with activation checkpointing" in memory_reason(Layout(1, 1, 8, 1, 1, 4), set(), ooms_ac)
+
+
+def test_state_floor(small):
+    n = sum(p.numel() for p in FlopCounter(small).net.parameters())
+    # fp32 weights + two fp32 moments, split over tp=2 and (FSSDP) dp=2; all-reduce replicates over dp.
+    assert state_floor(small, n, Layout(2, 1, 2, 1, 1, 1, dp_impl="fssdp", sequence_parallel=True)) == n * 12 // 4
+    assert state_floor(small, n, Layout(2, 1, 2, 1, 1, 1, sequence_parallel=True)) == n * 12 // 2
+
+
+def test_emitted_overrides_compose_and_validate(small, tmp_path):
+    lay = Layout(2, 1, 1, 2, 1, 4, pp_schedule="interleaved", pp_virtual=2, sequence_parallel=True, in_backward=False)
+    cluster = make_cluster("h100_sxm", gpus_per_node=4)
+    plan = Plan(SMALL + ["model.n_layers=4"], cluster, 4, 0.5, 1, [Candidate(lay, 0.0)], [], [], 1, 0, 0, 0.0)
+    cfg = compose(overrides(plan))
+    assert validate_world(cfg, 4) == {"tp": 2, "cp": 1, "dp": 1, "pp": 2}
+    assert (cfg.parallel.pp_schedule, cfg.parallel.pp_virtual, cfg.train.grad_accum) == ("interleaved", 2, 4)
+    # The parallel group file composes as `parallel=<name>` from a conf dir that holds it.
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir(), conf)
+    (conf / "parallel" / f"{lay.name()}.yaml").write_text(parallel_yaml(plan))
+    rest = [o for o in lay.overrides() if not o.startswith("parallel.")]
+    cfg2 = compose(plan.base + [f"parallel={lay.name()}"] + rest, config_dir=str(conf))
+    assert cfg2.parallel == cfg.parallel and cfg2.train == cfg.train
+
+
+def _direct(cfg, lay, rank):
+    r = measure_step(apply(cfg, lay), rank)
+    return r.peak_bytes, {k: v for k, v in r.extra["comm_bytes"].items() if v}
+
+
+def test_depth_extrapolation_equals_direct_measurement():
+    # dp=2 all-reduce, 3 layers from 1 and 2: memory and the gradient bytes grow with depth.
+    cfg = compose(SMALL + ["model.n_layers=3"])
+    lay = Layout(1, 1, 2, 1, 1, 1)
+    measurer = Measurer(cfg)
+    (rc,) = measurer.rank_costs(lay)
+    assert measurer.steps_run == 2
+    assert (rc.peak, rc.comm) == _direct(cfg, lay, 0)
+    # A wrong extrapolation (proportional to depth from one layer) would not pass.
+    one = measurer.cache[next(iter(measurer.cache))]
+    assert 3 * one.peak != rc.peak and {k: 3 * v for k, v in one.comm.items()} != rc.comm
+
+
+def test_micro_batch_extrapolation_equals_direct_measurement():
+    # tp=2 with sequence parallelism, 5 micro-batches from 3 and 4: tp's bytes grow with the micro-batches.
+    cfg = compose(SMALL + ["model.n_layers=1"])
+    lay = Layout(2, 1, 1, 1, 1, 5, sequence_parallel=True)
+    measurer = Measurer(cfg)
+    (rc,) = measurer.rank_costs(lay)
+    assert measurer.steps_run == 2
+    assert (rc.peak, rc.comm) == _direct(cfg, lay, 0)

@@ -107,7 +107,7 @@ def test_bad_input_gives_one_clear_message(tmp_path, override, fragments):
     "overrides,field,choices",
     [
         (["parallel.cp_impl=bogus"], "parallel.cp_impl", "ring, lightseq, ulysses"),
-        (["precision=fp32", "optim.name=nope"], "optim.name", "adamw, coat_adamw"),
+        (["precision=fp32", "optim.name=nope"], "optim.name", "adamw, coat_adamw, galore"),
         (["model.n_heads=3"], "model.dim", None),  # a cross-field check after composition
     ],
 )

@@ -206,8 +206,8 @@ def _fake_build(fake_mode: FakeTensorMode) -> Iterator[None]:
         yield
 
 
-def _distinct_bytes(tensors) -> int:
-    """Bytes of the distinct storages of `tensors`."""
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages of `tensors` (views share theirs)."""
     seen = {}
     for t in tensors:
         st = t.untyped_storage()
@@ -247,9 +247,9 @@ def measure_step(
         state = [t for st in rs.optimizer.state.values() for t in tree_leaves(st) if isinstance(t, torch.Tensor)]
         # Counted apart from the tracker, for checks: what the rank's parameters, gradients and optimizer hold.
         report.extra.update(
-            param_bytes=_distinct_bytes(rs.parallel.module.parameters()),
-            grad_bytes=_distinct_bytes(p.grad for p in rs.parallel.module.parameters() if p.grad is not None),
-            optimizer_state_bytes=_distinct_bytes(state),
+            param_bytes=storage_bytes(rs.parallel.module.parameters()),
+            grad_bytes=storage_bytes(p.grad for p in rs.parallel.module.parameters() if p.grad is not None),
+            optimizer_state_bytes=storage_bytes(state),
             act_saved_bytes=int(metrics["act_saved_bytes"]),
         )
         # The payload bytes of every collective of the step, keyed "<axis>/<kind>" (megaeff/distributed/comm.py):

@@ -25,17 +25,8 @@ from torch.utils._pytree import tree_leaves
 
 from megaeff.config.schema import Config
 from megaeff.distributed.dims import AXES, ParallelDims
-from megaeff.train.memory.fake_step import build_rank, make_batches
+from megaeff.train.memory.fake_step import build_rank, make_batches, storage_bytes
 from megaeff.train.memory.tracker import MemoryReport, StepMemoryTracker
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages of `tensors` (views share theirs)."""
-    seen = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        seen[st._cdata] = st.nbytes()
-    return sum(seen.values())
 
 
 def _storages_alive() -> Dict[int, weakref.ref]:

@@ -168,3 +168,17 @@ def test_micro_batch_extrapolation_equals_direct_measurement():
     (rc,) = measurer.rank_costs(lay)
     assert measurer.steps_run == 2
     assert (rc.peak, rc.comm) == _direct(cfg, lay, 0)
+
+
+def test_a_refusal_at_build_time_rejects_the_layout_and_the_search_goes_on():
+    """COAT's FP8 groups must not straddle tp shards, a check parallelize makes while building the layout (not in
+    the config checks): a 32-column shard under tp=2 is refused there, and the plan goes on with the others."""
+    from megaeff.train.planner.search import make_plan
+
+    base = SMALL + ["model.n_layers=2", "precision=coat_bf16"]
+    cluster = make_cluster("h100_sxm", gpus_per_node=2)
+    # One measurement: a refused build is not counted, so the search measures the next layout after it.
+    plan = make_plan(base, cluster, 2, top=1, max_measure=1, opts=Options(max_micro_batch=1, cp_impls=()))
+    built = [lay for lay, kind, why in plan.rejected if kind == "config refusal" and "must not straddle" in why]
+    assert built and all(lay.tp == 2 for lay in built), plan.rejected
+    assert plan.measured == 1 and plan.top and plan.top[0].layout.tp == 1

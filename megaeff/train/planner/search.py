@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from megaeff.config.compose import compose
 from megaeff.config.optim import uses_fp8_states
 from megaeff.config.schema import Config
+from megaeff.errors import ConfigError
 from megaeff.train.planner.cluster import Cluster
 from megaeff.train.planner.cost import Cost, FlopCounter, lower_bound, step_cost
 from megaeff.train.planner.enumerate import Layout, Options, enumerate_layouts
@@ -152,7 +153,11 @@ def make_plan(
         if time_budget is not None and time.time() - t0 > time_budget:
             rejected.append((lay, "not measured", f"--time-budget {time_budget:g} s spent"))
             continue
-        cand.ranks = measurer.rank_costs(lay)
+        try:
+            cand.ranks = measurer.rank_costs(lay)
+        except ConfigError as exc:  # a check that runs only when the layout is built (e.g. COAT's groups vs tp)
+            rejected.append((lay, "config refusal", str(exc)))
+            continue
         measured += 1
         if log is not None:
             log(f"measured {measured}: {lay.name()} peak {cand.peak / 1e9:.2f} GB ({time.time() - t0:.0f} s)")

@@ -66,6 +66,31 @@ def train(run_dir, *args, nproc=1, expect=0, launcher=None):
     return proc.stdout + proc.stderr
 
 
+def fit_on_rank(dims, overrides: Sequence[str], run_dir: str) -> int:
+    """What `megaeff.train` runs on each rank, run on a RankPool rank (tests/distributed/harness.py) with the
+    pool's process group and `dims`: the typed config, the world check, the Trainer to the end. The launcher's own
+    behaviour (exit codes, signals, environment) is tested through the CLI; equivalence tests use this to skip a
+    launcher and a fresh process per rank per run (seconds of imports each on CI's two cores)."""
+    from megaeff.config.parallel import validate_world
+    from megaeff.train.trainer import Trainer
+
+    cfg = compose([*overrides, f"run_dir={run_dir}"])
+    degrees = validate_world(cfg, dims.world_size)
+    have = {axis: getattr(dims, axis) for axis in degrees}
+    assert have == degrees, f"the pool's layout {have} is not the config's {degrees}"
+    trainer = Trainer(cfg, dims, Path(run_dir))
+    try:
+        return trainer.fit().step
+    finally:
+        trainer.close()
+
+
+def train_on_pool(pool, run_dir, *overrides, layout):
+    """`train` on the ranks of `pool`, whose layout must be the config's (checked on the ranks)."""
+    steps = pool.run(fit_on_rank, list(overrides), str(run_dir), layout=layout)
+    assert len(set(steps)) == 1, steps
+
+
 def records(run_dir, kind="train"):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 

@@ -8,9 +8,11 @@ import pytest
 
 from megaeff.config.validate import validate_config
 from megaeff.errors import ConfigError
-from tests.helpers import assert_same_run, compose, records, train
+from tests.distributed.harness import pool_fixture
+from tests.helpers import assert_same_run, compose, records, train, train_on_pool
 
 pytestmark = pytest.mark.slow
+pool = pool_fixture(4)
 
 STEPS = 10
 COMMON = [
@@ -44,10 +46,10 @@ def single(tmp_path_factory):
     ],
     ids=["ring-zigzag", "lightseq", "ulysses", "tp2-sp-ring"],
 )
-def test_context_parallel_matches_single_process(single, tmp_path, layout, extra):
+def test_context_parallel_matches_single_process(pool, single, tmp_path, layout, extra):
     dp = 2 if layout == "cp2_dp2" else 1
-    out = train(tmp_path / "run", *COMMON, f"parallel={layout}", *extra, f"train.micro_batch_size={4 // dp}", nproc=4)
-    assert "cp=2" in out
+    overrides = [*COMMON, f"parallel={layout}", *extra, f"train.micro_batch_size={4 // dp}"]
+    train_on_pool(pool, tmp_path / "run", *overrides, layout=dict(tp=2 // dp, cp=2, dp=dp))
     assert_same_run(single, tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[0]
     kind = "all_to_all" if "ulysses" in extra[0] else "p2p_send"
@@ -56,10 +58,11 @@ def test_context_parallel_matches_single_process(single, tmp_path, layout, extra
     assert rec["comm_bytes/dp_cp/all_reduce"] == rec["mem_grads_bytes"]
 
 
-def test_rematerialization_aware_checkpointing_skips_attention_forward(single, tmp_path):
+def test_rematerialization_aware_checkpointing_skips_attention_forward(pool, single, tmp_path):
     """LightSeq with activation checkpointing: the backward recomputes each block but replays attention's kept
     output and log-sum-exp, so attention forwards stay one per layer and micro-batch; same run as without."""
-    train(
+    train_on_pool(
+        pool,
         tmp_path / "run",
         *COMMON,
         "parallel=cp2_dp2",
@@ -67,7 +70,7 @@ def test_rematerialization_aware_checkpointing_skips_attention_forward(single, t
         "parallel.cp_sharding=contiguous",
         "train.activation_checkpointing=true",
         "train.micro_batch_size=2",
-        nproc=4,
+        layout=dict(cp=2, dp=2),
     )
     assert_same_run(single, tmp_path / "run", STEPS)
     calls = 2 * 2  # smoke: 2 layers x train.grad_accum=2 micro-batches

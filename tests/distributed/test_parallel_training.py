@@ -1,7 +1,6 @@
-"""Tensor (+ sequence) and data parallelism end to end: `torchrun --nproc_per_node 4 -m megaeff.train
-parallel=tp2_dp2` reproduces the single-process run of each linear method (per-step losses over 10 steps and the
-final parameters, float32, relative 1e-5), checkpoints move between layouts, and bad layouts fail at once with
-one error naming the field."""
+"""Tensor (+ sequence) and data parallelism end to end: `megaeff.train parallel=tp2_dp2` on 4 ranks reproduces the
+single-process run of each linear method (per-step losses over 10 steps and the final parameters, float32, relative
+1e-5), checkpoints move between layouts, and bad layouts fail at once with one error naming the field."""
 
 from __future__ import annotations
 
@@ -12,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.harness import free_port
-from tests.helpers import assert_same_run, cli_env, records, train
+from megaeff.config.validate import validate_config
+from megaeff.errors import ConfigError
+from tests.distributed.harness import free_port, pool_fixture
+from tests.helpers import assert_same_run, cli_env, compose, records, train, train_on_pool
 
 pytestmark = pytest.mark.slow
+pool = pool_fixture(4)
 
 STEPS = 10
 COMMON = [
@@ -31,6 +33,7 @@ COMMON = [
 SINGLE = ["train.micro_batch_size=4", "train.grad_accum=2"]
 # tp2 x dp2: the same global batch of 8 (micro 2 x dp 2 x accum 2); a small bucket gives several buckets.
 TP2_DP2 = ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.bucket_mb=0.02"]
+TP2_DP2_RANKS = dict(tp=2, dp=2)  # the module's rank pool runs the tp2 x dp2 cases (the others use the CLI)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +55,10 @@ def single(tmp_path_factory):
 # test_dcp_checkpoint.py (pp2_dp2_virtual -> tp2_dp2), and its layers against one process in
 # test_tensor_parallel.py; here the compact methods, whose tensor-parallel splits are their own.
 @pytest.mark.parametrize("method", ["lost", "sltrain"])
-def test_tp2_dp2_matches_single_process(single, tmp_path, method):
-    out = train(tmp_path / "run", *COMMON, f"method={method}", "parallel=tp2_dp2", *TP2_DP2, nproc=4)
-    assert "layout: tp=2 cp=1 dp=2 pp=1" in out
+def test_tp2_dp2_matches_single_process(pool, single, tmp_path, method):
+    train_on_pool(
+        pool, tmp_path / "run", *COMMON, f"method={method}", "parallel=tp2_dp2", *TP2_DP2, layout=TP2_DP2_RANKS
+    )
     assert_same_run(single(method), tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[0]
     # Every gradient is reduced once per step over dp (in buckets), and the TP regions talk over tp.
@@ -62,9 +66,10 @@ def test_tp2_dp2_matches_single_process(single, tmp_path, method):
     assert rec["comm_bytes/tp/all_reduce"] > 0
 
 
-def test_sequence_parallel_lowrank_matches_single_process(single, tmp_path):
-    out = train(tmp_path / "run", *COMMON, "method=lowrank", "parallel=tp2_dp2_sp", *TP2_DP2, nproc=4)
-    assert "sequence parallel" in out
+def test_sequence_parallel_lowrank_matches_single_process(pool, single, tmp_path):
+    train_on_pool(
+        pool, tmp_path / "run", *COMMON, "method=lowrank", "parallel=tp2_dp2_sp", *TP2_DP2, layout=TP2_DP2_RANKS
+    )
     assert_same_run(single("lowrank"), tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[0]
     assert rec["comm_bytes/tp/all_gather"] > 0 and rec["comm_bytes/tp/reduce_scatter"] > 0
@@ -167,17 +172,26 @@ def test_deepspeed_launcher_tp2_dp2(single, tmp_path):
     assert_same_run(single("lost"), run, STEPS)
 
 
-@pytest.mark.parametrize(
-    "args,field",
-    [
-        (["parallel.tp=3", "parallel.dp=1"], "parallel"),  # 3 x 1 ranks != 2
-        (["parallel.tp=3"], "parallel.dp"),  # 2 ranks do not divide by 3
-        (["parallel=tp2", "model.n_heads=3", "model.dim=48"], "model.n_heads"),
-        (["parallel=tp2", "model.ffn_dim=63"], "model.ffn_dim"),
-        (["parallel=tp2", "parallel.sequence_parallel=true", "data.seq_len=31"], "data.seq_len"),
-        (["parallel=tp2", "model.vocab_size=265"], "model.vocab_size"),
-    ],
-)
-def test_bad_layouts_fail_before_any_group_hangs(tmp_path, args, field):
+BAD_LAYOUTS = [
+    (["parallel.tp=3", "parallel.dp=1"], "parallel"),  # 3 x 1 ranks != 2
+    (["parallel.tp=3"], "parallel.dp"),  # 2 ranks do not divide by 3
+    (["parallel=tp2", "model.n_heads=3", "model.dim=48"], "model.n_heads"),
+    (["parallel=tp2", "model.ffn_dim=63"], "model.ffn_dim"),
+    (["parallel=tp2", "parallel.sequence_parallel=true", "data.seq_len=31"], "data.seq_len"),
+    (["parallel=tp2", "model.vocab_size=265"], "model.vocab_size"),
+]
+
+
+@pytest.mark.parametrize("args,field", BAD_LAYOUTS)
+def test_bad_layouts_are_refused_for_the_world(args, field):
+    """What the CLI checks on every rank before any process group (validate_config with the world size)."""
+    with pytest.raises(ConfigError) as exc:
+        validate_config(compose([*COMMON, *args]), world_size=2)
+    assert exc.value.field == field
+
+
+def test_bad_layout_fails_every_rank_before_any_group_hangs(tmp_path):
+    """The same check under torchrun: both ranks exit at once with the one-line error, none waits in a group."""
+    args, field = BAD_LAYOUTS[2]
     out = train(tmp_path / "run", *COMMON, *args, nproc=2, expect=1)
     assert f"config field '{field}'" in out

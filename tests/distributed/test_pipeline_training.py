@@ -11,9 +11,11 @@ import pytest
 
 from megaeff.config.validate import validate_config
 from megaeff.errors import ConfigError
-from tests.helpers import assert_same_run, compose, records, train
+from tests.distributed.harness import pool_fixture
+from tests.helpers import assert_same_run, compose, records, train, train_on_pool
 
 pytestmark = pytest.mark.slow
+pool = pool_fixture(4)
 
 STEPS = 10
 # 8 blocks: pp=4 x 2 chunks still gets one block per virtual stage; 4 micro-batches per step (divisible by pp).
@@ -38,21 +40,19 @@ def single(tmp_path_factory):
     return run
 
 
-# GPipe and 1F1B at pp=4 only (their pp=2 runs are the first two stages' case of it, and pp=2 runs in
-# test_dcp_checkpoint.py and the resume test below); interleaved at both degrees (its chunk placement differs).
-@pytest.mark.parametrize(
-    "pp,schedule,virtual", [(4, "gpipe", 1), (4, "1f1b", 1), (2, "interleaved", 2), (4, "interleaved", 2)]
-)
-def test_schedules_match_single_process(single, tmp_path, pp, schedule, virtual):
-    out = train(
+# Every schedule at pp=4, on the module's 4 ranks. pp=2 runs in test_dcp_checkpoint.py (interleaved with virtual
+# stages: pp2_dp2_virtual; 1F1B: pp2_dp2) and in the resume test below, through the CLI.
+@pytest.mark.parametrize("pp,schedule,virtual", [(4, "gpipe", 1), (4, "1f1b", 1), (4, "interleaved", 2)])
+def test_schedules_match_single_process(pool, single, tmp_path, pp, schedule, virtual):
+    train_on_pool(
+        pool,
         tmp_path / "run",
         *COMMON,
         f"parallel.pp={pp}",
         f"parallel.pp_schedule={schedule}",
         f"parallel.pp_virtual={virtual}",
-        nproc=pp,
+        layout=dict(pp=pp),
     )
-    assert f"pipeline: {schedule} over pp={pp}" in out
     assert_same_run(single, tmp_path / "run", STEPS)
     rec = records(tmp_path / "run")[-1]
     assert 0.0 < rec["pp_idle_fraction"] < 1.0  # the bubble, measured as time blocked on receives

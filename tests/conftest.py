@@ -24,3 +24,13 @@ def smoke_cfg():
         return compose(["experiment=smoke", f"run_dir={run_dir}", "train.plot=false", "train.threads=1", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def rank_pools():
+    """The session's multi-rank pools (tests/distributed/harness.py), spawned on first use, closed at the end."""
+    from tests.distributed.harness import RankPools
+
+    pools = RankPools()
+    yield pools
+    pools.close()

@@ -15,7 +15,7 @@ not answer within `timeout` seconds (a hang, e.g. a collective the others never 
 in both cases where ranks may be left inside a collective the pool is torn down and respawned on the next call,
 so one broken test cannot hang or poison the next. gloo's own collective timeout is set to `timeout` as well.
 
-Use one pool per module (a module-scoped fixture, `pool_fixture`) to pay the spawn once.
+Use `pool_fixture` in a module: every module asking for the same size shares one pool for the session.
 """
 
 from __future__ import annotations
@@ -152,14 +152,32 @@ class RankPool:
         self._procs = []
 
 
+class RankPools:
+    """One live pool per (world size, timeout) for the whole test session: a module asking for a pool gets the
+    running one, so the suite pays each spawn (seconds of imports per rank on CI's two cores) and each teardown
+    once, not once per module. Workers keep only process groups and their cached `ParallelDims` between tasks."""
+
+    def __init__(self):
+        self._pools: Dict[tuple, RankPool] = {}
+
+    def get(self, world_size: int, timeout: float = 120.0) -> RankPool:
+        key = (world_size, timeout)
+        if key not in self._pools:
+            self._pools[key] = RankPool(world_size, timeout)
+        return self._pools[key]
+
+    def close(self) -> None:
+        for p in self._pools.values():
+            p.close()
+        self._pools.clear()
+
+
 def pool_fixture(world_size: int, timeout: float = 120.0):
-    """A module-scoped pytest fixture yielding a `RankPool` (declare it in the test module:
-    `pool = pool_fixture(4)`)."""
+    """A module-scoped pytest fixture yielding the session's `RankPool` of this size (declare it in the test
+    module: `pool = pool_fixture(4)`; the session fixture `rank_pools` is in tests/conftest.py)."""
 
     @pytest.fixture(scope="module")
-    def _pool():
-        p = RankPool(world_size, timeout)
-        yield p
-        p.close()
+    def _pool(rank_pools):
+        return rank_pools.get(world_size, timeout)
 
     return _pool

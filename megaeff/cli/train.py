@@ -73,7 +73,7 @@ def run(cfg: DictConfig, claim: Optional[RunDirClaim] = None) -> int:
         baseline = trainer.data.unigram_ppl
         print(
             f"final: step {result.step} | val_loss {ev['val_loss']:.4f} | val_ppl {ev['val_ppl']:.3f}"
-            + (f" (byte-level unigram baseline {baseline:.2f})" if baseline else ""),
+            + (f" ({trainer.data.baseline_name} {baseline:.2f})" if baseline else ""),
             flush=True,
         )
         if config.train.plot:

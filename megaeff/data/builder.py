@@ -36,7 +36,7 @@ from megaeff.data.gpt_dataset import (
     split_documents,
 )
 from megaeff.data.indexed import IndexedDataset, IndexedDatasetBuilder, data_file_path, index_file_path, optimal_dtype
-from megaeff.data.tokenizer import build_tokenizer
+from megaeff.data.tokenizer import build_tokenizer, cache_tag
 from megaeff.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -52,6 +52,11 @@ class DataBundle:
     # language model must clear to have learned more than symbol frequencies. Computed for the default corpus only.
     unigram_ppl: Optional[float]
     description: str
+
+    @property
+    def baseline_name(self) -> str:
+        """How the run log names `unigram_ppl` (byte tokens: .ci/run and the docs quote this wording)."""
+        return f"{'byte-level' if getattr(self.tokenizer, 'name', '') == 'byte' else 'token'} unigram baseline"
 
 
 @dataclass
@@ -100,14 +105,15 @@ def _write_corpus(prefix: Path, docs: Callable[[], Sequence[str]], tokenizer, ct
 
 @dataclass
 class NamedCorpus:
-    """A corpus of named documents shipped by a package, byte tokens; `data.valid_docs` names the held-out ones."""
+    """A corpus of named documents shipped by a package; `data.valid_docs` names the held-out ones. Byte tokens
+    by default; any `data.tokenizer` works (each tokenizer gets its own cached copy, `cache(tag)`)."""
 
     label: str  # names its datasets' cached index arrays
     title: str  # for the run log
     unit: str  # what a document is called in messages ("plays")
     names: Callable[[], List[str]]  # the documents' names in corpus order, cheaply
     load: Callable[[], Dict[str, str]]  # {name: text} in the same order (called only to write the cache)
-    cache: Callable[[], str]  # the tokenized corpus's prefix under the cache root
+    cache: Callable[[str], str]  # the prefix, under the cache root, of the corpus tokenized by tokenizer `tag`
 
 
 CORPORA = {
@@ -117,7 +123,7 @@ CORPORA = {
         "plays",
         play_names,
         load_plays,
-        lambda: "shakespeare/plays_byte",
+        lambda tag: f"shakespeare/plays_{tag}",
     ),
     "pydocs": NamedCorpus(
         "pydocs",
@@ -125,7 +131,7 @@ CORPORA = {
         "topics",
         pydocs.topic_names,
         pydocs.load_topics,
-        lambda: f"pydocs/{pydocs.content_key()}/topics_byte",
+        lambda tag: f"pydocs/{pydocs.content_key()}/topics_{tag}",
     ),
 }
 
@@ -133,9 +139,7 @@ CORPORA = {
 def build_named_corpus(dcfg: DataConfig, ctx: BuildContext, corpus: NamedCorpus) -> DataBundle:
     """One document per name, written once as an indexed dataset in the cache; the documents `data.valid_docs`
     names are the validation split, the others the training split."""
-    tokenizer = build_tokenizer(dcfg.tokenizer)
-    if tokenizer.name != "byte":
-        raise ConfigError("data.tokenizer", f"the {corpus.title} is tokenized with the byte tokenizer")
+    tokenizer = build_tokenizer(dcfg.tokenizer, dcfg.tokenizer_path)
     names = corpus.names()
     unknown = [n for n in dcfg.valid_docs if n not in names]
     if unknown or not dcfg.valid_docs:
@@ -145,7 +149,7 @@ def build_named_corpus(dcfg: DataConfig, ctx: BuildContext, corpus: NamedCorpus)
             if unknown
             else f"at least one of the {corpus.unit} must be held out for validation",
         )
-    prefix = _cache_root(dcfg) / corpus.cache()
+    prefix = _cache_root(dcfg) / corpus.cache(cache_tag(dcfg.tokenizer, dcfg.tokenizer_path))
     indexed = _write_corpus(prefix, lambda: list(corpus.load().values()), tokenizer, ctx)
     doc_ids = np.arange(len(names))
     valid_mask = np.isin(np.array(names), list(dcfg.valid_docs))
@@ -185,7 +189,8 @@ def build_named_corpus(dcfg: DataConfig, ctx: BuildContext, corpus: NamedCorpus)
         unigram_ppl=unigram_perplexity(train_tokens, valid_labels, tokenizer.vocab_size),
         description=(
             f"{corpus.title}: {len(train_seqs)} train {corpus.unit} / {len(train_tokens):,} tokens, "
-            f"{len(valid_seqs)} valid {corpus.unit} / {valid_tokens:,} tokens, byte tokenizer"
+            f"{len(valid_seqs)} valid {corpus.unit} / {valid_tokens:,} tokens, "
+            f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})"
         ),
     )
 

@@ -148,3 +148,19 @@ def build_tokenizer(kind: str, path: Optional[str] = None):
     if not os.path.exists(path):
         raise ConfigError(PATH_FIELD, f"{path}: no such file or directory")
     return TOKENIZERS[kind](path)
+
+
+def cache_tag(kind: str, path: Optional[str] = None) -> str:
+    """Names a tokenized corpus in the cache: "byte", or the kind and a hash of the tokenizer's files, so that
+    corpora tokenized by different tokenizers (or a retrained one at the same path) never share cached tokens."""
+    if kind == "byte":
+        return "byte"
+    import hashlib
+
+    root = os.fspath(path)
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs) if os.path.isdir(root) else [root]
+    digest = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            digest.update(os.path.relpath(f, root).encode() + b"\0" + fh.read() + b"\0")
+    return f"{kind}-{digest.hexdigest()[:12]}"

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
+from typing import TYPE_CHECKING, List, NamedTuple, Optional
 
+from megaeff.data.bpe import bytes_to_unicode
 from megaeff.data.tokenizer import PATH_FIELD, ByteTokenizer, build_tokenizer
 from megaeff.errors import ConfigError
 
@@ -44,20 +45,6 @@ class TokenizerInfo(NamedTuple):
     files: List[str]
     eos_id: Optional[int]
     bos_id: Optional[int]
-
-
-def bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2's byte -> printable character map, the alphabet of `tokenizers`' ByteLevel pre-tokenizer."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def write_byte_tokenizer(out_dir: Path, model_max_length: int) -> List[str]:

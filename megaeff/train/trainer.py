@@ -228,7 +228,7 @@ class Trainer:
         lines = [
             f"megaeff: run dir {self.run_dir}",
             f"data: {self.data.description}"
-            + (f"; byte-level unigram baseline ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
+            + (f"; {self.data.baseline_name} ppl {self.data.unigram_ppl:.2f}" if self.data.unigram_ppl else ""),
             f"model: {c.model.name} ({self.n_params / 1e6:.2f}M params, "
             f"{self.flops_per_token / 1e6:.2f} MFLOPs/token), attention {self.model.attention_backend.name}, "
             f"optimizer {type(self.optimizer).__name__} ({self.optim_impl}), precision {c.precision.name}",

@@ -95,10 +95,10 @@ def measure_speed(rounds: int, batch: int, seq_len: int, threads: int) -> dict:
     return {m: batch * seq_len / statistics.median(t) for m, t in times.items()}
 
 
-def train_one(method: str, lr, args, run_dir: Path, precision: str = "fp32", corpus: str = "default", seed=None):
-    """One quality run; `lr` None: the method's own optimizer defaults, untouched (warmup included)."""
+def quality_config(method: str, lr, args, run_dir: Path, precision: str = "fp32", corpus: str = "default", seed=None):
+    """The config of one quality run; `lr` None: the method's own optimizer defaults, untouched (warmup included)."""
     optim = [] if lr is None else [f"optim.lr={lr}", f"optim.warmup_steps={max(args.steps // 10, 1)}"]
-    cfg = compose(
+    return compose(
         [
             f"model={args.model}",
             *method_overrides(method),
@@ -121,6 +121,11 @@ def train_one(method: str, lr, args, run_dir: Path, precision: str = "fp32", cor
             *args.extra,
         ]
     )
+
+
+def train_one(method: str, lr, args, run_dir: Path, precision: str = "fp32", corpus: str = "default", seed=None):
+    """One quality run (`quality_config`): train, then evaluate on the held-out split."""
+    cfg = quality_config(method, lr, args, run_dir, precision, corpus, seed)
     trainer = Trainer(cfg, ParallelDims.from_config(cfg.parallel, 1), run_dir)
     t0 = time.perf_counter()
     trainer.fit()

@@ -13,7 +13,10 @@ size) is validated by megaeff's own config checks; its per-rank peak memory and 
 group come from one training step of the real code on fake tensors (megaeff/train/memory/fake_step.py) at 1
 and 2 layers per pipeline stage, extrapolated to the real depth; its step time from FLOPs, the bandwidth of the
 link each group crosses and the pipeline schedule simulator. docs/planner.md has the cost model, the overlap
-rules and the limits. Prints the top layouts, the best one as Hydra overrides, the rejected ones by reason;
+rules and the limits. The search is branch and bound: layouts whose memory floor (weights + max(gradients,
+moments)) exceeds the budget are rejected unmeasured, the rest measured in order of a lower bound on their step
+time until no unmeasured layout can enter the top N (the exhaustive search's rows; the footer counts where
+every layout went). Prints the top layouts, the best one as Hydra overrides, the rejected ones by reason;
 --out-dir writes <out-dir>/parallel/<name>.yaml, overrides.txt and plan.json.
 """
 
@@ -45,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="any Hydra override, repeatable: precision=bf16, experiment=lost_7b_16gb, model.max_seq_len=8192, ...",
+    )
+    g.add_argument(
+        "--precision",
+        default=None,
+        metavar="P1,P2,...|auto",
+        help="precision presets enumerated as one more axis (comma-separated): fp32, bf16, bf16_w16 (bf16 weights, "
+        "no fp32 master), fp8act_w16 (bf16 autocast + FP8 activations saved for backward + bf16 weights), "
+        "coat_bf16, coat_bf16_w16; auto: all but fp32 (docs/planner.md). Each sets every precision.* field "
+        "over the base's. Default: only the base config's precision (--set precision=...)",
     )
     g.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (data.seq_len), default 2048")
     g.add_argument("--global-batch", type=int, default=64, help="sequences per optimizer step, default 64")
@@ -89,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from megaeff.train.planner.cluster import make_cluster
-    from megaeff.train.planner.enumerate import Options
+    from megaeff.train.planner.enumerate import AUTO_PRECISIONS, PRECISIONS, Options
     from megaeff.train.planner.report import format_plan, to_json, write_outputs
     from megaeff.train.planner.search import base_overrides, make_plan
 
@@ -116,7 +128,14 @@ def run(args) -> int:
         bad = [x for x in given.split(",") if x not in choices.__members__]
         if bad:
             raise MegaeffError(f"{flag}: unknown {bad[0]!r}; available: {', '.join(choices.__members__)}")
+    precisions = ("",)
+    if args.precision:
+        precisions = AUTO_PRECISIONS if args.precision == "auto" else tuple(args.precision.split(","))
+        bad = [x for x in precisions if x not in PRECISIONS]
+        if bad:
+            raise MegaeffError(f"--precision: unknown {bad[0]!r}; available: auto, {', '.join(PRECISIONS)}")
     opts = Options(
+        precisions=precisions,
         max_micro_batch=args.max_micro_batch,
         cp_impls=tuple(args.cp_impls.split(",")),
         gather_dtypes=tuple(args.gather_dtypes.split(",")),

@@ -12,12 +12,13 @@ import pytest
 from megaeff.config import compose, conf_dir
 from megaeff.config.parallel import validate_world
 from megaeff.train.memory.fake_step import measure_step
+from megaeff.train.planner.bounds import ParamCounts, comm_floor, state_floor
 from megaeff.train.planner.cluster import PRESETS, crosses_node, link_gbps, make_cluster
 from megaeff.train.planner.cost import FlopCounter, bubble, compute_time, ring_factor, step_cost
 from megaeff.train.planner.enumerate import Layout, Options, apply, enumerate_layouts, refusal
 from megaeff.train.planner.measure import Measurer, RankCost, bilinear
 from megaeff.train.planner.report import overrides, parallel_yaml
-from megaeff.train.planner.search import Candidate, Plan, memory_reason, state_floor
+from megaeff.train.planner.search import Candidate, Plan, make_plan, memory_reason
 
 # Small shapes: a fake step costs ~0.1 s per layer and micro-batch here, so the measured tests stay ~5 s.
 SMALL = ["model=tiny", "precision=bf16", "model.dim=64", "model.ffn_dim=128", "model.n_heads=2", "data.seq_len=32"]
@@ -117,22 +118,35 @@ def test_memory_rejections_without_measuring():
     assert memory_reason(Layout(1, 1, 8, 1, 2, 2, activation_checkpointing=True), set(), ooms) is None
     ooms_ac = {Layout(1, 1, 8, 1, 1, 1, activation_checkpointing=True): 1}
     assert "with activation checkpointing" in memory_reason(Layout(1, 1, 8, 1, 1, 4), set(), ooms_ac)
+    # Out of memory without in_backward says nothing of the layout with it (the switch saves memory).
+    assert memory_reason(Layout(1, 1, 8, 1, 4, 1, in_backward=True), set(), ooms) is None
 
 
 def test_state_floor(small):
-    n = sum(p.numel() for p in FlopCounter(small).net.parameters())
-    # fp32 weights + two fp32 moments, split over tp=2 and (FSSDP) dp=2; all-reduce replicates over dp.
-    assert state_floor(small, n, Layout(2, 1, 2, 1, 1, 1, dp_impl="fssdp", sequence_parallel=True)) == n * 12 // 4
-    assert state_floor(small, n, Layout(2, 1, 2, 1, 1, 1, sequence_parallel=True)) == n * 12 // 2
+    counts = ParamCounts.of(FlopCounter(small))
+    n = counts.total
+    # fp32 weights + max(fp32 gradients, two fp32 moments), split over tp=2 and (FSSDP) dp=2; all-reduce
+    # replicates over dp.
+    assert state_floor(small, counts, Layout(2, 1, 2, 1, 1, 1, dp_impl="fssdp", sequence_parallel=True)) == n * 12 // 4
+    assert state_floor(small, counts, Layout(2, 1, 2, 1, 1, 1, sequence_parallel=True)) == n * 12 // 2
+    # The layout's precision preset: bf16 weights (2 + max(2, 8)); COAT's FP8 moments (4 + max(4, 2)).
+    assert state_floor(small, counts, Layout(1, 1, 1, 1, 1, 1, precision="bf16_w16")) == n * 10
+    assert state_floor(small, counts, Layout(1, 1, 1, 1, 1, 1, precision="coat_bf16")) == n * 8
 
 
 def test_emitted_overrides_compose_and_validate(small, tmp_path):
-    lay = Layout(2, 1, 1, 2, 1, 4, pp_schedule="interleaved", pp_virtual=2, sequence_parallel=True, in_backward=False)
+    lay = Layout(
+        2, 1, 1, 2, 1, 4, pp_schedule="interleaved", pp_virtual=2, sequence_parallel=True, precision="fp8act_w16"
+    )
     cluster = make_cluster("h100_sxm", gpus_per_node=4)
     plan = Plan(SMALL + ["model.n_layers=4"], cluster, 4, 0.5, 1, [Candidate(lay, 0.0)], [], [], 1, 0, 0, 0.0)
     cfg = compose(overrides(plan))
     assert validate_world(cfg, 4) == {"tp": 2, "cp": 1, "dp": 1, "pp": 2}
     assert (cfg.parallel.pp_schedule, cfg.parallel.pp_virtual, cfg.train.grad_accum) == ("interleaved", 2, 4)
+    # The precision preset's fields override the base's precision=bf16 group: FP8 activations alone, bf16 weights.
+    assert cfg.precision == apply(compose(SMALL + ["model.n_layers=4"]), lay).precision
+    assert (cfg.precision.name, cfg.precision.fp8_activations, cfg.precision.fp8_gemm) == ("coat", True, False)
+    assert cfg.precision.param_dtype == "bf16" and cfg.precision.autocast_bf16
     # The parallel group file composes as `parallel=<name>` from a conf dir that holds it.
     conf = tmp_path / "conf"
     shutil.copytree(conf_dir(), conf)
@@ -173,12 +187,76 @@ def test_micro_batch_extrapolation_equals_direct_measurement():
 def test_a_refusal_at_build_time_rejects_the_layout_and_the_search_goes_on():
     """COAT's FP8 groups must not straddle tp shards, a check parallelize makes while building the layout (not in
     the config checks): a 32-column shard under tp=2 is refused there, and the plan goes on with the others."""
-    from megaeff.train.planner.search import make_plan
-
     base = SMALL + ["model.n_layers=2", "precision=coat_bf16"]
-    cluster = make_cluster("h100_sxm", gpus_per_node=2)
+    n = ParamCounts.of(FlopCounter(compose(base))).total
+    # 5.5 bytes per parameter: dp2 all-reduce (COAT floor 4 + max(4, 2) = 8 n, 6 n with in_backward) is rejected
+    # by its floor, so tp2 (4 n) is tried first, then pp2 (4 n, a larger bound: its bubble of half the compute,
+    # more than tp's bytes at NVLink's speed once the peak is 10 TFLOP/s).
+    cluster = make_cluster("h100_sxm", gpus_per_node=2, gpu_mem_gb=5.5 * n / 1e9, peak_tflops=10)
+    opts = Options(max_micro_batch=1, cp_impls=(), gather_dtypes=())
     # One measurement: a refused build is not counted, so the search measures the next layout after it.
-    plan = make_plan(base, cluster, 2, top=1, max_measure=1, opts=Options(max_micro_batch=1, cp_impls=()))
+    plan = make_plan(base, cluster, 2, top=1, max_measure=1, headroom=0.0, opts=opts)
     built = [lay for lay, kind, why in plan.rejected if kind == "config refusal" and "must not straddle" in why]
     assert built and all(lay.tp == 2 for lay in built), plan.rejected
-    assert plan.measured == 1 and plan.top and plan.top[0].layout.tp == 1
+    measured = [c.layout for c in plan.feasible] + [lay for lay, g, _ in plan.rejected if g == "out of memory"]
+    assert plan.measured == 1 and [lay.pp for lay in measured] == [2]
+
+
+def test_precision_axis_keeps_refusals(small):
+    """`--precision` presets are one more enumerated axis; a preset megaeff refuses is listed with its reason."""
+    cfg = compose(SMALL + ["model.n_layers=4", "optim=galore"])
+    opts = Options(max_micro_batch=1, cp_impls=(), precisions=("bf16", "bf16_w16"))
+    valid, rejected = enumerate_layouts(cfg, 1, 1, 1, opts)
+    assert {lay.precision for lay in valid} == {"bf16"}
+    refused = [why for lay, _, why in rejected if lay.precision == "bf16_w16"]
+    assert refused and all("galore" in why for why in refused)
+    assert any(why.startswith("config field 'precision.param_dtype'") for why in refused)
+
+
+# Branch and bound vs exhaustive, on 2 ranks: tp2 and dp2 (all-reduce or FSSDP), with and without activation
+# checkpointing and in_backward, one layer, 2 sequences (cp pruned: 16-token shards; pp left out: its bound term,
+# the simulator's bubble, is the cost model's own). The cluster is slow (1 MB/s links, 100 MFLOP/s) so that
+# communication and compute are both seen, and the budget sits between the layouts' floors.
+BNB = SMALL + ["model.n_layers=1"]
+BNB_OPTS = Options(max_micro_batch=1, gather_dtypes=("bf16",), max_pp=1)
+
+
+def test_branch_and_bound_equals_exhaustive_and_its_bounds_hold():
+    cfg = compose(BNB)
+    counts = ParamCounts.of(FlopCounter(cfg))
+    # 11.8 bytes per parameter: over the all-reduce layouts' floor (fp32 weights + moments, 12 n), under tp2's
+    # measured peak (11.53 n) and FSSDP's (15.5 n).
+    cluster = make_cluster(
+        None, gpus_per_node=2, gpu_mem_gb=11.8 * counts.total / 1e9, intra_gbps=1e-2, inter_gbps=1e-2, peak_tflops=1e-4
+    )
+    measurer = Measurer(cfg)
+    rows = lambda plan: [(c.layout.name(), c.cost.step_s) for c in plan.top]  # noqa: E731
+    for top in (1, 2):  # the second exhaustive search reuses the first's fake steps (one measurer)
+        kw = dict(top=top, headroom=0.0, opts=BNB_OPTS, measurer=measurer)
+        full = make_plan(BNB, cluster, 2, exhaustive=True, **kw)
+        steps = measurer.steps_run
+        pruned = make_plan(BNB, cluster, 2, **kw)
+        assert measurer.steps_run == steps  # the pruned search measured nothing the exhaustive one did not
+        assert len(full.top) == top and rows(pruned) == rows(full)
+        assert pruned.stats["floor"] > 0 and pruned.measured < full.measured
+        assert not full.notes and not pruned.notes  # no measurement below its bound
+        assert pruned.stats["exact_rows"] == top and pruned.stats["capped"] == 0
+    assert make_plan(BNB, cluster, 2, top=1, headroom=0.0, opts=BNB_OPTS, measurer=measurer).stats["bound"] > 0
+    assert any("OOM by at least" in why for _, g, why in pruned.rejected if g == "memory floor (not measured)")
+    # Every layout the exhaustive search measured (fitting or not): floor <= measured peak (a floor above a
+    # peak fails here), and the floor is most of the measured state (a floor of 0 would prune nothing).
+    measured = [c.layout for c in full.feasible] + [lay for lay, g, _ in full.rejected if g == "out of memory"]
+    assert len(measured) == full.measured and any(lay.in_backward for lay in measured)
+    for lay in measured:
+        ranks = measurer.rank_costs(lay)  # cached: no new fake step
+        floor, peak = state_floor(cfg, counts, lay), max(r.peak for r in ranks)
+        state = max(r.state["param_bytes"] + r.state["optimizer_state_bytes"] for r in ranks)
+        assert 0.6 * state <= floor <= peak, lay.name()
+    assert measurer.steps_run == steps
+    # Step bound <= step for every fitting layout, and the communication floor is not zero where tp talks.
+    for cand in full.feasible:
+        assert cand.bound_s <= cand.cost.step_s, cand.layout.name()
+        if cand.layout.tp > 1:
+            compute = cand.cost.compute_s * (1 + cand.cost.bubble_fraction)
+            assert comm_floor(cfg, counts, cand.layout, cluster, cand.cost.compute_s)["tp"] > 0
+            assert cand.bound_s > compute

@@ -6,6 +6,9 @@ cluster within its memory, from megaeff's own dry runs.
     measure.py    per-rank peak memory and comm bytes per axis from the fake-tensor step at reduced depth and
                   micro-batch count, extrapolated (bilinear, per phase) to the real ones
     cost.py       FLOPs, compute time, exposed communication (overlap rules), pipeline bubble, MFU
-    search.py     the search: candidates in order of a lower bound on step time, measured until the top N are known
+    bounds.py     lower bounds without measuring: the memory floor (state) and the step time (compute, bubble,
+                  the communication no overlap can hide)
+    search.py     branch and bound: floors over the budget rejected, the rest measured in order of the step-time
+                  bound until the top N are known (the exhaustive search's top N)
     report.py     the table, the rejected layouts by reason, the Hydra overrides and conf/parallel/ file
 """

@@ -110,12 +110,6 @@ def bubble(layout: Layout, compute_s: float) -> float:
     return bubble_fraction(sched, layout.pp, layout.pp_virtual, 1.0, t_b)
 
 
-def lower_bound(cfg: Config, flops: FlopCounter, layout: Layout, cluster: Cluster, efficiency: float) -> float:
-    """Step time with free communication (compute + bubble): no measurement needed."""
-    compute_s = compute_time(cfg, flops, layout, cluster, efficiency)[0]
-    return compute_s * (1 + bubble(layout, compute_s))
-
-
 def _exposed(
     cfg: Config, layout: Layout, key: str, t: float, nbytes: int, compute_s: float, attn_s: float, bw: float, p: int
 ) -> float:

@@ -22,10 +22,12 @@ Every remaining candidate is validated exactly as megaeff-train would validate i
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, replace
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from megaeff.config.choices import CpImpl, CpSharding, DpImpl, FssdpGatherDtype, PpSchedule
+from megaeff.config.choices import CpImpl, CpSharding, DpImpl, FssdpGatherDtype, ParamDtype, PpSchedule, Precision
+from megaeff.config.optim import PrecisionConfig
 from megaeff.config.parallel import validate_world
 from megaeff.config.schema import Config, validate_sections
 from megaeff.errors import MegaeffError
@@ -48,6 +50,7 @@ class Layout:
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
     in_backward: bool = False
+    precision: str = ""  # a PRECISIONS preset; "": the base config's precision
 
     @property
     def degrees(self) -> Dict[str, int]:
@@ -65,6 +68,7 @@ class Layout:
         dp = f"dp{self.dp}" + (f"fssdp_{self.gather_dtype}" if self.dp_impl == "fssdp" else "")
         parts += [dp, f"mb{self.micro_batch}x{self.grad_accum}"]
         parts += ["ac"] * self.activation_checkpointing + ["inbw"] * self.in_backward
+        parts += [self.precision] * bool(self.precision)
         return "_".join(parts)
 
     def parallel_fields(self) -> Dict[str, object]:
@@ -86,12 +90,42 @@ class Layout:
         out = [
             f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in self.parallel_fields().items()
         ]
-        return out + [
+        out += [
             f"train.micro_batch_size={self.micro_batch}",
             f"train.grad_accum={self.grad_accum}",
             f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}",
             f"optim.in_backward={str(self.in_backward).lower()}",
         ]
+        if self.precision:  # every field, so they compose over any precision group of the base
+            out += [f"precision.{k}={str(v).lower()}" for k, v in PRECISIONS[self.precision].items()]
+        return out
+
+
+# Precision presets (`--precision`), each every field of the `precision` section but act_group_size: the plain
+# ones of conf/precision/, their bf16-weight variants (no fp32 master: megaeff/optim/per_param.py) and FP8
+# activations alone (COAT's activation part on bf16 autocast, moments and GEMMs as bf16's).
+_OFF = dict(autocast_bf16=False, fp8_optimizer_states=False, fp8_activations=False, fp8_gemm=False)
+_COAT = dict(name="coat", autocast_bf16=True, fp8_optimizer_states=True, fp8_activations=True, fp8_gemm=True)
+PRECISIONS: Dict[str, Dict[str, object]] = {
+    "fp32": dict(name="fp32", **_OFF, param_dtype="fp32"),
+    "bf16": dict(name="bf16", **_OFF, param_dtype="fp32"),
+    "bf16_w16": dict(name="bf16", **_OFF, param_dtype="bf16"),
+    "fp8act_w16": dict(name="coat", **{**_OFF, "autocast_bf16": True, "fp8_activations": True}, param_dtype="bf16"),
+    "coat_bf16": dict(**_COAT, param_dtype="fp32"),
+    "coat_bf16_w16": dict(**_COAT, param_dtype="bf16"),
+}
+# `--precision auto`: every preset but fp32, whose GEMMs run at the TF32 peak the cost model does not price.
+AUTO_PRECISIONS = ("bf16", "bf16_w16", "fp8act_w16", "coat_bf16", "coat_bf16_w16")
+
+
+def precision_of(cfg: Config, layout: Layout) -> PrecisionConfig:
+    """The layout's precision section: its preset's fields over the base's, or the base's."""
+    if not layout.precision:
+        return cfg.precision
+    fields = dict(PRECISIONS[layout.precision])
+    fields["name"] = Precision[fields["name"]]
+    fields["param_dtype"] = ParamDtype[fields["param_dtype"]]
+    return replace(cfg.precision, **fields)
 
 
 @dataclass
@@ -104,6 +138,7 @@ class Options:
     min_cp_tokens: int = 1024
     max_tp: Optional[int] = None  # default: the GPUs of a node
     max_pp: Optional[int] = None
+    precisions: Tuple[str, ...] = ("",)  # PRECISIONS presets; "": the base config's
 
 
 def apply(cfg: Config, layout: Layout) -> Config:
@@ -120,6 +155,7 @@ def apply(cfg: Config, layout: Layout) -> Config:
     c.train.micro_batch_size, c.train.grad_accum = layout.micro_batch, layout.grad_accum
     c.train.activation_checkpointing = layout.activation_checkpointing
     c.optim.in_backward = layout.in_backward
+    c.precision = precision_of(c, layout)
     return c
 
 
@@ -178,7 +214,9 @@ def enumerate_layouts(
     seq_len, n_layers = cfg.data.seq_len, cfg.model.n_layers
     valid: List[Layout] = []
     rejected: List[Tuple[Layout, str, str]] = []
-    for tp, cp, dp, pp in _degree_grid(world, gpus_per_node, n_layers, opts):
+    for (tp, cp, dp, pp), prec in itertools.product(
+        _degree_grid(world, gpus_per_node, n_layers, opts), opts.precisions
+    ):
         for mb in _powers_of_two_dividing(global_batch, opts.max_micro_batch):
             if global_batch % (dp * mb):
                 continue
@@ -188,7 +226,7 @@ def enumerate_layouts(
                 rejected.append((base, "pruned", rule))
                 continue
             for v in _variants(tp, cp, dp, pp, opts):
-                layout = replace(base, **v)
+                layout = replace(base, **v, precision=prec)
                 why = refusal(cfg, layout)
                 if why is None:
                     valid.append(layout)

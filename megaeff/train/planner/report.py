@@ -73,6 +73,24 @@ def format_rejected(plan: Plan, per_group: int = 3) -> str:
     return "\n".join(lines)
 
 
+def format_search(plan: Plan) -> str:
+    """The footer: where every enumerated layout went (search.STAT_KEYS), and any unsound bound."""
+    s = plan.stats
+    if not s:
+        return ""
+    fitting = s["measured"] - s["oom"]
+    lines = [
+        f"search: {s['enumerated']} layouts; {s['refused']} refused by megaeff's checks or pruned by rule, "
+        f"{s['floor']} over the budget by their memory floor, {s['dominated']} skipped by a memory dominance rule, "
+        f"{s['measured']} measured ({fitting} fit, {s['oom']} out of memory; {plan.fake_steps} fake steps), "
+        f"{s['bound']} pruned by the step-time bound, {s['capped']} not measured (--max-measure / --time-budget)",
+        f"exact rows: {s.get('exact_rows', 0)} of {len(plan.top)} (rows no unmeasured layout's bound is below: the "
+        "exhaustive search's)",
+    ]
+    lines += [f"WARNING: {note}" for note in plan.notes]
+    return "\n".join(lines)
+
+
 def format_plan(plan: Plan) -> str:
     c = plan.cluster
     head = (
@@ -82,7 +100,7 @@ def format_plan(plan: Plan) -> str:
         f"({plan.fake_steps} fake steps), {plan.seconds:.0f} s"
     )
     if not plan.top:
-        return "\n".join([head, "no layout fits; rejected:", format_rejected(plan)])
+        return "\n".join([head, "no layout fits; rejected:", format_rejected(plan), "", format_search(plan)])
     return "\n".join(
         [
             head,
@@ -93,6 +111,8 @@ def format_plan(plan: Plan) -> str:
             "",
             "rejected:",
             format_rejected(plan),
+            "",
+            format_search(plan),
         ]
     )
 
@@ -118,6 +138,7 @@ def to_json(plan: Plan) -> Dict:
             "peak_bytes": c.peak,
             "ranks": [r.__dict__ for r in c.ranks],
             "bound_s": c.bound_s,
+            "floor_bytes": c.floor,
             "cost": {**c.cost.__dict__, "exposed_total": c.cost.exposed_total},
         }
 
@@ -134,6 +155,8 @@ def to_json(plan: Plan) -> Dict:
         "measured": plan.measured,
         "fake_steps": plan.fake_steps,
         "seconds": plan.seconds,
+        "search": plan.stats,
+        "notes": plan.notes,
     }
 
 

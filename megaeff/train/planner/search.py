@@ -1,17 +1,23 @@
-"""The plan: enumerate, order by a lower bound on step time, measure until the top N are known.
+"""The plan: enumerate, bound, measure best-first until the top N are known (branch and bound).
 
-Search (branch and bound). Every valid candidate gets a lower bound on its step time that needs no
-measurement: compute + bubble (communication taken as free; cost.lower_bound). Candidates are measured in
-increasing order of that bound; once N feasible layouts are known and the next bound is no better than the N-th
-step time, no unmeasured layout can enter the top N, and the rest are rejected as "slower" with their bound.
-Memory rules that skip a measurement (each stated in the rejection):
-- a layout whose weights and AdamW moments alone (`state_floor`, a lower bound) exceed the budget;
+Before anything is measured, every valid layout gets two lower bounds (bounds.py): its memory floor (weights +
+max(gradients, optimizer moments) per rank, no activations) and its step time (compute at the stated
+efficiency + pipeline bubble + the communication no overlap rule can hide). A layout whose floor exceeds the
+budget is rejected unmeasured ("OOM by at least X"). The rest are measured in increasing order of the step-time
+bound; once N fitting layouts are measured and the next bound is no better than the N-th best step time, no
+unmeasured layout can enter the top N (its step is at least its bound, and every later bound is larger), and
+the rest are rejected as "slower (bound, not measured)". The top N step times are therefore those of the
+exhaustive search (`make_plan(exhaustive=True)`, which measures every layout: tests/unit/test_planner.py
+compares them); where two layouts have the same step time, the one measured first is shown.
+Dominance rules that skip a measurement in both searches (each stated in the rejection):
 - a layout with `optim.in_backward=true` is measured only when the same layout without it is out of memory
-  (the switch only saves memory; the step time of the cost model is the same);
+  (the switch only saves memory; the cost model's step time is the same);
 - out of memory at micro-batch b implies out of memory at every larger micro-batch of the same layout, and
   with activation checkpointing on implies it with it off (both only add activations).
-The memory budget of a rank is the GPU's memory less `headroom` (a fraction held back for what the tracker does
-not count: the CUDA context, NCCL's buffers, cuBLAS workspaces, the caching allocator's fragmentation).
+A measured layout whose peak is below its floor or whose step is below its bound is listed in `Plan.notes`
+(an unsound bound; none is expected). The memory budget of a rank is the GPU's memory less `headroom` (held
+back for what the tracker does not count: the CUDA context, NCCL's buffers, cuBLAS workspaces, the caching
+allocator's fragmentation).
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megaeff.config.compose import compose
-from megaeff.config.optim import uses_fp8_states
 from megaeff.config.schema import Config
 from megaeff.errors import ConfigError
+from megaeff.train.planner.bounds import ParamCounts, floor_reason, state_floor, step_bound
 from megaeff.train.planner.cluster import Cluster
-from megaeff.train.planner.cost import Cost, FlopCounter, lower_bound, step_cost
+from megaeff.train.planner.cost import Cost, FlopCounter, step_cost
 from megaeff.train.planner.enumerate import Layout, Options, enumerate_layouts
 from megaeff.train.planner.measure import Measurer, RankCost
 
@@ -33,7 +39,8 @@ from megaeff.train.planner.measure import Measurer, RankCost
 @dataclass
 class Candidate:
     layout: Layout
-    bound_s: float
+    bound_s: float  # bounds.step_bound
+    floor: int = 0  # bounds.state_floor
     ranks: List[RankCost] = field(default_factory=list)
     cost: Optional[Cost] = None
 
@@ -56,6 +63,14 @@ class Plan:
     measured: int
     fake_steps: int
     seconds: float
+    stats: Dict[str, int] = field(default_factory=dict)  # STAT_KEYS: how many layouts went which way
+    notes: List[str] = field(default_factory=list)  # a measurement below its bound (must stay empty)
+
+
+# enumerated = refused + floor + dominated + bound + capped + measured (+ build refusals, counted in refused);
+# measured = oom + the fitting ones; exact_rows: the top rows whose step time no capped layout's bound is below
+# (all of them when nothing was capped: the exhaustive search's rows).
+STAT_KEYS = ("enumerated", "refused", "floor", "dominated", "measured", "oom", "bound", "capped")
 
 
 def base_overrides(model: str, method: str, sets: Sequence[str], seq_len: int) -> List[str]:
@@ -63,7 +78,7 @@ def base_overrides(model: str, method: str, sets: Sequence[str], seq_len: int) -
 
 
 def _oom_implied(layout: Layout, ooms: Dict[Layout, int]) -> Optional[str]:
-    norm = replace(layout, micro_batch=1, grad_accum=1, in_backward=False)
+    norm = replace(layout, micro_batch=1, grad_accum=1)  # in_backward kept: it saves memory
     for ac in (layout.activation_checkpointing, True):
         mb = ooms.get(replace(norm, activation_checkpointing=ac))
         if mb is not None and layout.micro_batch >= mb and (ac or not layout.activation_checkpointing):
@@ -71,17 +86,6 @@ def _oom_implied(layout: Layout, ooms: Dict[Layout, int]) -> Optional[str]:
                 f"out of memory: the same layout at micro-batch {mb}" + (" with activation checkpointing" * ac) + " is"
             )
     return None
-
-
-def state_floor(cfg: Config, n_params: int, layout: Layout) -> int:
-    """A lower bound on a rank's bytes without measuring: its share of the weights and the AdamW moments (fp32 or
-    bf16 weights; two fp32 or, with COAT, two FP8 moments per element). Every parameter is split over tp and pp
-    (the largest stage holds at least the average) and, under FSSDP, over dp x cp; gradients, activations and
-    the replicated norms only add to it."""
-    weight = 2 if cfg.precision.param_dtype == "bf16" else 4
-    moments = 2 if uses_fp8_states(cfg.optim, cfg.precision) else 8
-    shards = layout.tp * layout.pp * (layout.dp * layout.cp if layout.dp_impl == "fssdp" else 1)
-    return n_params * (weight + moments) // shards
 
 
 def memory_reason(layout: Layout, fits: set, ooms: Dict[Layout, int]) -> Optional[str]:
@@ -104,91 +108,157 @@ def make_plan(
     time_budget: Optional[float] = None,
     opts: Optional[Options] = None,
     log: Optional[Callable[[str], None]] = None,
+    exhaustive: bool = False,
+    measurer: Optional[Measurer] = None,
 ) -> Plan:
-    """Long because it is the search loop of the module docstring, one pass over the ordered candidates."""
+    """The plan (module docstring). `exhaustive`: measure every candidate (no floor rejection, no stop on the
+    bound; the dominance rules stay), the reference the tests compare the search with; `measurer`: reuse the
+    fake steps of another plan of the same base config."""
     t0 = time.time()
     cfg = compose(base)
     valid, rejected = enumerate_layouts(cfg, cluster.world, cluster.gpus_per_node, global_batch, opts or Options())
-    enumerated = len(valid) + len(rejected)
-    flops = FlopCounter(cfg)
-    n_params = sum(p.numel() for p in flops.net.parameters())
-    cands = [Candidate(lay, lower_bound(cfg, flops, lay, cluster, efficiency)) for lay in valid]
-    # Ties (layouts without a pipeline share one bound) go to the layout that splits activations over more
-    # ranks (tp x cp x pp), then to the smaller state floor: the order only decides what is measured first.
-    cands.sort(
-        key=lambda c: (
-            round(c.bound_s, 9),
-            c.layout.in_backward,
-            -c.layout.tp * c.layout.cp * c.layout.pp,
-            state_floor(cfg, n_params, c.layout),
-            c.layout.name(),
+    search = Search(cfg, cluster, efficiency, int(cluster.gpu_mem_gb * 1e9 * (1 - headroom)), top, measurer)
+    search.stats["enumerated"] = len(valid) + len(rejected)
+    search.stats["refused"] = len(rejected)
+    search.rejected = rejected
+    for cand in search.order(valid, prune_floor=not exhaustive):
+        if search.cut(cand, by_bound=not exhaustive):
+            continue
+        if search.stats["measured"] >= max_measure:
+            search.reject(cand, "not measured", f"--max-measure {max_measure} reached", "capped")
+        elif time_budget is not None and time.time() - t0 > time_budget:
+            search.reject(cand, "not measured", f"--time-budget {time_budget:g} s spent", "capped")
+        else:
+            search.visit(cand, log, t0)
+    return search.plan(base, global_batch, time.time() - t0)
+
+
+@dataclass
+class Search:
+    """The state of one search: candidates in bound order, what is measured, what is rejected and why."""
+
+    cfg: Config
+    cluster: Cluster
+    efficiency: float
+    budget: int
+    top: int
+    measurer: Optional[Measurer] = None
+    feasible: List[Candidate] = field(default_factory=list)
+    rejected: List[Tuple[Layout, str, str]] = field(default_factory=list)
+    fits: set = field(default_factory=set)
+    ooms: Dict[Layout, int] = field(default_factory=dict)
+    stats: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0))
+    notes: List[str] = field(default_factory=list)
+    best: List[float] = field(default_factory=list)  # the top step times so far, ascending
+    least_capped: float = float("inf")  # the smallest bound left unmeasured by --max-measure / --time-budget
+
+    def __post_init__(self):
+        self.flops = FlopCounter(self.cfg)
+        self.counts = ParamCounts.of(self.flops)
+        self.measurer = self.measurer or Measurer(self.cfg)
+
+    def order(self, valid: List[Layout], prune_floor: bool) -> List[Candidate]:
+        """Every valid layout with its bounds, those over the budget by their floor rejected (`prune_floor`), the
+        rest in increasing step-time bound. Ties (equal bounds) go first to the smaller memory floor and
+        micro-batch (likelier to fit; out of memory at a micro-batch implies it at larger ones), then to more
+        ranks splitting the activations: the order decides what is measured first, not the result."""
+        cands = []
+        for lay in valid:
+            floor = state_floor(self.cfg, self.counts, lay)
+            if prune_floor and floor > self.budget:
+                self.rejected.append(
+                    (lay, "memory floor (not measured)", floor_reason(self.cfg, self.counts, lay, self.budget))
+                )
+                self.stats["floor"] += 1
+                continue
+            bound = step_bound(self.cfg, self.flops, self.counts, lay, self.cluster, self.efficiency)
+            cands.append(Candidate(lay, bound, floor))
+        split = lambda lay: lay.tp * lay.cp * lay.pp  # noqa: E731
+        cands.sort(
+            key=lambda c: (
+                c.bound_s,
+                c.layout.in_backward,
+                c.floor,
+                c.layout.micro_batch,
+                -split(c.layout),
+                c.layout.name(),
+            )
         )
-    )
-    budget = int(cluster.gpu_mem_gb * 1e9 * (1 - headroom))
-    measurer = Measurer(cfg)
-    feasible: List[Candidate] = []
-    fits: set = set()
-    ooms: Dict[Layout, int] = {}
-    measured = 0
-    for i, cand in enumerate(cands):
-        lay = cand.layout
-        best = sorted(c.cost.step_s for c in feasible)
-        if len(best) >= top and cand.bound_s >= best[top - 1]:
-            for c in cands[i:]:
-                why = f"slower: even with free communication {c.bound_s:.4g} s >= the top {top}'s {best[top - 1]:.4g} s"
-                rejected.append((c.layout, "slower (not measured)", why))
-            break
-        reason = memory_reason(lay, fits, ooms)
-        floor = state_floor(cfg, n_params, lay)
-        if reason is None and floor > budget:
-            reason = (
-                f"out of memory: weights and optimizer moments alone need {floor / 1e9:.1f} GB > {budget / 1e9:.1f} GB"
+        return cands
+
+    def cut(self, cand: Candidate, by_bound: bool = True) -> bool:
+        """Branch and bound: once the top N are known, a candidate whose bound is no better than the N-th step
+        time cannot enter them (nor can any later one: their bounds are larger)."""
+        if by_bound and len(self.best) >= self.top and cand.bound_s >= self.best[self.top - 1]:
+            why = (
+                f"slower: its lower bound {cand.bound_s:.4g} s >= the top {self.top}'s {self.best[self.top - 1]:.4g} s"
             )
+            self.reject(cand, "slower (bound, not measured)", why, "bound")
+            return True
+        reason = memory_reason(cand.layout, self.fits, self.ooms)
         if reason is not None:
-            rejected.append((lay, "memory (not measured)", reason))
-            continue
-        if measured >= max_measure:
-            rejected.append((lay, "not measured", f"--max-measure {max_measure} reached"))
-            continue
-        if time_budget is not None and time.time() - t0 > time_budget:
-            rejected.append((lay, "not measured", f"--time-budget {time_budget:g} s spent"))
-            continue
+            self.reject(cand, "memory (not measured)", reason, "dominated")
+            return True
+        return False
+
+    def reject(self, cand: Candidate, group: str, why: str, stat: str) -> None:
+        self.rejected.append((cand.layout, group, why))
+        self.stats[stat] += 1
+        if stat == "capped":
+            self.least_capped = min(self.least_capped, cand.bound_s)
+
+    def visit(self, cand: Candidate, log: Optional[Callable[[str], None]], t0: float) -> None:
+        """Measure one candidate, then file it as fitting (with its cost) or out of memory."""
+        lay = cand.layout
         try:
-            cand.ranks = measurer.rank_costs(lay)
+            cand.ranks = self.measurer.rank_costs(lay)
         except ConfigError as exc:  # a check that runs only when the layout is built (e.g. COAT's groups vs tp)
-            rejected.append((lay, "config refusal", str(exc)))
-            continue
-        measured += 1
+            self.reject(cand, "config refusal", str(exc), "refused")
+            return
+        self.stats["measured"] += 1
+        if cand.peak < cand.floor:
+            self.notes.append(f"unsound memory floor: {lay.name()} floor {cand.floor} > measured peak {cand.peak}")
         if log is not None:
-            log(f"measured {measured}: {lay.name()} peak {cand.peak / 1e9:.2f} GB ({time.time() - t0:.0f} s)")
-        if cand.peak > budget:
-            over = (cand.peak - budget) / 1e9
-            rejected.append(
-                (lay, "out of memory", f"peak {cand.peak / 1e9:.2f} GB > budget {budget / 1e9:.2f} GB by {over:.2f} GB")
+            n, gb = self.stats["measured"], cand.peak / 1e9
+            log(f"measured {n}: {lay.name()} peak {gb:.2f} GB, bound {cand.bound_s:.4g} s ({time.time() - t0:.0f} s)")
+        if cand.peak > self.budget:
+            over = (cand.peak - self.budget) / 1e9
+            why = f"peak {cand.peak / 1e9:.2f} GB > budget {self.budget / 1e9:.2f} GB by {over:.2f} GB"
+            self.reject(cand, "out of memory", why, "oom")
+            norm = replace(lay, micro_batch=1, grad_accum=1)
+            self.ooms[norm] = min(self.ooms.get(norm, lay.micro_batch), lay.micro_batch)
+            return
+        self.fits.add(lay)
+        cand.cost = step_cost(self.cfg, self.flops, lay, self.cluster, self.efficiency, cand.ranks)
+        if cand.cost.step_s < cand.bound_s * (1 - 1e-9):
+            self.notes.append(
+                f"unsound step bound: {lay.name()} bound {cand.bound_s:.6g} s > step {cand.cost.step_s:.6g} s"
             )
-            norm = replace(lay, micro_batch=1, grad_accum=1, in_backward=False)
-            ooms[norm] = min(ooms.get(norm, lay.micro_batch), lay.micro_batch)
-            continue
-        fits.add(lay)
-        cand.cost = step_cost(cfg, flops, lay, cluster, efficiency, cand.ranks)
-        feasible.append(cand)
-    feasible.sort(key=lambda c: c.cost.step_s)
-    for cand in feasible[top:]:
-        rejected.append((cand.layout, *_slower_reason(cand, feasible[0])))
-    return Plan(
-        base,
-        cluster,
-        global_batch,
-        efficiency,
-        budget,
-        feasible[:top],
-        feasible,
-        rejected,
-        enumerated,
-        measured,
-        measurer.steps_run,
-        time.time() - t0,
-    )
+        self.feasible.append(cand)
+        self.best = sorted(self.best + [cand.cost.step_s])[: self.top]
+
+    def plan(self, base: List[str], global_batch: int, seconds: float) -> Plan:
+        feasible = sorted(self.feasible, key=lambda c: c.cost.step_s)  # stable: ties keep the measuring order
+        for cand in feasible[self.top :]:
+            self.rejected.append((cand.layout, *_slower_reason(cand, feasible[0])))
+        # Rows no unmeasured layout can beat: all of them unless a cap left a bound below a row's step time.
+        self.stats["exact_rows"] = sum(c.cost.step_s <= self.least_capped for c in feasible[: self.top])
+        return Plan(
+            base,
+            self.cluster,
+            global_batch,
+            self.efficiency,
+            self.budget,
+            feasible[: self.top],
+            feasible,
+            self.rejected,
+            self.stats["enumerated"],
+            self.stats["measured"],
+            self.measurer.steps_run,
+            seconds,
+            dict(self.stats),
+            list(self.notes),
+        )
 
 
 def _slower_reason(cand: Candidate, best: Candidate) -> Tuple[str, str]:

@@ -1,0 +1,145 @@
+"""Lower bounds that need no measurement: a layout's peak memory (the state floor) and its step time (compute +
+bubble + the communication that no overlap rule can hide). The search (search.py) rejects a layout whose floor
+exceeds the budget, and measures the others in order of their step-time bound until no unmeasured layout can
+enter the top N (branch and bound): both bounds must never exceed what the measurement gives, or the search
+would drop a layout the exhaustive search keeps. tests/unit/test_planner.py checks both against the measured
+peak and step of every layout of a small enumerated space, and the search's rows against the exhaustive search.
+
+Memory floor per rank (no activations, no temporaries):
+    weights + max(gradients, optimizer moments)
+each parameter's bytes split over tp and pp and, under FSSDP, over dp x cp (the average share; the largest
+stage, tp shard or dim-0 run holds at least it, and replicated norms only add). Weights: 2 bytes with
+`precision.param_dtype=bf16`, else 4. Gradients: the weight's dtype, none with `optim.in_backward` (each is
+freed as its parameter updates). Moments: AdamW's two per element, fp32 (8 bytes) or FP8 with COAT (2), none
+for GaLore (projected, smaller than the parameter). Why the max and not the sum: a per-parameter optimizer
+(bf16 weights) frees each gradient as it creates that parameter's moments, so the step need not hold both at
+once; it holds all gradients when backward ends and all moments when the step ends.
+
+Communication floor per rank (seconds exposed under cost.py's overlap rules; cluster.py's links), from the
+payloads comm.py counts, each counted low:
+- tp (sequence parallelism): per layer and micro-batch, the two row-parallel outputs are reduce-scattered in the
+  forward and the two sequence gathers' gradients in the backward (4 reduce-scatters of tokens x dim elements,
+  at least 2 bytes: sums are never FP8), and 4 all-gathers (at least 1 byte); without sequence parallelism 4
+  all-reduces of 2 bytes. tp's collectives are exposed in full. Recompute's repeats and the head are left out.
+- cp with Ulysses: per layer and micro-batch at least 4 all-to-alls (q and the output forward, their gradients
+  backward) of tokens x dim / tp elements at 2 bytes (attention stays high precision), exposed in full.
+- pp: every rank sends each micro-batch's activation (first stage) or gradient (last stage) at least once,
+  tokens x dim / tp elements at 2 bytes, exposed in full.
+- FSSDP: every block weight (the 2-D tensors of `model.layers`) is gathered once per micro-batch in the forward
+  (and again in the backward with `fssdp_reshard_after_forward`) at min(gather dtype, weight dtype) bytes, and
+  its gradient reduce-scattered at least once per step at 2 bytes; each is exposed by max(T - compute,
+  T / (2 x layers per rank x micro-batches)) (cost.py), a function that grows with T.
+- dp all-reduce and cp's ring: 0 (they can hide entirely).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+from megaeff.config.optim import PrecisionConfig, uses_fp8_states
+from megaeff.config.schema import Config
+from megaeff.train.planner.cluster import Cluster, group_size, link_gbps
+from megaeff.train.planner.cost import FlopCounter, bubble, compute_time, ring_factor
+from megaeff.train.planner.enumerate import Layout, precision_of
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """What the bounds need from the model (built once on the meta device by FlopCounter)."""
+
+    total: int  # every parameter
+    block_matrices: int  # the 2-D parameters of the transformer blocks (FSSDP gathers each, every micro-batch)
+
+    @classmethod
+    def of(cls, flops: FlopCounter) -> "ParamCounts":
+        net = flops.net
+        blocks = sum(p.numel() for p in net.layers.parameters() if p.dim() == 2)
+        return cls(sum(p.numel() for p in net.parameters()), blocks)
+
+
+def _weight_bytes(pr: PrecisionConfig) -> int:
+    return 2 if pr.param_dtype == "bf16" else 4
+
+
+def state_floor_parts(cfg: Config, counts: ParamCounts, layout: Layout) -> Dict[str, int]:
+    """This rank's least weight, gradient and moment bytes (module docstring)."""
+    pr = precision_of(cfg, layout)
+    shards = layout.tp * layout.pp * (layout.dp * layout.cp if layout.dp_impl == "fssdp" else 1)
+    w = _weight_bytes(pr)
+    grad = 0 if layout.in_backward else w
+    if cfg.optim.name == "galore":
+        moments = 0
+    else:
+        moments = 2 if uses_fp8_states(cfg.optim, pr) else 8
+    n = counts.total
+    return {"weights": n * w // shards, "gradients": n * grad // shards, "moments": n * moments // shards}
+
+
+def state_floor(cfg: Config, counts: ParamCounts, layout: Layout) -> int:
+    """A lower bound on the rank's peak bytes: weights + max(gradients, moments)."""
+    parts = state_floor_parts(cfg, counts, layout)
+    return parts["weights"] + max(parts["gradients"], parts["moments"])
+
+
+def floor_reason(cfg: Config, counts: ParamCounts, layout: Layout, budget: int) -> str:
+    parts = state_floor_parts(cfg, counts, layout)
+    floor = parts["weights"] + max(parts["gradients"], parts["moments"])
+    return (
+        f"OOM by at least {(floor - budget) / GB:.3g} GB: weights {parts['weights'] / GB:.3g} + max(gradients "
+        f"{parts['gradients'] / GB:.3g}, optimizer moments {parts['moments'] / GB:.3g}) GB per rank, before any "
+        f"activation, > budget {budget / GB:.3g} GB"
+    )
+
+
+def comm_floor(
+    cfg: Config, counts: ParamCounts, layout: Layout, cluster: Cluster, compute_s: float
+) -> Dict[str, float]:
+    """Seconds of communication every rank of `layout` exposes at least, by group (module docstring)."""
+    m = cfg.model
+    tokens = layout.micro_batch * cfg.data.seq_len // layout.cp  # one micro-batch of one rank, before tp
+    per_rank_layers = m.n_layers // layout.pp
+    steps = per_rank_layers * layout.grad_accum  # (layer, micro-batch) pairs of one rank
+    deg = layout.degrees
+    out: Dict[str, float] = {}
+
+    def secs(group: str, kind: str, nbytes: float) -> float:
+        p = group_size(deg, group)
+        return nbytes * ring_factor(kind, p) / (link_gbps(cluster, deg, group) * GB)
+
+    if layout.tp > 1:
+        act = tokens * m.dim
+        if layout.sequence_parallel:
+            out["tp"] = secs("tp", "reduce_scatter", 4 * steps * act * 2) + secs("tp", "all_gather", 4 * steps * act)
+        else:
+            out["tp"] = secs("tp", "all_reduce", 4 * steps * act * 2)
+    if layout.cp > 1 and layout.cp_impl == "ulysses":
+        out["cp"] = secs("cp", "all_to_all", 4 * steps * tokens * (m.dim // layout.tp) * 2)
+    if layout.pp > 1:
+        out["pp"] = secs("pp", "p2p_send", layout.grad_accum * tokens * m.dim // layout.tp * 2)
+    if layout.dp_impl == "fssdp" and layout.dp * layout.cp > 1:
+        out["dp_cp"] = _fssdp_floor(cfg, counts, layout, compute_s, secs)
+    return out
+
+
+def _fssdp_floor(cfg: Config, counts: ParamCounts, layout: Layout, compute_s: float, secs) -> float:
+    pr = precision_of(cfg, layout)
+    gather_bytes = min({"fp32": 4, "bf16": 2, "fp8": 1}[layout.gather_dtype], _weight_bytes(pr))
+    per_rank = counts.block_matrices / (layout.tp * layout.pp)
+    passes = 2 if cfg.parallel.fssdp_reshard_after_forward else 1
+    t_gather = secs("dp_cp", "all_gather", passes * layout.grad_accum * per_rank * gather_bytes)
+    t_reduce = secs("dp_cp", "reduce_scatter", per_rank * 2)
+    pieces = 2 * (cfg.model.n_layers // layout.pp) * layout.grad_accum
+    return sum(max(t - compute_s, t / pieces) for t in (t_gather, t_reduce))
+
+
+def step_bound(
+    cfg: Config, flops: FlopCounter, counts: ParamCounts, layout: Layout, cluster: Cluster, efficiency: float
+) -> float:
+    """A lower bound on cost.step_cost's step time: compute + bubble + the communication floor."""
+    compute_s = compute_time(cfg, flops, layout, cluster, efficiency)[0]
+    return compute_s * (1 + bubble(layout, compute_s)) + sum(
+        comm_floor(cfg, counts, layout, cluster, compute_s).values()
+    )

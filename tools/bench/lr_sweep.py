@@ -59,7 +59,7 @@ def method_args(method: str, size: str) -> list:
     """Hydra overrides that select the method (galore: dense layers under optim=galore) at this size's rank."""
     spec = SIZES[size]
     if method == "galore":
-        return ["method=dense", "optim=galore", f"optim.rank={spec['rank']}"]
+        return ["method=dense", "optim=galore", f"optim.galore_rank={spec['rank']}"]
     out = [f"method={method}"]
     if method != "dense":
         out.append(f"method.rank={spec['rank']}")

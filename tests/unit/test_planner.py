@@ -12,7 +12,14 @@ import pytest
 from megaeff.config import compose, conf_dir
 from megaeff.config.parallel import validate_world
 from megaeff.train.memory.fake_step import measure_step
-from megaeff.train.planner.bounds import ParamCounts, comm_floor, state_floor
+from megaeff.train.planner.bounds import (
+    ParamCounts,
+    activation_parts,
+    comm_floor,
+    layer_activation_bytes,
+    state_floor,
+    state_floor_parts,
+)
 from megaeff.train.planner.cluster import PRESETS, crosses_node, link_gbps, make_cluster
 from megaeff.train.planner.cost import FlopCounter, bubble, compute_time, ring_factor, step_cost
 from megaeff.train.planner.enumerate import Layout, Options, apply, enumerate_layouts, refusal
@@ -132,6 +139,23 @@ def test_state_floor(small):
     # The layout's precision preset: bf16 weights (2 + max(2, 8)); COAT's FP8 moments (4 + max(4, 2)).
     assert state_floor(small, counts, Layout(1, 1, 1, 1, 1, 1, precision="bf16_w16")) == n * 10
     assert state_floor(small, counts, Layout(1, 1, 1, 1, 1, 1, precision="coat_bf16")) == n * 8
+    # Activations per layer and micro-batch, by hand (bounds.py), per token over tp: attention = norm input +
+    # normalized x (2 + 4 bytes), q/k/v and o inputs (2 each), q k v (2); MLP = norm (2 + 4), gate/up and down
+    # inputs (2), gate, up, silu(gate) (2 each). FP8 activations: codes (1) for all but q k v, no normalized x
+    # or silu(gate). With recompute: the block input, dim at 2 bytes.
+    d, f, tokens = 64, 128, 2 * 32
+    bf16 = (6 * d + 2 * 2 * d + 2 * 3 * d) + (6 * d + 2 * (d + f) + 6 * f)
+    assert layer_activation_bytes(small, Layout(1, 1, 1, 1, 2, 1)) == tokens * bf16
+    fp8 = Layout(2, 1, 1, 1, 2, 1, sequence_parallel=True, precision="fp8act_w16")
+    assert layer_activation_bytes(small, fp8) == tokens * ((d + 2 * d + 2 * 3 * d) + (d + (d + f) + 2 * f)) // 2
+    assert layer_activation_bytes(small, Layout(1, 2, 1, 1, 2, 1, activation_checkpointing=True)) == 32 * d * 2
+    # In flight on rank 0 (the schedule's warm-up + 1): 1F1B min(pp, m) micro-batches of L/pp layers;
+    # interleaved min(2 (pp - 1) + (v - 1) pp + 1, v m) chunks of L/(pp v); none of the pipeline's: 1.
+    per = layer_activation_bytes(small, Layout(1, 1, 1, 2, 2, 8))
+    assert activation_parts(small, Layout(1, 1, 1, 2, 2, 8)) == {"activations": 2 * 2 * per, "with_gradients": 1}
+    inter = Layout(1, 1, 1, 2, 2, 2, pp_schedule="interleaved", pp_virtual=2)
+    assert activation_parts(small, inter) == {"activations": 4 * 1 * per, "with_gradients": 0}  # no steady B
+    assert activation_parts(small, Layout(1, 1, 1, 1, 2, 1))["activations"] == 4 * per
 
 
 def test_emitted_overrides_compose_and_validate(small, tmp_path):
@@ -260,3 +284,30 @@ def test_branch_and_bound_equals_exhaustive_and_its_bounds_hold():
             compute = cand.cost.compute_s * (1 + cand.cost.bubble_fraction)
             assert comm_floor(cfg, counts, cand.layout, cluster, cand.cost.compute_s)["tp"] > 0
             assert cand.bound_s > compute
+
+
+PIPE = SMALL + ["model.n_layers=4", "data.seq_len=64"]
+
+
+def test_activation_floor_holds_on_pipelines_and_twice_it_does_not():
+    # Pipelines (rank 0 holds several micro-batches) at shapes where activations outweigh the state, so the
+    # activation term decides the floor. Floor <= measured peak on each; the same floor with the activation
+    # term doubled exceeds the peak of the no-recompute ones (the count is within 2x of what the step keeps:
+    # a bound twice too large would prune layouts that fit).
+    cfg = compose(PIPE)
+    counts = ParamCounts.of(FlopCounter(cfg))
+    measurer = Measurer(cfg)
+    one_f_one_b = Layout(1, 1, 1, 2, 4, 4)
+    inter = Layout(1, 1, 1, 2, 4, 4, pp_schedule="interleaved", pp_virtual=2)
+    recompute = Layout(1, 1, 1, 2, 4, 4, activation_checkpointing=True)
+    for lay in (one_f_one_b, inter, recompute):
+        parts = state_floor_parts(cfg, counts, lay)
+        state = parts["weights"] + max(parts["gradients"], parts["moments"])
+        # Rank 0 alone (the bound is rank 0's, and the layout's peak is the largest rank's): one direct fake
+        # step each (depth and micro-batches within the measured points: no extrapolation).
+        depth = cfg.model.n_layers // (lay.pp * lay.pp_virtual)
+        floor, peak = state_floor(cfg, counts, lay), measurer.point(lay, depth, lay.grad_accum, 0).peak
+        assert activation_parts(cfg, lay)["activations"] > 0 and floor <= peak, lay.name()
+        if not lay.activation_checkpointing:
+            assert floor > state, lay.name()  # the activation term, not the state, is the floor here
+            assert state_floor(cfg, counts, lay, act_scale=2) > peak, lay.name()

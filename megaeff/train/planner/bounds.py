@@ -5,8 +5,8 @@ enter the top N (branch and bound): both bounds must never exceed what the measu
 would drop a layout the exhaustive search keeps. tests/unit/test_planner.py checks both against the measured
 peak and step of every layout of a small enumerated space, and the search's rows against the exhaustive search.
 
-Memory floor per rank (no activations, no temporaries):
-    weights + max(gradients, optimizer moments)
+Memory floor per rank (no temporaries):
+    weights + max(gradients, optimizer moments, activations in flight [+ gradients, in a steady backward])
 each parameter's bytes split over tp and pp and, under FSSDP, over dp x cp (the average share; the largest
 stage, tp shard or dim-0 run holds at least it, and replicated norms only add). Weights: 2 bytes with
 `precision.param_dtype=bf16`, else 4. Gradients: the weight's dtype, none with `optim.in_backward` (each is
@@ -14,6 +14,36 @@ freed as its parameter updates). Moments: AdamW's two per element, fp32 (8 bytes
 for GaLore (projected, smaller than the parameter). Why the max and not the sum: a per-parameter optimizer
 (bf16 weights) frees each gradient as it creates that parameter's moments, so the step need not hold both at
 once; it holds all gradients when backward ends and all moments when the step ends.
+
+Activations (`activation_floor`), from the first pipeline stage (rank 0; the layout's peak is the largest
+rank's, so at least rank 0's). The step measured is a first step (moments are created by its optimizer step,
+after every backward), so activations are stacked on the weights only, or on weights + gradients at a moment
+where both are provably live:
+- in flight: just before a backward, the forwards run and not yet backwarded are `warmup_forwards(rank 0) + 1`
+  (the schedule simulator's count: 1F1B min(pp, m), interleaved min(2(pp-1) + (v-1)pp + 1, v m) chunks, GPipe
+  m), 1 without a pipeline (each micro-batch's backward follows its forward), each chunk of L / (pp v) layers;
+  without recompute every saved tensor of those forwards is live until its backward.
+- gradients with them: in a steady-state backward (one preceded by a forward, so w + 1 in flight) that comes
+  after the first backward of every chunk of the rank (every parameter then has its accumulated gradient,
+  kept until the optimizer step): needs v m - w >= (v - 1) pp + 2. Not counted under FSSDP (its sharded
+  gradient accumulation is not assumed live across micro-batches) nor with `optim.in_backward` (freed at once).
+  Rank 0's parameters (embedding + L/pp layers) are at least the average share `state_floor_parts` uses: the
+  embedding is no smaller than the head, so emb + L/pp layers >= (emb + head + L layers) / pp for pp >= 2.
+- bytes per layer and micro-batch (`layer_activation_bytes`), tokens t = micro-batch x seq / cp, every tensor
+  divided by tp (under sequence parallelism a rank holds a 1/tp sequence shard or 1/tp of the heads / width;
+  without it, more): with recompute (parallelize.py checkpoints each block, saving only its input) the block
+  input, t x dim at 2 bytes (the residual stream is fp32 or bf16). Without recompute, the tensors autograd
+  keeps for backward (each a new tensor, so none is counted twice), by what megaeff's code saves: the two
+  RMSNorms' inputs (>= 2 bytes; FP8 activations: E4M3 codes, 1) and, without FP8 activations, their fp32
+  normalized x (kept by the product with the weight: ActivationOps.rmsnorm); the inputs of the q/k/v, o,
+  gate/up and down linears (every method's linear needs its input for its weight gradient; q/k/v's and
+  gate/up's counted once each) at 1 byte under FP8 activations or FP8 GEMMs, else >= 2; q, k, v after RoPE
+  (new tensors, kept by every attention backward, high precision: >= 2 bytes); SwiGLU's gate and up (FP8:
+  codes) and, without FP8, silu(gate) (the product's other operand), >= 2 bytes. MoE: the MLP counts its norm
+  only. Left out (they only add): the attention output and log-sum-exp, autocast's extra bf16 copies (q/k/v
+  each cast their input) and weight copies, the CP ring's and the head's tensors. On the tiny pipelines of
+  tests/unit/test_planner.py rank 0's peak less its weights and gradients is 1.66x (1F1B) and 1.72x
+  (interleaved) this count (the test checks that 2x overshoots).
 
 Communication floor per rank (seconds exposed under cost.py's overlap rules; cluster.py's links), from the
 payloads comm.py counts, each counted low:
@@ -39,6 +69,7 @@ from typing import Dict
 
 from megaeff.config.optim import PrecisionConfig, uses_fp8_states
 from megaeff.config.schema import Config
+from megaeff.distributed.pipeline.schedule import warmup_forwards
 from megaeff.train.planner.cluster import Cluster, group_size, link_gbps
 from megaeff.train.planner.cost import FlopCounter, bubble, compute_time, ring_factor
 from megaeff.train.planner.enumerate import Layout, precision_of
@@ -78,19 +109,63 @@ def state_floor_parts(cfg: Config, counts: ParamCounts, layout: Layout) -> Dict[
     return {"weights": n * w // shards, "gradients": n * grad // shards, "moments": n * moments // shards}
 
 
-def state_floor(cfg: Config, counts: ParamCounts, layout: Layout) -> int:
-    """A lower bound on the rank's peak bytes: weights + max(gradients, moments)."""
+def layer_activation_bytes(cfg: Config, layout: Layout) -> int:
+    """Bytes one micro-batch's forward certainly keeps per layer on this rank (module docstring)."""
+    m = cfg.model
+    tokens = layout.micro_batch * cfg.data.seq_len // layout.cp
+    if layout.activation_checkpointing:
+        return tokens * m.dim * 2 // layout.tp
+    pr = precision_of(cfg, layout)
+    lin = 1 if (pr.fp8_activations or pr.fp8_gemm) else 2  # a linear's saved input, per element
+    # An RMSNorm: FP8 codes of its input, or its input (>= 2 bytes) and its fp32 normalized x; SwiGLU: FP8
+    # codes of gate and up, or gate, up (>= 2 bytes) and silu(gate) (the product's other operand).
+    norm, swiglu = (1, 2 * 1) if pr.fp8_activations else (2 + 4, 3 * 2)
+    kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
+    attn = norm * m.dim + lin * 2 * m.dim + 2 * (m.dim + 2 * kv_dim)  # norm, q/k/v and o inputs, q k v
+    mlp = norm * m.dim + (0 if m.moe_experts else lin * (m.dim + m.ffn_dim) + swiglu * m.ffn_dim)
+    return tokens * (attn + mlp) // layout.tp
+
+
+def activation_parts(cfg: Config, layout: Layout) -> Dict[str, int]:
+    """{"activations": bytes in flight on rank 0 before a backward, "with_gradients": 1 if a steady backward
+    holds them together with every gradient, else 0} (module docstring)."""
+    m, v = layout.grad_accum, layout.pp_virtual
+    if layout.pp > 1:
+        warm = warmup_forwards(layout.pp_schedule, layout.pp, m, 0, v)
+        chunks = min(warm + 1, v * m)
+    else:
+        warm, chunks, v = 0, 1, 1
+    layers = cfg.model.n_layers // (layout.pp * v)
+    steady = v * m - warm >= (v - 1) * layout.pp + 2
+    with_grads = steady and not layout.in_backward and layout.dp_impl != "fssdp"
+    return {"activations": chunks * layers * layer_activation_bytes(cfg, layout), "with_gradients": int(with_grads)}
+
+
+def _floor_terms(cfg: Config, counts: ParamCounts, layout: Layout) -> Dict[str, int]:
     parts = state_floor_parts(cfg, counts, layout)
-    return parts["weights"] + max(parts["gradients"], parts["moments"])
+    act = activation_parts(cfg, layout)
+    act_total = act["activations"] + act["with_gradients"] * parts["gradients"]
+    return {**parts, "activations": act["activations"], "act_total": act_total}
+
+
+def state_floor(cfg: Config, counts: ParamCounts, layout: Layout, act_scale: int = 1) -> int:
+    """A lower bound on the rank's peak bytes: weights + max(gradients, moments, activations [+ gradients]).
+    `act_scale`: the activation term's multiplier, 1 for the bound (the tests show that 2 overshoots)."""
+    t = _floor_terms(cfg, counts, layout)
+    act = t["act_total"] + (act_scale - 1) * t["activations"]
+    return t["weights"] + max(t["gradients"], t["moments"], act)
 
 
 def floor_reason(cfg: Config, counts: ParamCounts, layout: Layout, budget: int) -> str:
-    parts = state_floor_parts(cfg, counts, layout)
-    floor = parts["weights"] + max(parts["gradients"], parts["moments"])
+    t = _floor_terms(cfg, counts, layout)
+    floor = state_floor(cfg, counts, layout)
+    act = f"activations in flight {t['activations'] / GB:.3g}"
+    if t["act_total"] > t["activations"]:
+        act += " + gradients"
     return (
-        f"OOM by at least {(floor - budget) / GB:.3g} GB: weights {parts['weights'] / GB:.3g} + max(gradients "
-        f"{parts['gradients'] / GB:.3g}, optimizer moments {parts['moments'] / GB:.3g}) GB per rank, before any "
-        f"activation, > budget {budget / GB:.3g} GB"
+        f"OOM by at least {(floor - budget) / GB:.3g} GB: weights {t['weights'] / GB:.3g} + max(gradients "
+        f"{t['gradients'] / GB:.3g}, optimizer moments {t['moments'] / GB:.3g}, {act}) GB per rank > budget "
+        f"{budget / GB:.3g} GB"
     )
 
 

@@ -1,14 +1,15 @@
 """The plan: enumerate, bound, measure best-first until the top N are known (branch and bound).
 
 Before anything is measured, every valid layout gets two lower bounds (bounds.py): its memory floor (weights +
-max(gradients, optimizer moments) per rank, no activations) and its step time (compute at the stated
-efficiency + pipeline bubble + the communication no overlap rule can hide). A layout whose floor exceeds the
-budget is rejected unmeasured ("OOM by at least X"). The rest are measured in increasing order of the step-time
-bound; once N fitting layouts are measured and the next bound is no better than the N-th best step time, no
-unmeasured layout can enter the top N (its step is at least its bound, and every later bound is larger), and
-the rest are rejected as "slower (bound, not measured)". The top N step times are therefore those of the
-exhaustive search (`make_plan(exhaustive=True)`, which measures every layout: tests/unit/test_planner.py
-compares them); where two layouts have the same step time, the one measured first is shown.
+max(gradients, optimizer moments, the activations the schedule keeps in flight [+ gradients]) per rank) and its
+step time (compute at the stated efficiency + pipeline bubble + the communication no overlap rule can hide). A
+layout whose floor exceeds the budget is rejected unmeasured ("OOM by at least X"). The rest are measured in
+increasing order of the step-time bound; once N fitting layouts are measured and the next bound is no better than
+the N-th best step time, no unmeasured layout can enter the top N (its step is at least its bound, and every later
+bound is larger), and the rest are rejected as "slower (bound, not measured)". The top N step times are therefore
+those of the exhaustive search (`make_plan(exhaustive=True)`, which measures every layout:
+tests/unit/test_planner.py compares them); where two layouts have the same step time, the one measured first is
+shown.
 Dominance rules that skip a measurement in both searches (each stated in the rejection):
 - a layout with `optim.in_backward=true` is measured only when the same layout without it is out of memory
   (the switch only saves memory; the cost model's step time is the same);

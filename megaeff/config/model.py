@@ -98,10 +98,10 @@ class MethodConfig:
     density: float = 0.03
     # sltrain: auto (chosen per call from shape and tokens) | dense (build W, SLTrain's) | sparse (never build W)
     sltrain_path: SltrainPath = SltrainPath["auto"]
-    # sltrain, auto path: the sparse kernels' cost from the constants fitted on one CPU (fixed, the default: the same
-    # choice on every machine, in every run and its resumption) or measured per shape at start-up (measured: the
-    # same on every rank of a run, but a resumption may measure otherwise and take a path that rounds differently).
-    sltrain_costs: SltrainCosts = SltrainCosts["fixed"]
+    # sltrain, auto path: the sparse kernels' cost measured per shape at start-up (measured, the default: the same on
+    # every rank, kept in <run_dir>/sltrain_costs.json so that a resumption takes the same paths) or the constants
+    # fitted on one CPU (fixed: the same choice on every machine and layout, for bit-reproducible runs).
+    sltrain_costs: SltrainCosts = SltrainCosts["measured"]
     # lost: fraction s of input channels in the dense channel block (at least one channel).
     lost_channel_ratio: float = 0.05
     # lost: fixed mixing weight gamma of the low-rank branch; the channel branch gets 1 - gamma.

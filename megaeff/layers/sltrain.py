@@ -19,7 +19,8 @@ the call with the cost model of `sltrain_ops.path_costs`: sparse below `sparse_t
 above. The densify path's cost has a per-call term (4 m n r to rebuild W and the factor gradients) and a
 per-token one of 3 m n; the sparse path costs 3 r (m + n) + c nnz per token, c being the cost of a sparse
 multiply-add in GEMM units: measured on the machine for this shape when the layer was calibrated at start-up
-(`method.sltrain_costs=measured`, sltrain_costs.calibrate_paths, the same on every rank), else the constants
+(`method.sltrain_costs=measured`, the default: sltrain_costs.calibrate_paths, the same on every rank and kept in
+the run dir for its resumptions), else the constants
 fitted on one CPU (`fixed`, and any layer not calibrated). Bytes: densify allocates W and G (2 m n) transiently
 per layer; the sparse path instead keeps x A^T (T r) for backward. `describe` reports the choice; the trainer
 prints it.

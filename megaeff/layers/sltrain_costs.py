@@ -1,5 +1,5 @@
-"""SLTrain's path costs measured on this machine at start-up (`method.sltrain_costs=measured`; the default,
-`fixed`, keeps the constants so that a run and its resumption always take the same paths).
+"""SLTrain's path costs measured on this machine at start-up (`method.sltrain_costs=measured`, the default) and kept
+in the run directory, so that a resumption takes the same paths (`fixed` keeps the constants instead).
 
 The auto rule (sltrain_ops.path_costs) prices both compute paths in dense-GEMM multiply-adds. Its one
 machine-dependent number is c, what one multiply-add of the sparse kernels costs in those units; the constants
@@ -15,7 +15,11 @@ SPARSE_COST_TRAIN / SPARSE_COST_FORWARD were fitted on one CPU. Here c is measur
 - shapes wider than MAX_SIDE are measured on a MAX_SIDE-wide block of the same density (the rates, not the sizes,
   are what the rule needs), so one shape costs a bounded time whatever the model size (about 0.1-0.3 s on a
   2-core CPU; seconds when the machine is heavily oversubscribed).
-Results are cached per (m, n, nnz, dtype, device, training) for the process (`measured_sparse_cost`).
+Results are cached per (m, n, nnz, dtype, device, training) for the process (`measured_sparse_cost`), and per run
+in `<run_dir>/sltrain_costs.json` (sltrain_cost_file.py; `calibrate_paths(..., cache=path)`): at start-up global
+rank 0 reads the costs the file holds instead of measuring them, measures only the shapes it lacks and rewrites it
+with them. A resumption into the same run directory therefore takes the paths the run took, on any machine; a new
+run directory measures afresh. A file that cannot be read stops every rank with one error naming it.
 
 Every rank must take the same path (paths differ in round-off, and the ranks of a replica compute the same layers).
 Measurements differ from rank to rank, so `calibrate_paths(model)`, called by every rank at the same point of
@@ -23,8 +27,9 @@ start-up, measures each distinct shape of the union of all ranks' layers on glob
 costs (integer keys and float64 costs in tensors: nothing is pickled). A layer that was not calibrated uses the
 fixed constants (the same on every rank and in every process) rather than decide from timings of its own.
 `method.sltrain_costs=fixed` keeps the constants always, and `method.sltrain_path=dense|sparse` forces a path, for
-runs that must be reproducible across machines or processes (measured costs can differ from run to run, so two
-runs, or a run and its resumption, may take different paths and differ in round-off).
+runs that must be reproducible bit for bit across machines, processes or layouts (measured costs differ from run
+to run and per shard shape, so two runs in different run directories, or under layouts that split the layers
+differently, may take different paths and differ in round-off).
 
 Timings enter through a `timer(what, fn) -> seconds` so the chooser's logic is tested with injected timings.
 """
@@ -34,11 +39,14 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megaeff.errors import MegaeffError
+from megaeff.layers.sltrain_cost_file import CostFileError, file_key, load_costs, save_costs
 from megaeff.layers.sltrain_ops import SparseMatmul, sample_support
 
 MAX_SIDE = 1024
@@ -147,26 +155,66 @@ def _union_of_keys(keys: List[Key]) -> List[Key]:
     return sorted({tuple(int(v) for v in r) for g in gathered for r in g.cpu() if int(r[0]) >= 0})
 
 
-def agreed_costs(
-    keys: Iterable[Key], dtype: torch.dtype, device, timer: Optional[Timer] = None, tokens: Optional[int] = None
-) -> Dict[Tuple[Key, bool], float]:
-    """{(key, training): c} for every key of every rank: measured on global rank 0, the same on every rank."""
-    keys = sorted(set(keys))
-    world = distributed_world()
-    if world > 1:
-        keys = _union_of_keys(keys)
+def _broadcast_error(error: Optional[str]) -> Optional[str]:
+    """Rank 0's error message (None: none) on every rank, as int64 length + uint8 bytes: nothing is pickled."""
+    dev = _collective_device()
+    data = (error or "").encode()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(size, src=0)
+    if int(size) == 0:
+        return None
+    buf = torch.tensor(list(data), dtype=torch.uint8) if data else torch.empty(int(size), dtype=torch.uint8)
+    buf = buf.to(dev)  # rank 0 sends its bytes, the others receive into as many
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).decode()
+
+
+def _costs_of(
+    pairs: List[Tuple[Key, bool]], dtype: torch.dtype, device, timer: Optional[Timer], tokens, cache
+) -> List[float]:
+    """Rank 0's costs of `pairs`: read from the `cache` file where it has them, else measured (and the file
+    rewritten with them)."""
 
     def measure(key: Key, training: bool) -> float:
         if timer is not None:
             return measure_sparse_cost(*key, dtype, device, training, timer, tokens)
         return measured_sparse_cost(*key, dtype, str(device), training, measure_tokens(tokens))
 
+    keys = {p: file_key(*p, measure_tokens(tokens), dtype, device) for p in pairs}
+    stored = load_costs(cache) if cache is not None else {}
+    new = {keys[p]: measure(*p) for p in pairs if keys[p] not in stored}
+    if cache is not None and new:
+        save_costs(cache, {**stored, **new}, device)
+    known = {**stored, **new}
+    return [known[keys[p]] for p in pairs]
+
+
+def agreed_costs(
+    keys: Iterable[Key],
+    dtype: torch.dtype,
+    device,
+    timer: Optional[Timer] = None,
+    tokens: Optional[int] = None,
+    cache: Optional[Path] = None,
+) -> Dict[Tuple[Key, bool], float]:
+    """{(key, training): c} for every key of every rank, the same on every rank: global rank 0 reads them from the
+    `cache` file (sltrain_cost_file.py) or measures them. A bad cache file raises on every rank."""
+    keys = sorted(set(keys))
+    world = distributed_world()
+    if world > 1:
+        keys = _union_of_keys(keys)
     pairs = [(key, training) for key in keys for training in (True, False)]
     if world == 1:
-        return {p: measure(*p) for p in pairs}
-    costs = torch.zeros(len(pairs), dtype=torch.float64)
+        return dict(zip(pairs, _costs_of(pairs, dtype, device, timer, tokens, cache)))
+    costs, error = torch.zeros(len(pairs), dtype=torch.float64), None
     if dist.get_rank() == 0:
-        costs = torch.tensor([measure(*p) for p in pairs], dtype=torch.float64)
+        try:
+            costs = torch.tensor(_costs_of(pairs, dtype, device, timer, tokens, cache), dtype=torch.float64)
+        except CostFileError as exc:  # the others would wait for the costs forever
+            error = str(exc)
+    error = _broadcast_error(error)
+    if error is not None:
+        raise MegaeffError(error if dist.get_rank() == 0 else f"{error} (reported by rank 0)")
     costs = costs.to(_collective_device())
     dist.broadcast(costs, src=0)
     return dict(zip(pairs, costs.cpu().tolist()))
@@ -178,22 +226,24 @@ def calibrate_paths(
     dtype=None,
     device=None,
     timer: Optional[Timer] = None,
+    cache: Optional[Path] = None,
 ) -> int:
     """Measure and store the sparse cost of every SLTrain layer of `model` that chooses its path from measured
     costs (`path=auto`, `costs=measured`). Every rank calls it at the same point of start-up (it runs collectives
     when a process group is initialized, also on ranks without such layers). `tokens`: the run's tokens per call
     (micro-batch x sequence length; rank 0's value is used). `dtype`/`device`: what the layers compute in
     (default: the first such layer's parameters; the sparse kernels run in fp32 or fp64 on CPU).
-    Returns the number of layers calibrated.
+    `cache`: the run's cost file (`<run_dir>/sltrain_costs.json`): costs it holds are used, not measured; costs
+    measured are added to it. Returns the number of layers calibrated.
 
-    The trainer calls it once the model is parallelized, e.g. `calibrate_paths(model, tokens_per_call)`."""
+    The trainer calls it once the model is parallelized: `calibrate_paths(model, tokens_per_call, cache=...)`."""
     layers = [mod for mod in model.modules() if getattr(mod, "wants_measured_costs", False)]
     if not layers and distributed_world() == 1:
         return 0
     param = layers[0].A if layers else None
     dtype = dtype or (param.dtype if param is not None else torch.float32)
     device = device or (param.device if param is not None and param.device.type != "meta" else "cpu")
-    costs = agreed_costs([layer.cost_key() for layer in layers], dtype, device, timer, tokens)
+    costs = agreed_costs([layer.cost_key() for layer in layers], dtype, device, timer, tokens, cache)
     for layer in layers:
         layer.sparse_costs = {training: costs[(layer.cost_key(), training)] for training in (True, False)}
     return len(layers)

@@ -183,8 +183,8 @@ class SparseMatmul(torch.autograd.Function):
 # near memory bandwidth and GEMMs near peak, hence the large ratio; GPU sparse kernels are not better placed
 # against cuBLAS. With 70 the rule reproduces the measured crossovers (densify faster above): 512x512 ~1000
 # tokens per call (rule: 854), 1376x512 between 2048 and 4096 (rule: 3.9k). These constants are the rule of
-# method.sltrain_costs=fixed (the default) and of layers not calibrated; with `measured` the trainer measures c per
-# shape on the machine at start-up (sltrain_costs.py) and passes it as `sparse_cost`.
+# method.sltrain_costs=fixed and of layers not calibrated; with `measured` (the default) the trainer measures c per
+# shape on the machine at start-up, or reads it from the run dir (sltrain_costs.py), and passes it as `sparse_cost`.
 SPARSE_COST_FORWARD = 50.0
 SPARSE_COST_TRAIN = 70.0
 

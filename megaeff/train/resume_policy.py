@@ -31,6 +31,7 @@ RESUME_POLICY: Dict[str, Tuple[str, str]] = {
     "model.init_std": (ALLOW, "only the first start initializes"),
     "model.init_from": (ALLOW, "only the first start initializes; a resume loads the checkpoint"),
     "method": (REFUSE, "the layers' parameterization (supports, scales, ranks)"),
+    "method.sltrain_costs": (ALLOW, "how SLTrain's auto path is chosen; same function, round-off only"),
     "optim": (HONOUR, "optimizer hyperparameters and LR schedule: the new values override the checkpoint's"),
     "optim.name": (REFUSE, "the optimizer state format"),
     "optim.first_moment": (REFUSE, "the FP8 optimizer state format"),

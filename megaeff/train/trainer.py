@@ -33,6 +33,7 @@ from megaeff.distributed.pipeline.runner import PipelineRunner
 from megaeff.distributed.pipeline.schedule import bubble_fraction, build_schedule
 from megaeff.layers.attention import select_attention
 from megaeff.layers.linear import describe_method
+from megaeff.layers.sltrain_cost_file import COST_FILE
 from megaeff.layers.sltrain_costs import calibrate_paths
 from megaeff.models.llama import build_llama, count_params, flops_per_token
 from megaeff.optim.builder import build_optimizer
@@ -170,8 +171,9 @@ class Trainer:
         parallel = parallelize(model, self.dims, cfg, init_weights=materialization_weights(cfg))
         me = cfg.method
         if me.name == "sltrain" and me.sltrain_costs == "measured" and me.sltrain_path == "auto":
-            # Every rank, at the same point: rank 0 times each distinct shape and broadcasts (sltrain_costs.py).
-            calibrate_paths(parallel.module, self.tokens_per_call)
+            # Every rank, at the same point: rank 0 reads each distinct shape's cost from the run dir's file or times
+            # it, and broadcasts (sltrain_costs.py): a resumption into this run dir takes this run's paths.
+            calibrate_paths(parallel.module, self.tokens_per_call, cache=self.run_dir / COST_FILE)
         return parallel
 
     def _build_pipeline(self) -> Optional[PipelineRunner]:

@@ -466,3 +466,58 @@ def test_sltrain_costs_are_the_same_on_every_rank(pool):
         if r > 0:
             assert all(got["own"][k] != got["costs"][k] for k in got["costs"])  # its own timings were not used
     assert any(len(set(p)) > 1 for p in rank0["paths"].values())  # the choice really depends on the tokens
+
+
+def _sltrain_cost_file(dims, path):
+    """Calibrate with the cost file at `path` (timings of each rank's own, as above), again with the file present,
+    then once more after rank 0 finds the file corrupt."""
+    import torch.distributed as dist
+
+    from megaeff.errors import MegaeffError
+    from megaeff.layers.sltrain import SLTrainLinear
+    from megaeff.layers.sltrain_costs import calibrate_paths
+
+    calls = []
+
+    def timer(what, fn):
+        calls.append(what)
+        return 1e-3 if what == "gemm" else 5e-3 * (1.0 if dims.rank == 0 else 100.0)
+
+    def model():
+        shapes = [(32, 24)] + ([(48, 8)] if dims.rank == 1 else [])
+        return torch.nn.Sequential(*(SLTrainLinear(i, o, rank=4, alpha=8.0, density=0.1) for i, o in shapes))
+
+    first, again = model(), model()
+    calibrate_paths(first, timer=timer, cache=path)
+    measured = len(calls)
+    calibrate_paths(again, timer=timer, cache=path)
+    if dims.rank == 0:
+        with open(path, "w") as f:
+            f.write("{")
+    dist.barrier()
+    try:
+        calibrate_paths(model(), timer=timer, cache=path)
+        error = None
+    except MegaeffError as exc:
+        error = str(exc)
+    return dict(
+        first={lay.cost_key(): lay.sparse_costs for lay in first},
+        again={lay.cost_key(): lay.sparse_costs for lay in again},
+        measured=measured,
+        calls_with_file=len(calls) - measured,
+        error=error,
+    )
+
+
+def test_the_cost_file_on_every_rank(pool, tmp_path):
+    """Rank 0 alone writes `<run_dir>/sltrain_costs.json` (2 shapes, one only rank 1 holds); a second calibration
+    reads it and measures nothing on any rank; a corrupt file stops every rank with rank 0's error naming it
+    (instead of leaving the others waiting for costs)."""
+    path = tmp_path / "sltrain_costs.json"
+    res = pool.run(_sltrain_cost_file, str(path), layout=LAYOUTS[4])
+    assert res[0]["measured"] == 2 * 2 * 2 * 3  # 2 shapes x (training, forward) x (GEMM, sparse) x 3 rounds
+    assert all(r["measured"] == 0 for r in res[1:]) and all(r["calls_with_file"] == 0 for r in res)
+    shared = next(iter(res[0]["first"]))  # the shape every rank holds: rank 0's costs everywhere
+    assert all(r["again"] == r["first"] and r["first"][shared] == res[0]["first"][shared] for r in res)
+    assert res[0]["error"].startswith(f"SLTrain cost file '{path}': unreadable")
+    assert all(r["error"] == res[0]["error"] + " (reported by rank 0)" for r in res[1:])

@@ -48,7 +48,8 @@ BASE = [
     "train.keep_last=5",
 ]
 MODELS = {
-    "sltrain": ["method=sltrain"],
+    # The same paths in every layout (measured costs differ per shard shape and per run dir).
+    "sltrain": ["method=sltrain", "method.sltrain_costs=fixed"],
     "dense4": ["method=dense", "model.n_layers=4"],
     "lost_coat": ["method=lost", "precision=coat", "optim.min_fp8_numel=0", "optim.fp8_backend=torch"],
     "lowrank": ["method=lowrank"],

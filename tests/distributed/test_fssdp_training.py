@@ -21,6 +21,7 @@ COMMON = [
     "experiment=smoke",
     "model.n_layers=4",
     "method.rank=8",
+    "method.sltrain_costs=fixed",  # SLTrain: the same paths in every layout (measured costs differ per shard shape)
     "optim.eps=1e-6",
     f"train.steps={STEPS}",
     "train.log_interval=1",

@@ -28,6 +28,7 @@ COMMON = [
     "train.plot=false",
     "optim.warmup_steps=2",
     "method.rank=8",
+    "method.sltrain_costs=fixed",  # SLTrain: the same paths in every layout (measured costs differ per shard shape)
     f"train.ckpt_interval={STEPS}",
 ]
 SINGLE = ["train.micro_batch_size=4", "train.grad_accum=2"]

@@ -48,7 +48,8 @@ def params_of(tr: Trainer):
     [
         ("optim.grad_clip=0",),
         # A clip above every step's global norm (about 1.2 here) never triggers, globally or per parameter.
-        ("optim.grad_clip=100", "method=sltrain"),
+        # Fixed costs: both runs must take the same SLTrain paths (each measures in a run dir of its own).
+        ("optim.grad_clip=100", "method=sltrain", "method.sltrain_costs=fixed"),
         ("optim.grad_clip=0", "precision=coat"),  # FP8 moments through CoatAdamW inner optimizers
     ],
     ids=["lost", "sltrain-clip-never-triggers", "coat"],

@@ -191,6 +191,11 @@ class PrecisionConfig:
     # copy of one parameter and written back with stochastic rounding (megaeff/optim/per_param.py). Needs bf16
     # autocast (precision=bf16, or autocast_bf16 under coat).
     param_dtype: ParamDtype = ParamDtype["fp32"]
+    # Gradient-accumulation fusion (Megatron's gradient_accumulation_fusion; needs param_dtype=bf16): each dense
+    # projection's weight gradient is accumulated over micro-batches in an fp32 `main_grad` buffer (apex's
+    # wgrad GEMM on CUDA where installed, else torch), not in a bf16 `.grad` rounded at every micro-batch
+    # (megaeff/layers/grad_accum_fusion.py; the combinations it does not cover are refused).
+    grad_accum_fusion: bool = False
 
 
 def validate_precision(pr: PrecisionConfig) -> None:
@@ -248,3 +253,52 @@ def validate_in_backward(cfg: "Config") -> None:
             f"{p.expert_impl} (one flat parameter holds many experts); set optim.grad_clip=0, "
             "parallel.expert_impl=replicated or optim.in_backward=false",
         )
+
+
+def validate_grad_accum_fusion(cfg: "Config") -> None:
+    """`precision.grad_accum_fusion=true` where megaeff/layers/grad_accum_fusion.py does not apply or was not
+    built for: one ConfigError naming the field at fault."""
+    pr, o, p = cfg.precision, cfg.optim, cfg.parallel
+    if not pr.grad_accum_fusion:
+        return
+    off = "set precision.grad_accum_fusion=false"
+    why = {
+        "precision.param_dtype": (
+            pr.param_dtype != "bf16",
+            "gradient-accumulation fusion needs precision.param_dtype=bf16: with fp32 weights autograd's .grad "
+            f"is already the fp32 accumulator (docs/gpu.md); {off} or store bf16 weights",
+        ),
+        "method.name": (
+            cfg.method.name != "dense",
+            f"gradient-accumulation fusion covers the dense projections only (method={cfg.method.name} trains "
+            f"factors through its own autograd Functions); use method=dense or {off}",
+        ),
+        "precision.fp8_activations": (
+            pr.fp8_activations,
+            f"the FP8 activation policy saves and multiplies its own operands in the dense layers; {off}",
+        ),
+        "precision.fp8_gemm": (pr.fp8_gemm, f"FP8 GEMMs replace the dense layers' weight-gradient GEMM; {off}"),
+        "optim.in_backward": (
+            o.in_backward,
+            f"the optimizer in backward reads .grad from autograd's hooks, which fused weights never get; {off}",
+        ),
+        "parallel.dp_impl": (
+            p.dp_impl == "fssdp",
+            f"FSSDP reduce-scatters autograd's .grad of its gathered weights; use parallel.dp_impl=allreduce or {off}",
+        ),
+        "parallel.tp": (p.tp > 1, f"the tensor-parallel dense layers are not fused (parallel.tp={p.tp}); {off}"),
+        "parallel.pp": (p.pp > 1, f"not built for pipeline stages (parallel.pp={p.pp}); {off}"),
+        "parallel.cp": (p.cp > 1, f"not built for context parallelism (parallel.cp={p.cp}); {off}"),
+        "model.moe_experts": (
+            cfg.model.moe_experts > 0,
+            f"MoE experts are reduced by their own exchange, which reads .grad; use model.moe_experts=0 or {off}",
+        ),
+        "train.compile": (
+            cfg.train.compile,
+            "not built for compiled blocks: the fused layer's backward writes main_grad, a Python attribute, which "
+            f"dynamo would have to trace into the compiled backward (untested); {off}",
+        ),
+    }
+    for field_name, (bad, message) in why.items():
+        if bad:
+            raise ConfigError(field_name, message)

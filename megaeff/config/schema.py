@@ -22,6 +22,7 @@ from megaeff.config.optim import (
     OptimConfig,
     PrecisionConfig,
     validate_galore,
+    validate_grad_accum_fusion,
     validate_in_backward,
     validate_optim,
     validate_precision,
@@ -59,6 +60,7 @@ def validate_sections(cfg: Config) -> None:
     validate_parallel(cfg.parallel, cfg)
     validate_in_backward(cfg)
     validate_galore(cfg)
+    validate_grad_accum_fusion(cfg)
 
 
 def register_configs() -> None:

@@ -6,7 +6,8 @@ counted once. Pipeline stages hold disjoint parameters, so their totals add up o
 hold identical (already reduced) gradients and are not summed; under FSSDP (`dp_sharded`) every rank holds a
 different part of each gradient, so the squares are summed over dp x cp, each weighted by 1 / `dp_replicas` (the
 dp x cp ranks holding the same values: 1 for a shard, more for a replicated norm). The squares accumulate in
-float64 so that the norm does not depend on how the layout splits the sum.
+float64 so that the norm does not depend on how the layout splits the sum. A weight under gradient-accumulation
+fusion is read and clipped in its fp32 `main_grad` (`grad_of`, megaeff/layers/grad_accum_fusion.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from megaeff.distributed.comm import all_reduce
 from megaeff.distributed.logical_state import SHARDED
+from megaeff.layers.grad_accum_fusion import grad_of
 from megaeff.layers.param_meta import param_meta
 
 if TYPE_CHECKING:
@@ -78,18 +80,19 @@ def global_grad_norm(params: Iterable[torch.Tensor], dims: ParallelDims, *, dp_s
     params = list(params)
     squares = GradSquares(params, dims, dp_sharded=dp_sharded)
     for p in params:
-        if p.grad is not None:
-            squares.add(p, square_sum(p.grad).cpu())
+        g = grad_of(p)
+        if g is not None:
+            squares.add(p, square_sum(g).cpu())
     return squares.total()
 
 
 def clip_grad_norm_(params, max_norm: float, dims: ParallelDims, *, dp_sharded: bool = False) -> float:
     """Scale gradients so that the global norm is at most `max_norm` (torch's rule: coefficient
     max_norm / (norm + 1e-6), clamped to 1); returns the norm before clipping."""
-    params = [p for p in params if p.grad is not None]
+    params = [p for p in params if grad_of(p) is not None]
     norm = global_grad_norm(params, dims, dp_sharded=dp_sharded)
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for p in params:
-            p.grad.detach().mul_(coef)
+            grad_of(p).detach().mul_(coef)
     return norm

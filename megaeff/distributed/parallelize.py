@@ -53,6 +53,7 @@ from megaeff.distributed.pipeline.stages import StageChunk, prune_to_stages, sta
 from megaeff.distributed.tensor_parallel.layers import VocabParallelEmbedding, check_tp_layout, parallel_linear
 from megaeff.distributed.tensor_parallel.mappings import gather_seq
 from megaeff.distributed.tensor_parallel.sequence import SequenceParallelRMSNorm
+from megaeff.layers import grad_accum_fusion
 from megaeff.layers.linear import DenseLinear
 from megaeff.layers.param_meta import param_meta
 from megaeff.models.init import materialize
@@ -234,5 +235,7 @@ def parallelize(
         model = materialize(model, device or dims.device, t.seed, cfg.model.init_std, weights=init_weights)
     if cfg.precision.param_dtype == "bf16":
         store_parameters_in(model, torch.bfloat16)
+    if cfg.precision.grad_accum_fusion:  # before data parallelism: its reducer buckets the fused main_grads
+        grad_accum_fusion.enable(model)
     logical_state.annotate_parameters(model)
     return apply_data_parallel(model, dims, pcfg, moe=bool(cfg.model.moe_experts), chunks=chunks, context=context)

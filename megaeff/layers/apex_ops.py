@@ -5,13 +5,13 @@ Used:
   backward, instead of ~6 elementwise/reduction kernels and their fp32 temporaries), in `RMSNorm.forward` on CUDA
   tensors (megaeff/layers/norm.py asks `fused_rmsnorm` first, and falls back to the activation policy's formula);
 - the multi-tensor Adam kernel (`amp_C.multi_tensor_adam` through `apex.multi_tensor_apply`), only when
-  `optim.impl=apex` (megaeff/optim/apex_adam.py; `auto` keeps torch's fused AdamW, docs/gpu.md says why).
-
-Not used: gradient-accumulation fusion into fp32 main grads (`fused_weight_gradient_mlp_cuda`, Megatron's
-`gradient_accumulation_fusion`). It pays where weights are bf16 and a separate fp32 `main_grad` buffer must be
-accumulated by an extra elementwise pass per micro-batch; megaeff keeps fp32 master weights whose autograd `.grad`
-is already the fp32 accumulator, so the fusion would only save the add of the weight GEMM's output into `.grad`
-(docs/gpu.md). The probe still reports whether the kernel is present.
+  `optim.impl=apex` (megaeff/optim/apex_adam.py; `auto` keeps torch's fused AdamW, docs/gpu.md says why);
+- the weight-gradient GEMM accumulating into fp32 (`fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32`,
+  Megatron's `gradient_accumulation_fusion`), only when `precision.grad_accum_fusion=true` (which needs bf16
+  weights, `precision.param_dtype=bf16`): each micro-batch's dense weight gradient goes straight into the fp32
+  `main_grad` instead of a bf16 `.grad` rounded at every micro-batch (megaeff/layers/grad_accum_fusion.py, which
+  falls back to torch's fp32 `addmm_` off CUDA, without apex, or with MEGAEFF_DISABLE_APEX=1). With fp32 weights
+  it is not offered: autograd's `.grad` is already the fp32 accumulator there (docs/gpu.md).
 
 Numerics of the fused RMSNorm: the same formula as `ActivationOps.rmsnorm` (fp32 statistics whatever the input
 dtype, x * rsqrt(mean(x^2) + eps) * g, one rounding to the input dtype), but the mean is summed in another order

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Type
 import torch
 from torch import nn
 
+from megaeff.layers.grad_accum_fusion import dense_wgrad_accum
 from megaeff.layers.lost import LostLinear
 from megaeff.layers.lowrank import LowRankLinear
 from megaeff.layers.ops import ActivationOps, resolve
@@ -37,9 +38,11 @@ InitFn = Callable[[str, torch.Tensor], None]  # (logical parameter name, tensor 
 
 
 class DenseLinear(nn.Linear):
-    """y = x W^T, no bias (LLaMA has none)."""
+    """y = x W^T, no bias (LLaMA has none). `fuse_wgrad` (set by megaeff/layers/grad_accum_fusion.py `enable`):
+    W's gradient is accumulated in fp32 `W.main_grad` instead of autograd's `.grad`."""
 
     method = "dense"
+    fuse_wgrad = False
 
     def __init__(
         self, in_features: int, out_features: int, *, name: Optional[str] = None, device=None, dtype=None, ops=None
@@ -55,6 +58,8 @@ class DenseLinear(nn.Linear):
         return cls(in_features, out_features, name=name, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_wgrad:
+            return dense_wgrad_accum(x, self.weight)
         return self.ops.dense(x, self.weight)
 
     def reset_parameters(self) -> None:

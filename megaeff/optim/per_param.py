@@ -27,6 +27,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from megaeff.layers.grad_accum_fusion import grad_of, is_fused, zero_main_grads
+
 HPARAM_KEYS_SKIPPED = ("params",)
 
 
@@ -113,10 +115,17 @@ class PerParamOptimizer(torch.optim.Optimizer):
         key = ((self._seed * 1_000_003 + self.index[p]) * 1_000_033 + step) % (1 << 63)
         return self._generators[p.device].manual_seed(key)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        zero_main_grads(self.params(), set_to_none)  # the fp32 main_grad of fused weights (grad_accum_fusion)
+
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, *, free_grad: bool = False) -> None:
-        """Update one parameter from its current gradient (nothing without one); `free_grad` drops it after."""
-        if p.grad is None:
+        """Update one parameter from its current gradient (nothing without one); `free_grad` drops it after. A
+        fused weight's gradient is its fp32 `main_grad` (megaeff/layers/grad_accum_fusion.py): the fp32 working
+        copy then steps from it directly, never from a bf16-rounded sum."""
+        main = grad_of(p) if is_fused(p) else None
+        if p.grad is None and main is None:
             return
         opt = self.inner[p]
         # The facade's group holds the live hyperparameters (the LR scheduler writes them there).
@@ -126,7 +135,8 @@ class PerParamOptimizer(torch.optim.Optimizer):
                 inner_group[k] = v
         if p.dtype == torch.bfloat16:
             low, grad = p.data, p.grad
-            p.data, p.grad = low.float(), grad.float()  # one parameter's fp32 working copy (fp32 moments too)
+            # One parameter's fp32 working copy (fp32 moments too); AdamW and COAT read the gradient, never write it.
+            p.data, p.grad = low.float(), (main if main is not None else grad.float())
             opt.step()
             if self.stochastic_rounding:
                 stochastic_round_bf16_(low, p.data, self._rounding_generator(p))
@@ -134,9 +144,12 @@ class PerParamOptimizer(torch.optim.Optimizer):
                 low.copy_(p.data)
             p.data, p.grad = low, grad
         else:
+            if main is not None:
+                raise ValueError("a fused weight (fp32 main_grad) must be stored in bf16")
             opt.step()
         if free_grad:
             p.grad = None
+            zero_main_grads([p])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from megaeff.config.schema import Config
 
 REPORT_FILE = "backends.json"
+# What precision.grad_accum_fusion runs where apex's wgrad GEMM does not (megaeff/layers/grad_accum_fusion.py).
+TORCH_WGRAD = "torch fallback: fp32 addmm_ into main_grad"
 # _scaled_mm's FP8 GEMMs need Ada (8.9) or Hopper (9.0) tensor cores.
 FP8_GEMM_MIN_CAPABILITY = (8, 9)
 
@@ -55,6 +57,7 @@ class Usage:
     fp8_gemm: bool
     compile: Optional[bool]  # train.compile; None where the config has no such field
     default_activation_ops: bool  # the high-precision policy (an FP8 policy computes RMSNorm itself)
+    grad_accum_fusion: bool = False  # precision.grad_accum_fusion
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,13 @@ def _decide(name: str, u: Usage, f: Found) -> Tuple[bool, str]:
             return True, "optim.impl=apex"
         return False, f"AdamW implementation is {u.optim_impl} (optim.impl=apex selects apex; docs/gpu.md)"
     if name == "apex.grad_accum_fusion":
-        return False, "not implemented: fp32 master weights accumulate in autograd's .grad already (docs/gpu.md)"
+        if not u.grad_accum_fusion:
+            return False, "precision.grad_accum_fusion=false (it pays with bf16 weights only; docs/gpu.md)"
+        if not cuda:
+            return False, f"CUDA only; {TORCH_WGRAD}"
+        if os.environ.get(apex_ops.DISABLE_ENV, "") not in ("", "0"):
+            return False, f"{apex_ops.DISABLE_ENV} is set; {TORCH_WGRAD}"
+        return True, "dense weight gradients accumulated into fp32 main_grad (precision.grad_accum_fusion)"
     if name == "triton":
         used, why = _fp8_kernel_use(u, "triton")
         if u.compile and cuda:
@@ -223,6 +232,8 @@ def build_report(u: Usage, found: Dict[str, Found]) -> BackendReport:
         used, why = _decide(name, u, f)
         if not f.found:
             used, why = False, f.reason
+            if name == "apex.grad_accum_fusion" and u.grad_accum_fusion:
+                why = f"{why}; {TORCH_WGRAD}"
         elif f.reason and not used:
             why = f"{why}; {f.reason}"
         entries.append(BackendEntry(name, f.found, f.version, used, why))
@@ -240,6 +251,7 @@ def usage_of(cfg: Config, device: torch.device, attention, act_ops: ActivationOp
         fp8_gemm=bool(cfg.precision.fp8_gemm),
         compile=getattr(cfg.train, "compile", None),
         default_activation_ops=type(act_ops) is ActivationOps,
+        grad_accum_fusion=bool(getattr(cfg.precision, "grad_accum_fusion", False)),
     )
 
 

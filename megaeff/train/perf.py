@@ -76,13 +76,14 @@ def tensor_bytes(tensors) -> int:
 def state_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
     """Bytes of the training state held now: weights, gradients, optimizer states and integer index buffers
     (SLTrain supports, LOST channel sets and their checksums; regenerated from the seed, never communicated)."""
+    from megaeff.layers.grad_accum_fusion import grad_of
     from megaeff.layers.linear import index_buffers
 
     params = list(model.parameters())
     optim = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {
         "mem_params_bytes": tensor_bytes(params),
-        "mem_grads_bytes": tensor_bytes(p.grad for p in params),
+        "mem_grads_bytes": tensor_bytes(grad_of(p) for p in params),  # fused weights: their fp32 main_grad
         "mem_optim_bytes": tensor_bytes(optim),
         "mem_index_bytes": tensor_bytes(b for _, b in index_buffers(model)),
     }

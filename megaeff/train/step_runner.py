@@ -32,6 +32,7 @@ from megaeff.distributed.pipeline.runner import PipelineRunner
 from megaeff.distributed.pipeline.schedule import Action
 from megaeff.distributed.tensor_parallel.sequence import loss_sum
 from megaeff.errors import DataError
+from megaeff.layers.grad_accum_fusion import grad_of
 from megaeff.train.in_backward import InBackwardUpdates
 from megaeff.train.nonfinite import NonFiniteGuard
 from megaeff.train.step import PlainStep, StepExecutor, accumulate, plain_actions
@@ -146,7 +147,7 @@ class StepRunner:
         loss_total = self.reduce_loss(float(executor.loss_sum))
 
         if self.in_backward is None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            params = [p for p in self.model.parameters() if grad_of(p) is not None]  # main_grad where fused
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = clip_grad_norm_(params, max_norm, self.dims, dp_sharded=self.parallel.dp_sharded)
         lr = float(self.scheduler.get_last_lr()[0])  # some optimizers keep lr as a tensor

@@ -100,6 +100,40 @@ def test_apex_adamw_matches_torch_adamw(found):
     ref.load_state_dict(state)
 
 
+def test_apex_wgrad_gemm_accumulates_the_fp32_sum_into_main_grad(found):
+    """precision.grad_accum_fusion on CUDA: the fused dense layer's weight gradient goes through apex's
+    wgrad_gemm_accum_fp32 into fp32 main_grad. bf16 products are exact in fp32, so every element is an fp32 sum of
+    the 4 x 256 products (plus 4 adds into main_grad) in some order: within (n = 1028) x 2^-24 x sum|terms| of the
+    exact sum (a TF32 or bf16-output GEMM would be ~2^-11 or 2^-9 off and fail it); grad_input is the plain
+    layer's bf16 GEMM (cuBLAS may pick another algorithm per call: within one bf16 rounding, 2^-8)."""
+    need(found, "apex.grad_accum_fusion")
+    from megaeff.layers import grad_accum_fusion as gaf
+    from megaeff.layers.linear import DenseLinear
+
+    w = randn(512, 1024, seed=0, dtype=torch.bfloat16) / 32
+    plain, fused = DenseLinear(1024, 512).cuda(), DenseLinear(1024, 512).cuda()
+    plain.weight.data, fused.weight.data = w.clone(), w.clone()
+    gaf.enable(fused)
+    pairs = []
+    for mb in range(4):
+        x = randn(2, 128, 1024, seed=10 + mb)
+        dy = randn(2, 128, 512, seed=20 + mb, dtype=torch.bfloat16)
+        assert gaf.wgrad_kernel_unavailable(x.to(torch.bfloat16)) is None  # apex's kernel is the path taken
+        grads = []
+        for layer in (plain, fused):
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                layer(xi).backward(dy)
+            grads.append(xi.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=2.0**-8, atol=1e-6)
+        pairs.append((x.to(torch.bfloat16).reshape(-1, 1024).double(), dy.reshape(-1, 512).double()))
+    assert fused.weight.grad is None and fused.weight.main_grad.dtype == torch.float32
+    exact = sum(dy.t() @ x for x, dy in pairs)
+    bound = (4 * 256 + 4) * 2.0**-24 * sum(dy.abs().t() @ x.abs() for x, dy in pairs)
+    assert ((fused.weight.main_grad.double() - exact).abs() <= bound).all()
+    assert ((plain.weight.grad.double() - exact).abs() > bound).any()  # the bf16 .grad sum does not meet it
+
+
 # ------------------------------------------------------------------------------------------------ flash-attn
 def test_flash_attn_matches_sdpa(found):
     need(found, "flash_attn")

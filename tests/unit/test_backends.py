@@ -71,7 +71,7 @@ def test_report_on_a_full_cuda_machine_marks_what_the_run_chose():
     # Under compile the fused RMSNorm gives way to inductor; fused AdamW is torch's unless optim.impl=apex.
     assert "inductor" in r.entry("apex.fused_rmsnorm").reason
     assert "optim.impl=apex" in r.entry("apex.multi_tensor_adam").reason
-    assert "not implemented" in r.entry("apex.grad_accum_fusion").reason
+    assert "precision.grad_accum_fusion=false" in r.entry("apex.grad_accum_fusion").reason
     assert "COAT's FP8 AdamW kernel is cuda" in r.entry("csrc.fp8_adamw_cpu").reason
 
 
@@ -83,6 +83,21 @@ def test_apex_parts_are_used_where_they_apply():
     r = build_report(usage(device="cpu", attention="sdpa"), everything_found())
     assert not r.entry("apex.fused_rmsnorm").used and not r.entry("flash_attn").used
     assert "CUDA" in r.entry("flash_attn").reason
+
+
+def test_grad_accum_fusion_entry_names_the_kernel_or_the_torch_fallback(monkeypatch):
+    monkeypatch.delenv("MEGAEFF_DISABLE_APEX", raising=False)
+    entry = build_report(usage(grad_accum_fusion=True), everything_found()).entry("apex.grad_accum_fusion")
+    assert entry.used and "main_grad" in entry.reason
+    cpu = usage(grad_accum_fusion=True, device="cpu")
+    entry = build_report(cpu, everything_found()).entry("apex.grad_accum_fusion")
+    assert not entry.used and "torch fallback" in entry.reason
+    found = {**everything_found(), "apex.grad_accum_fusion": Found(False, reason="apex is not importable")}
+    entry = build_report(usage(grad_accum_fusion=True), found).entry("apex.grad_accum_fusion")
+    assert not entry.used and "apex is not importable" in entry.reason and "torch fallback" in entry.reason
+    monkeypatch.setenv("MEGAEFF_DISABLE_APEX", "1")
+    entry = build_report(usage(grad_accum_fusion=True), everything_found()).entry("apex.grad_accum_fusion")
+    assert not entry.used and "torch fallback" in entry.reason
 
 
 def test_a_missing_backend_is_never_used_and_its_reason_is_why_it_is_missing():

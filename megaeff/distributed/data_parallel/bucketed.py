@@ -33,6 +33,10 @@ so freeing them saves no gradient memory in this layout (use FSSDP for that). In
 post-accumulate-grad hook reports each parameter as the final micro-batch's backward accumulates it: tensor
 and sequence parallel partial sums are all-reduced inside autograd before that, so the gradient is complete.
 
+Gradient-accumulation fusion (megaeff/layers/grad_accum_fusion.py): a fused weight's gradient is its fp32
+`main_grad`, never `.grad`; it is bucketed by that dtype, `main_grad` is the bucket view, and the Function's
+`add_main_grad_hook` stands in for the post-accumulate-grad hook (autograd never accumulates such a weight).
+
 A parameter unused on every rank ends the step with a zero gradient, not None (as torch DDP with
 `gradient_as_bucket_view`). Every all-reduce is recorded in `dims.comm_stats` as `dp_cp/all_reduce` with the
 bucket's bytes. A group of one is a no-op: no buckets, no hooks, `finish` returns at once.
@@ -46,6 +50,8 @@ from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megaeff.layers.grad_accum_fusion import add_main_grad_hook, grad_of, is_fused, set_grad
+
 if TYPE_CHECKING:
     from megaeff.distributed.dims import ParallelDims
 
@@ -58,7 +64,7 @@ class _Bucket:
     def __init__(self, index: int, params: List[torch.nn.Parameter], names: List[str]):
         self.index, self.params, self.names = index, params, names
         p0 = params[0]
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=p0.dtype, device=p0.device)
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=_grad_dtype(p0), device=p0.device)
         self.views: List[torch.Tensor] = []
         offset = 0
         for p in params:
@@ -72,16 +78,26 @@ class _Bucket:
         return self.buffer.numel() * self.buffer.element_size()
 
 
+def _grad_dtype(p: torch.nn.Parameter) -> torch.dtype:
+    return torch.float32 if is_fused(p) else p.dtype
+
+
+def _on_grad(p: torch.nn.Parameter, hook):
+    """`hook(p)` each time p's gradient has been accumulated (a fused weight's main_grad, else autograd's .grad)."""
+    return add_main_grad_hook(p, hook) if is_fused(p) else p.register_post_accumulate_grad_hook(hook)
+
+
 def _adopt(p: torch.nn.Parameter, view: torch.Tensor) -> None:
-    """Make `p.grad` the bucket view, keeping its value (None counts as zero)."""
-    g = p.grad
+    """Make p's gradient (`grad_of`: `.grad`, or a fused weight's main_grad) the bucket view, keeping its value
+    (None counts as zero)."""
+    g = grad_of(p)
     if g is None:
         view.zero_()
     elif g.data_ptr() == view.data_ptr() and g.shape == view.shape:
         return
     else:
         view.copy_(g)
-    p.grad = view
+    set_grad(p, view)
 
 
 class GradReducer:
@@ -132,11 +148,12 @@ class GradReducer:
         open_: Dict[tuple, Tuple[List[torch.nn.Parameter], List[str], int]] = {}
         closed: List[Tuple[List[torch.nn.Parameter], List[str]]] = []
         for name, p in reversed(unique):
-            key = (p.dtype, p.device)
+            dtype = _grad_dtype(p)
+            key = (dtype, p.device)
             ps, ns, size = open_.pop(key, ([], [], 0))
             ps.append(p)
             ns.append(name)
-            size += p.numel() * p.element_size()
+            size += p.numel() * dtype.itemsize
             if size >= cap:
                 closed.append((ps, ns))
             else:
@@ -153,7 +170,7 @@ class GradReducer:
                 self._slot[id(p)] = (bucket, j)
         if overlap:
             for _, p in unique:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                self._hooks.append(_on_grad(p, self._hook))
 
     # ------------------------------------------------------------------ counters
     @property
@@ -186,7 +203,7 @@ class GradReducer:
         post-accumulate-grad hooks (once) that report during the final backward."""
         self._final_hook = hook
         if hook is not None and not self.enabled and not self._hooks:
-            self._hooks = [p.register_post_accumulate_grad_hook(self._final_grad) for p in self._params]
+            self._hooks = [_on_grad(p, self._final_grad) for p in self._params]
 
     def _final_grad(self, p: torch.nn.Parameter) -> None:
         if self._in_final and self._final_hook is not None:

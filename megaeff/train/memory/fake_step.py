@@ -52,6 +52,7 @@ from megaeff.distributed.parallelize import parallelize
 from megaeff.distributed.pipeline.runner import PipelineRunner
 from megaeff.errors import ConfigError, MegaeffError
 from megaeff.layers.attention import select_attention
+from megaeff.layers.grad_accum_fusion import grad_of
 from megaeff.models.llama import build_llama
 from megaeff.optim.builder import build_optimizer
 from megaeff.optim.schedule import LRScheduler
@@ -248,7 +249,7 @@ def measure_step(
         # Counted apart from the tracker, for checks: what the rank's parameters, gradients and optimizer hold.
         report.extra.update(
             param_bytes=storage_bytes(rs.parallel.module.parameters()),
-            grad_bytes=storage_bytes(p.grad for p in rs.parallel.module.parameters() if p.grad is not None),
+            grad_bytes=storage_bytes(g for g in map(grad_of, rs.parallel.module.parameters()) if g is not None),
             optimizer_state_bytes=storage_bytes(state),
             act_saved_bytes=int(metrics["act_saved_bytes"]),
         )

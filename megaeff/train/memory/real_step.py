@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from megaeff.config.schema import Config
 from megaeff.distributed.dims import AXES, ParallelDims
+from megaeff.layers.grad_accum_fusion import grad_of
 from megaeff.train.memory.fake_step import build_rank, make_batches, storage_bytes
 from megaeff.train.memory.tracker import MemoryReport, StepMemoryTracker
 
@@ -108,7 +109,7 @@ def measure_real_step(
     report.extra.update(
         comm_bytes=dims.comm_stats.snapshot(),
         param_bytes=storage_bytes(rs.parallel.module.parameters()),
-        grad_bytes=storage_bytes(p.grad for p in rs.parallel.module.parameters() if p.grad is not None),
+        grad_bytes=storage_bytes(g for g in map(grad_of, rs.parallel.module.parameters()) if g is not None),
         optimizer_state_bytes=storage_bytes(state),
         act_saved_bytes=int(metrics["act_saved_bytes"]),
         layout={axis: dims.size(axis) for axis in AXES},

@@ -45,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from megaeff.layers.grad_accum_fusion import grad_of
 from megaeff.train.memory.fake_ops import all_real, mirror_collective, sparse_stand_in, storage_parts
 
 CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "comm_buffers", "activations", "temporaries")
@@ -225,7 +226,8 @@ class StepMemoryTracker(TorchDispatchMode):
         self.saved_per_forward.append(survived)
 
     def _tag_grads(self) -> None:
-        self.tag([p.grad for p in self.model.parameters() if p.grad is not None], "gradients")
+        grads = [grad_of(p) for p in self.model.parameters()]  # a fused weight's is its fp32 main_grad
+        self.tag([g for g in grads if g is not None], "gradients")
 
     def _tag_optimizer_state(self) -> None:
         if self.optimizer is None:

@@ -17,6 +17,7 @@ from megaeff.train.planner.bounds import (
     activation_parts,
     comm_floor,
     layer_activation_bytes,
+    layer_weight_copy_bytes,
     state_floor,
     state_floor_parts,
 )
@@ -151,7 +152,9 @@ def test_state_floor(small):
     assert layer_activation_bytes(small, Layout(1, 2, 1, 1, 2, 1, activation_checkpointing=True)) == 32 * d * 2
     # In flight on rank 0 (the schedule's warm-up + 1): 1F1B min(pp, m) micro-batches of L/pp layers;
     # interleaved min(2 (pp - 1) + (v - 1) pp + 1, v m) chunks of L/(pp v); none of the pipeline's: 1.
-    per = layer_activation_bytes(small, Layout(1, 1, 1, 2, 2, 8))
+    # Each in-flight layer also keeps autocast's bf16 copies of its fp32 dense weights: 2 bytes x (4 d^2 + 3 d f).
+    assert layer_weight_copy_bytes(small, Layout(1, 1, 1, 2, 2, 8)) == 2 * (4 * d * d + 3 * d * f)
+    per = layer_activation_bytes(small, Layout(1, 1, 1, 2, 2, 8)) + 2 * (4 * d * d + 3 * d * f)
     assert activation_parts(small, Layout(1, 1, 1, 2, 2, 8)) == {"activations": 2 * 2 * per, "with_gradients": 1}
     inter = Layout(1, 1, 1, 2, 2, 2, pp_schedule="interleaved", pp_virtual=2)
     assert activation_parts(small, inter) == {"activations": 4 * 1 * per, "with_gradients": 0}  # no steady B
@@ -311,3 +314,28 @@ def test_activation_floor_holds_on_pipelines_and_twice_it_does_not():
         if not lay.activation_checkpointing:
             assert floor > state, lay.name()  # the activation term, not the state, is the floor here
             assert state_floor(cfg, counts, lay, act_scale=2) > peak, lay.name()
+
+
+# Few tokens per micro-batch and wide layers: the bf16 weight copies each in-flight forward keeps (autocast of
+# fp32 weights) outweigh its activations, as at 70B shapes with one sequence per micro-batch.
+COPIES = SMALL + ["model.dim=256", "model.ffn_dim=512", "model.n_heads=4", "data.seq_len=16", "model.n_layers=8"]
+
+
+def test_weight_copy_floor_holds_and_twice_it_does_not():
+    cfg = compose(COPIES)
+    counts = ParamCounts.of(FlopCounter(cfg))
+    measurer = Measurer(cfg)
+    inter = dict(pp_schedule="interleaved", pp_virtual=2)
+    for lay in (Layout(1, 1, 1, 4, 1, 16, **inter), Layout(2, 1, 1, 4, 1, 16, sequence_parallel=True, **inter)):
+        copies, act = layer_weight_copy_bytes(cfg, lay), layer_activation_bytes(cfg, lay)
+        assert copies > act, lay.name()  # the term this test is about decides the floor
+        depth = cfg.model.n_layers // (lay.pp * lay.pp_virtual)
+        floor, peak = state_floor(cfg, counts, lay), measurer.point(lay, depth, lay.grad_accum, 0).peak
+        parts = state_floor_parts(cfg, counts, lay)
+        in_flight = activation_parts(cfg, lay)["activations"]
+        without = parts["weights"] + parts["gradients"] + in_flight * act // (act + copies)
+        # Without the copies the floor would be under half the peak; with them it is within 2x of it.
+        assert 2 * without < peak and floor <= peak < state_floor(cfg, counts, lay, act_scale=2), lay.name()
+    # Where no cast happens (bf16 weights) or nothing is saved (recompute), the term is zero.
+    assert layer_weight_copy_bytes(cfg, Layout(1, 1, 1, 4, 1, 16, precision="bf16_w16")) == 0
+    assert layer_weight_copy_bytes(cfg, Layout(1, 1, 1, 4, 1, 16, activation_checkpointing=True)) == 0

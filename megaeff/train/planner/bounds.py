@@ -40,10 +40,18 @@ where both are provably live:
   gate/up's counted once each) at 1 byte under FP8 activations or FP8 GEMMs, else >= 2; q, k, v after RoPE
   (new tensors, kept by every attention backward, high precision: >= 2 bytes); SwiGLU's gate and up (FP8:
   codes) and, without FP8, silu(gate) (the product's other operand), >= 2 bytes. MoE: the MLP counts its norm
-  only. Left out (they only add): the attention output and log-sum-exp, autocast's extra bf16 copies (q/k/v
-  each cast their input) and weight copies, the CP ring's and the head's tensors. On the tiny pipelines of
+  only. Left out (they only add): the attention output and log-sum-exp, autocast's extra bf16 copies of
+  activations (q/k/v each cast their input), the CP ring's and the head's tensors. On the tiny pipelines of
   tests/unit/test_planner.py rank 0's peak less its weights and gradients is 1.66x (1F1B) and 1.72x
   (interleaved) this count (the test checks that 2x overshoots).
+- weight copies (`layer_weight_copy_bytes`): under bf16 autocast with fp32 weights, every forward casts each
+  dense linear weight to bf16 and the GEMM saves that copy for its input gradient; the pipeline runs each
+  chunk's forward in its own autocast region (no cache shared across micro-batches), so each chunk in flight
+  keeps its layers' copies: 2 bytes x the layer's q/k/v/o and MLP weights / tp. At LLaMA-70B shapes with one
+  sequence per micro-batch these outweigh the activations (tp4, cp2: 428 MB against 203 MB per layer). Counted only
+  where that is certain: method dense, no recompute (the checkpointed forward saves nothing), not FSSDP (its
+  gathered storage is freed after forward, megaeff/distributed/fssdp/engine.py), not bf16 weights or FP8 GEMMs /
+  activations (no cast).
 
 Communication floor per rank (seconds exposed under cost.py's overlap rules; cluster.py's links), from the
 payloads comm.py counts, each counted low:
@@ -126,6 +134,21 @@ def layer_activation_bytes(cfg: Config, layout: Layout) -> int:
     return tokens * (attn + mlp) // layout.tp
 
 
+def layer_weight_copy_bytes(cfg: Config, layout: Layout) -> int:
+    """Bytes of the bf16 weight copies one micro-batch's forward keeps per layer on this rank (module docstring):
+    autocast's casts of fp32 dense weights, saved by each GEMM for its input gradient; 0 where not certain."""
+    m, pr = cfg.model, precision_of(cfg, layout)
+    autocast = pr.name == "bf16" or pr.autocast_bf16
+    if not autocast or pr.param_dtype == "bf16" or pr.fp8_gemm or pr.fp8_activations:
+        return 0
+    if layout.activation_checkpointing or layout.dp_impl == "fssdp" or cfg.method.name != "dense":
+        return 0
+    kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
+    attn = 2 * m.dim * m.dim + 2 * m.dim * kv_dim  # q, o; k, v
+    mlp = 0 if m.moe_experts else 3 * m.dim * m.ffn_dim
+    return 2 * (attn + mlp) // layout.tp
+
+
 def activation_parts(cfg: Config, layout: Layout) -> Dict[str, int]:
     """{"activations": bytes in flight on rank 0 before a backward, "with_gradients": 1 if a steady backward
     holds them together with every gradient, else 0} (module docstring)."""
@@ -138,7 +161,8 @@ def activation_parts(cfg: Config, layout: Layout) -> Dict[str, int]:
     layers = cfg.model.n_layers // (layout.pp * v)
     steady = v * m - warm >= (v - 1) * layout.pp + 2
     with_grads = steady and not layout.in_backward and layout.dp_impl != "fssdp"
-    return {"activations": chunks * layers * layer_activation_bytes(cfg, layout), "with_gradients": int(with_grads)}
+    per_layer = layer_activation_bytes(cfg, layout) + layer_weight_copy_bytes(cfg, layout)
+    return {"activations": chunks * layers * per_layer, "with_gradients": int(with_grads)}
 
 
 def _floor_terms(cfg: Config, counts: ParamCounts, layout: Layout) -> Dict[str, int]:

@@ -48,10 +48,11 @@ where both are provably live:
   dense linear weight to bf16 and the GEMM saves that copy for its input gradient; the pipeline runs each
   chunk's forward in its own autocast region (no cache shared across micro-batches), so each chunk in flight
   keeps its layers' copies: 2 bytes x the layer's q/k/v/o and MLP weights / tp. At LLaMA-70B shapes with one
-  sequence per micro-batch these outweigh the activations (tp4, cp2: 428 MB against 203 MB per layer). Counted only
-  where that is certain: method dense, no recompute (the checkpointed forward saves nothing), not FSSDP (its
-  gathered storage is freed after forward, megaeff/distributed/fssdp/engine.py), not bf16 weights or FP8 GEMMs /
-  activations (no cast).
+  sequence per micro-batch these outweigh the activations (tp4, cp2: 428 MB against 203 MB per layer). FSSDP
+  too: its gathers are unpacked to the weights' fp32 (fssdp/layout.py `unpack`) and only that gathered storage is
+  freed after forward, not autocast's bf16 casts of it, which are the full (dp-unsharded) weights. Counted only
+  where that is certain: method dense, no recompute (the checkpointed forward saves nothing), not bf16 weights
+  or FP8 GEMMs / activations (no cast).
 
 Communication floor per rank (seconds exposed under cost.py's overlap rules; cluster.py's links), from the
 payloads comm.py counts, each counted low:
@@ -141,7 +142,7 @@ def layer_weight_copy_bytes(cfg: Config, layout: Layout) -> int:
     autocast = pr.name == "bf16" or pr.autocast_bf16
     if not autocast or pr.param_dtype == "bf16" or pr.fp8_gemm or pr.fp8_activations:
         return 0
-    if layout.activation_checkpointing or layout.dp_impl == "fssdp" or cfg.method.name != "dense":
+    if layout.activation_checkpointing or cfg.method.name != "dense":
         return 0
     kv_dim = (m.n_kv_heads or m.n_heads) * (m.dim // m.n_heads)
     attn = 2 * m.dim * m.dim + 2 * m.dim * kv_dim  # q, o; k, v

@@ -257,7 +257,9 @@ def validate_in_backward(cfg: "Config") -> None:
 
 def validate_grad_accum_fusion(cfg: "Config") -> None:
     """`precision.grad_accum_fusion=true` where megaeff/layers/grad_accum_fusion.py does not apply or was not
-    built for: one ConfigError naming the field at fault."""
+    built for: one ConfigError naming the field at fault. tp, pp and cp > 1 run it (the tensor-parallel dense
+    shards' weight gradients are complete per rank, pipeline stages hold disjoint weights, context parallelism
+    sums over dp x cp like data parallelism; tests/distributed/test_grad_accum_fusion_layouts.py)."""
     pr, o, p = cfg.precision, cfg.optim, cfg.parallel
     if not pr.grad_accum_fusion:
         return
@@ -286,9 +288,6 @@ def validate_grad_accum_fusion(cfg: "Config") -> None:
             p.dp_impl == "fssdp",
             f"FSSDP reduce-scatters autograd's .grad of its gathered weights; use parallel.dp_impl=allreduce or {off}",
         ),
-        "parallel.tp": (p.tp > 1, f"the tensor-parallel dense layers are not fused (parallel.tp={p.tp}); {off}"),
-        "parallel.pp": (p.pp > 1, f"not built for pipeline stages (parallel.pp={p.pp}); {off}"),
-        "parallel.cp": (p.cp > 1, f"not built for context parallelism (parallel.cp={p.cp}); {off}"),
         "model.moe_experts": (
             cfg.model.moe_experts > 0,
             f"MoE experts are reduced by their own exchange, which reads .grad; use model.moe_experts=0 or {off}",

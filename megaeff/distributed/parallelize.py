@@ -115,6 +115,8 @@ def apply_tensor_parallel(model: nn.Module, dims: ParallelDims, *, sequence_para
             # The head stays high precision (no activation policy), as in the single-process model.
             head = DenseLinear(cfg.dim, cfg.vocab_size, name="output")
             model.output = parallel_linear(head, dims, "column", sequence_parallel=sp)
+            # As the single-process LMHead, the head keeps autograd's .grad under grad_accum_fusion.
+            model.output.lm_head = True
     if sp and model.norm is not None:
         model.norm = SequenceParallelRMSNorm.replacing(model.norm, cg)
     model.tensor_parallel = tp

@@ -6,13 +6,15 @@ accumulated gradient carries up to k roundings of relative size 2^-9 each. Megat
 `gradient_accumulation_fusion` instead has the weight-gradient GEMM of each micro-batch accumulate straight into
 an fp32 buffer, `param.main_grad`: one fp32 sum, no bf16 rounding, and no bf16 `.grad` at all.
 
-`DenseWgradAccum` is that GEMM for `DenseLinear` (y = x W^T): its backward returns grad_input as the plain path
-does, adds dW = grad_output^T x into `weight.main_grad` (allocated as fp32 zeros the first time) and returns None
-for the weight, so `weight.grad` stays None. The add is apex's `fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32`
-(one cuBLAS GEMM with beta=1 into the fp32 buffer, bf16 operands) on CUDA where it is installed, else torch's
-`addmm_` of the operands cast to fp32 (the same sum; an fp32 GEMM is slower than a bf16 one on a GPU, which is why
-the apex kernel is preferred there). Then every hook registered with `add_main_grad_hook` is called with the weight:
-the data-parallel reducer counts it ready, as a post-accumulate-grad hook would for `.grad`.
+`DenseWgradAccum` is that GEMM for `DenseLinear` (y = x W^T) and for the local GEMM of its tensor-parallel shard
+(megaeff/distributed/tensor_parallel/base.py `DenseTP`, whose shard gradient is complete per rank): its
+backward returns grad_input as the plain path does, adds dW = grad_output^T x into `weight.main_grad` (allocated
+as fp32 zeros the first time) and returns None for the weight, so `weight.grad` stays None. The add is apex's
+`fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32` (one cuBLAS GEMM with beta=1 into the fp32 buffer, bf16
+operands) on CUDA where it is installed, else torch's `addmm_` of the operands cast to fp32 (the same sum; an fp32
+GEMM is slower than a bf16 one on a GPU, which is why the apex kernel is preferred there). Then every hook
+registered with `add_main_grad_hook` is called with the weight: the data-parallel reducer counts it ready, as a
+post-accumulate-grad hook would for `.grad`.
 
 The rest of the step reads `grad_of(p)`: `main_grad` where the parameter has one, else `.grad` (gradient norm and
 clipping, the non-finite check through the norm, the per-parameter optimizer, the reducer's buckets).
@@ -148,13 +150,25 @@ def dense_wgrad_accum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return DenseWgradAccum.apply(x.to(weight.dtype), weight)
 
 
-def enable(model: nn.Module) -> List[nn.Parameter]:
-    """Switch every `DenseLinear` projection of `model` to the fused path; returns their weights (marked)."""
+def fusable(module: nn.Module) -> bool:
+    """A dense projection whose forward takes the fused path when `fuse_wgrad` is set: `DenseLinear`, or the
+    tensor-parallel `DenseTP` shard (megaeff/distributed/tensor_parallel/base.py; recognized by its declared
+    `method` and switch, since megaeff/layers does not import the distributed package). The tensor-parallel head
+    (`lm_head`, set by megaeff/distributed/parallelize.py) is left alone, as the single-process head is."""
     from megaeff.layers.linear import DenseLinear
 
+    if type(module) is DenseLinear:
+        return True
+    declared = getattr(module, "method", None) == "dense" and "fuse_wgrad" in type(module).__dict__
+    return declared and not getattr(module, "lm_head", False)
+
+
+def enable(model: nn.Module) -> List[nn.Parameter]:
+    """Switch every dense projection of `model` (`fusable`: single-process or tensor-parallel shard) to the fused
+    path; returns their weights (marked)."""
     weights = []
     for name, module in model.named_modules():
-        if type(module) is DenseLinear:
+        if fusable(module):
             if type(module.ops) is not ActivationOps:  # an FP8 policy replaces the GEMMs this Function computes
                 raise ValueError(f"{name}: activation policy {module.ops.name!r} has its own dense GEMMs")
             module.fuse_wgrad = True

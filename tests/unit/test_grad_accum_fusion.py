@@ -188,9 +188,6 @@ def test_trainer_steps_with_the_switch_match_the_unfused_run_within_bf16_round_o
         ([*FUSED, "method=lowrank", "method.rank=8"], "method.name"),
         ([*FUSED, "optim.in_backward=true"], "optim.in_backward"),
         ([*FUSED, "parallel.dp_impl=fssdp"], "parallel.dp_impl"),
-        ([*FUSED, "parallel.tp=2"], "parallel.tp"),
-        ([*FUSED, "parallel.pp=2"], "parallel.pp"),
-        ([*FUSED, "parallel.cp=2"], "parallel.cp"),
         ([*FUSED, "model.moe_experts=4"], "model.moe_experts"),
         ([*FUSED, "train.compile=true"], "train.compile"),
         (
@@ -225,3 +222,10 @@ def _fp8_ops():
 
     cfg = compose(["experiment=smoke", "precision=coat", "precision.fp8_gemm=false"])
     return activation_ops(cfg.precision)
+
+
+@pytest.mark.parametrize("axis", ["parallel.tp=2", "parallel.pp=2", "parallel.cp=2"])
+def test_tensor_pipeline_and_context_parallel_layouts_are_accepted(axis):
+    """Lifted refusals: these layouts train with fusion (tests/distributed/test_grad_accum_fusion_layouts.py)."""
+    cfg = compose(["experiment=smoke", *FUSED, axis])
+    assert cfg.precision.grad_accum_fusion

@@ -37,6 +37,7 @@ from megaeff.distributed.tensor_parallel.mappings import (
     reduce_from_region,
     reduce_scatter_seq,
 )
+from megaeff.layers.grad_accum_fusion import dense_wgrad_accum, grad_of
 from megaeff.layers.ops import resolve
 from megaeff.layers.param_meta import ParamMeta, set_param_meta
 
@@ -206,7 +207,7 @@ class TPLinear(nn.Module):
         """Every gradient in its logical shape (a collective over tp); replicated ones as held by this rank."""
         out = {}
         for n in self.SPLITS:
-            g = getattr(self, n).grad
+            g = grad_of(getattr(self, n))  # a fused weight's fp32 main_grad (grad_accum_fusion)
             out[n] = None if g is None else self.gather(n, g)
         return out
 
@@ -241,13 +242,24 @@ class TPLinear(nn.Module):
 
 class DenseTP(TPLinear):
     """Megatron's pair. column: W's rows sharded, input replicated (copy_to_region) or all-gathered (SP).
-    row: W's columns sharded, output all-reduced or reduce-scattered (SP)."""
+    row: W's columns sharded, output all-reduced or reduce-scattered (SP).
+
+    `fuse_wgrad` (gradient-accumulation fusion, set by megaeff/layers/grad_accum_fusion.py `enable`): the local
+    GEMM goes through the fused Function, as in Megatron's tensor-parallel linears. The shard's weight gradient
+    is complete on its rank in both styles, so its fp32 `main_grad` needs no tp collective: column, dW_i =
+    dy_i^T x with x the whole (replicated or gathered) input and dy_i this rank's output features; row,
+    dW_i = dy^T x_i with dy the whole output gradient (the all-reduce's backward is the identity, the
+    reduce-scatter's an all-gather) and x_i this rank's input features."""
 
     method = "dense"
     SPLITS = {"weight": {"column": "rows", "row": "cols"}}
     gathers_input = True
+    fuse_wgrad = False
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return dense_wgrad_accum(x, self.weight) if self.fuse_wgrad else self.ops.dense(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style == "column":
-            return self.finish(self.ops.dense(self.enter(x), self.weight))
-        return self.leave(self.ops.dense(x, self.weight))
+            return self.finish(self._gemm(self.enter(x)))
+        return self.leave(self._gemm(x))

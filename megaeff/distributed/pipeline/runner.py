@@ -15,10 +15,10 @@ the rank of s to the rank of s+1 (the same tp/cp/dp coordinates, pp differing) t
 isend/irecv (counted as "pp/p2p_send"), with a tag naming (kind, i, s), so messages match whatever order the
 two ranks run their schedules in. Shapes are agreed without handshakes:
 every rank holds the same micro-batch (pipeline peers share their dp rank), so the activation is
-[batch, seq / cp (/ tp under sequence parallelism), dim] in float32 for everyone. Transfers are float32 whatever the
-residual stream's dtype (`act_dtype`: the stored parameters', bf16 under `precision.param_dtype=bf16`, where the
-embedding's output is bf16): sent widened (exact) and cast back on receipt, so a stage computes on what the
-single process would (receiving raw bf16 bytes into a float32 buffer read garbage: NaN losses). Sends are
+[batch, seq / cp (/ tp under sequence parallelism), dim] in the residual stream's dtype for everyone (`act_dtype`:
+the stored parameters', float32, or bf16 under `precision.param_dtype=bf16`, where the embedding's output and so
+every block's output is bf16): the receive buffer must have the sender's dtype (raw bf16 bytes read into a float32
+buffer are garbage: NaN losses), and bf16 weights halve the bytes of every transfer. Sends are
 asynchronous and waited at the end of the step (`PipelineStep.drain`), so a rank only ever blocks on a receive, and
 a deadlock-free schedule (checked by `schedule.simulate`) cannot hang. Time blocked in receives is the measured bubble
 (`idle_fraction`).
@@ -104,14 +104,16 @@ class PipelineRunner:
 
     # The peer of virtual stage s is pipeline rank s % pp: its index in this rank's pp group.
     def _send(self, tensor: torch.Tensor, stage: int, tag: int, pending: List) -> None:
-        pending.append(batch_p2p(self.cg, sends=[(tensor.detach().float(), stage % self.dims.pp, tag)]))
+        if tensor.dtype != self.act_dtype:  # the peer's buffer has act_dtype: a cast here would round silently
+            raise RuntimeError(f"pipeline send of a {tensor.dtype} tensor; the residual stream is {self.act_dtype}")
+        pending.append(batch_p2p(self.cg, sends=[(tensor.detach(), stage % self.dims.pp, tag)]))
 
     def _recv(self, shape, stage: int, tag: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=torch.float32, device=self.dims.device)
+        buf = torch.empty(shape, dtype=self.act_dtype, device=self.dims.device)
         t0 = time.perf_counter()
         batch_p2p(self.cg, recvs=[(buf, stage % self.dims.pp, tag)]).wait()
         self.idle_s += time.perf_counter() - t0
-        return buf.to(self.act_dtype)
+        return buf
 
     def _activation_shape(self, batch) -> Tuple[int, int, int]:
         B, T = batch["inputs"].shape

@@ -8,9 +8,12 @@ backward hands the gradients to the gradient sync (grad_sync.py). The next unit'
 asynchronously at once. With `reshard_after_forward=True` the post-hook frees the gathered storage: autograd
 still holds the tensor objects it saved, their memory is gone, and the hook on the unit's output gradient
 refills the same storage (gathered again, prefetching the unit before it) just before the unit's backward runs.
-The rest-unit is never resharded after forward: its head runs last in forward and first in backward, so it
-would be gathered again at once (torch FSDP2 does the same for its root). A gathered tensor lives from its
-unit's forward (or re-gather) to the end of its backward, when `release` frees it.
+The rest-unit is not resharded when its forward ends: its head runs last in forward and first in backward, so it
+would be gathered again at once (torch FSDP2 does the same for its root). It is resharded when the next forward
+of the rest-unit starts before its backward ran (a pipeline: GPipe, 1F1B's and interleaved warm-ups run other
+micro-batches' forwards first): at most one gathered copy of the rest-unit is kept, not one per in-flight
+micro-batch. A gathered tensor lives from its unit's forward (or re-gather) to the end of its backward, when
+`release` frees it.
 
 One step (the trainer's order; GradReducer is not used with FSSDP):
 
@@ -21,6 +24,17 @@ One step (the trainer's order; GradReducer is not used with FSSDP):
     fs.finish()                                 # wait for them, reduce replicated / hybrid gradients
     norm = clip_grad_norm_(list(fs.parameters()), max_norm, dims, dp_sharded=True)   # megaeff/distributed/grad_norm.py
     optimizer.step()
+
+Memory. Parameters, gradients and moments take 1/d of the all-reduce layout's; FSSDP adds a constant number of
+unit-sized buffers, whatever the depth or the micro-batches in flight (U: one unit's fp32 bytes): `max_inflight`
+reduce-scatters (each its fp32 send buffer, the whole unit gradient, and its U/d output), the refill of the unit
+whose backward starts (its gather, the unpacked fp32 tensors and the refilled storage: about 2.75U with bf16
+gathers) and the gather prefetched for the next unit's next forward, which an interleaved pipeline holds across the
+backwards it runs in between. About 6.5U at d = 2, so a rank holding few units (a deep pipeline's stage of a small
+model) peaks above the all-reduce layout; per unit it holds, FSSDP saves (1 - 1/d) of its parameters, gradients
+and moments (docs/memory.md, "FSSDP under a pipeline"; tests/distributed/test_fssdp_pipeline_memory.py). Nothing
+else is kept per in-flight micro-batch: autocast's bf16 copies of the gathered weights are saved per in-flight
+chunk exactly as the all-reduce layout's copies of its parameters are.
 
 Every collective goes through megaeff/distributed/comm.py and is counted in `dims.comm_stats` (dp_cp/all_gather,
 dp_cp/reduce_scatter, dp_cp/all_reduce; the embedding's dp_cp/sparse_all_gather, dp_cp/sparse_reduce_scatter and
@@ -127,6 +141,8 @@ class FSSDPEngine:
             if unit.is_rest and cur.versions == unit.versions() and cur.grad == torch.is_grad_enabled():
                 return  # the rest-unit's later modules (norm, head) reuse the gather of its first
             self._close(cur)
+        if unit.is_rest and self.reshard_after_forward:
+            self._reshard_kept_rest(unit)
         pending = self._take(unit.prefetched, unit)
         unit.prefetched = None
         fulls = unit.complete(pending)
@@ -171,9 +187,22 @@ class FSSDPEngine:
             return
         self._completed.append(inst)
         if self.reshard_after_forward and not unit.is_rest:
-            for s in inst.storages:
-                s.resize_(0)
-            inst.freed = True
+            self._free(inst)
+
+    def _free(self, inst: Instance) -> None:
+        for s in inst.storages:
+            s.resize_(0)
+        inst.freed = True
+
+    def _reshard_kept_rest(self, unit: Unit) -> None:
+        """A new forward of the rest-unit begins while an earlier one still waits for its backward (a pipeline
+        runs other forwards between a chunk's forward and its backward; GPipe runs them all first): free the
+        earlier one's gathered storage, to be refilled before its backward like any unit's. Without this every
+        in-flight micro-batch of the rest-unit's chunk kept a whole gathered copy (the tensor-parallel
+        embedding on the first stage, the head on the last), more than the all-reduce layout's single copy."""
+        for older in self._completed:
+            if older.unit is unit and not older.freed:
+                self._free(older)
 
     # ------------------------------------------------------------------ backward
     def _pre_backward(self, inst: Instance, grad) -> None:

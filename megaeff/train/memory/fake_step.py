@@ -224,10 +224,13 @@ def measure_step(
     step: int = 0,
     tracker_cls=StepMemoryTracker,
     seed: int = 0,
+    warm_steps: int = 0,
 ) -> MemoryReport:
     """Peak live bytes of one training step of `rank` (module docstring), with the breakdown at the peak.
     `tracker_cls`: StepMemoryTracker or a variant (tests check that wrong variants disagree); `seed`: the
-    token ids' (`make_batches`), for a rank whose batch differs (tools/bench/planner_validate.py)."""
+    token ids' (`make_batches`), for a rank whose batch differs (tools/bench/planner_validate.py);
+    `warm_steps`: steps run untracked first, so that the tracked one is a later step (its optimizer state exists
+    from the start: a first step's forward and backward do not hold it yet)."""
     dims_world = layout_world_size(cfg)
     if not fake and dims_world > 1:
         raise ConfigError("parallel", "a real-tensor step runs a single-rank layout only (its collectives are real)")
@@ -238,12 +241,19 @@ def measure_step(
         with _fake_build(fake_mode) if fake else contextlib.nullcontext():
             rs = build_rank(cfg, dims)
         tracker = tracker_cls(rs.parallel.module, rs.optimizer, fake_reads=fake)
-        dims.comm_stats.reset()  # the build's collectives (none today) are not the step's
-        with fake_mode or contextlib.nullcontext(), tracker:
-            with unset_fake_temporarily():  # the token ids are real: routing by token (FSSDP's embedding) is exact
-                batches = make_batches(cfg, seed=seed)
-            metrics = rs.runner.run(batches, step)
-            del batches
+        with fake_mode or contextlib.nullcontext():
+            for s in range(warm_steps):  # under a tracker of their own: it answers the fake value reads
+                with StepMemoryTracker(rs.parallel.module, rs.optimizer, fake_reads=fake):
+                    with unset_fake_temporarily():
+                        batches = make_batches(cfg, seed=seed)
+                    rs.runner.run(batches, step + s)
+                    del batches
+            dims.comm_stats.reset()  # the build's and the warm steps' collectives are not the step's
+            with tracker:
+                with unset_fake_temporarily():  # real token ids: routing by token (FSSDP's embedding) is exact
+                    batches = make_batches(cfg, seed=seed)
+                metrics = rs.runner.run(batches, step + warm_steps)
+                del batches
         report = tracker.report()
         state = [t for st in rs.optimizer.state.values() for t in tree_leaves(st) if isinstance(t, torch.Tensor)]
         # Counted apart from the tracker, for checks: what the rank's parameters, gradients and optimizer hold.

@@ -5,20 +5,20 @@ enter the top N (branch and bound): both bounds must never exceed what the measu
 would drop a layout the exhaustive search keeps. tests/unit/test_planner.py checks both against the measured
 peak and step of every layout of a small enumerated space, and the search's rows against the exhaustive search.
 
-Memory floor per rank (no temporaries):
-    weights + max(gradients, optimizer moments, activations in flight [+ gradients, in a steady backward])
+Memory floor per rank (no temporaries), of a training step after the first (what the planner measures,
+measure.py `steady_phase_peaks`):
+    weights + optimizer moments + max(gradients, activations in flight [+ gradients, in a steady backward])
 each parameter's bytes split over tp and pp and, under FSSDP, over dp x cp (the average share; the largest
 stage, tp shard or dim-0 run holds at least it, and replicated norms only add). Weights: 2 bytes with
 `precision.param_dtype=bf16`, else 4. Gradients: the weight's dtype, none with `optim.in_backward` (each is
 freed as its parameter updates). Moments: AdamW's two per element, fp32 (8 bytes) or FP8 with COAT (2), none
-for GaLore (projected, smaller than the parameter). Why the max and not the sum: a per-parameter optimizer
-(bf16 weights) frees each gradient as it creates that parameter's moments, so the step need not hold both at
-once; it holds all gradients when backward ends and all moments when the step ends.
+for GaLore (projected, smaller than the parameter). The moments exist from the first step's optimizer on and
+are held through every later step; the gradients all exist when backward ends (each accumulated into until
+the optimizer step), which the activations of a forward need not overlap (hence the max).
 
 Activations (`activation_floor`), from the first pipeline stage (rank 0; the layout's peak is the largest
-rank's, so at least rank 0's). The step measured is a first step (moments are created by its optimizer step,
-after every backward), so activations are stacked on the weights only, or on weights + gradients at a moment
-where both are provably live:
+rank's, so at least rank 0's). They are stacked on the weights and moments, or on weights + moments +
+gradients at a moment where both are provably live:
 - in flight: just before a backward, the forwards run and not yet backwarded are `warmup_forwards(rank 0) + 1`
   (the schedule simulator's count: 1F1B min(pp, m), interleaved min(2(pp-1) + (v-1)pp + 1, v m) chunks, GPipe
   m), 1 without a pipeline (each micro-batch's backward follows its forward), each chunk of L / (pp v) layers;
@@ -174,11 +174,11 @@ def _floor_terms(cfg: Config, counts: ParamCounts, layout: Layout) -> Dict[str, 
 
 
 def state_floor(cfg: Config, counts: ParamCounts, layout: Layout, act_scale: int = 1) -> int:
-    """A lower bound on the rank's peak bytes: weights + max(gradients, moments, activations [+ gradients]).
+    """A lower bound on the rank's peak bytes: weights + moments + max(gradients, activations [+ gradients]).
     `act_scale`: the activation term's multiplier, 1 for the bound (the tests show that 2 overshoots)."""
     t = _floor_terms(cfg, counts, layout)
     act = t["act_total"] + (act_scale - 1) * t["activations"]
-    return t["weights"] + max(t["gradients"], t["moments"], act)
+    return t["weights"] + t["moments"] + max(t["gradients"], act)
 
 
 def floor_reason(cfg: Config, counts: ParamCounts, layout: Layout, budget: int) -> str:
@@ -188,8 +188,8 @@ def floor_reason(cfg: Config, counts: ParamCounts, layout: Layout, budget: int) 
     if t["act_total"] > t["activations"]:
         act += " + gradients"
     return (
-        f"OOM by at least {(floor - budget) / GB:.3g} GB: weights {t['weights'] / GB:.3g} + max(gradients "
-        f"{t['gradients'] / GB:.3g}, optimizer moments {t['moments'] / GB:.3g}, {act}) GB per rank > budget "
+        f"OOM by at least {(floor - budget) / GB:.3g} GB: weights {t['weights'] / GB:.3g} + optimizer moments "
+        f"{t['moments'] / GB:.3g} + max(gradients {t['gradients'] / GB:.3g}, {act}) GB per rank > budget "
         f"{budget / GB:.3g} GB"
     )
 

@@ -16,7 +16,7 @@ for GaLore (projected, smaller than the parameter). The moments exist from the f
 are held through every later step; the gradients all exist when backward ends (each accumulated into until
 the optimizer step), which the activations of a forward need not overlap (hence the max).
 
-Activations (`activation_floor`), from the first pipeline stage (rank 0; the layout's peak is the largest
+Activations (`activation_parts`), from the first pipeline stage (rank 0; the layout's peak is the largest
 rank's, so at least rank 0's). They are stacked on the weights and moments, or on weights + moments +
 gradients at a moment where both are provably live:
 - in flight: just before a backward, the forwards run and not yet backwarded are `warmup_forwards(rank 0) + 1`
@@ -183,7 +183,7 @@ def state_floor(cfg: Config, counts: ParamCounts, layout: Layout, act_scale: int
 
 def floor_reason(cfg: Config, counts: ParamCounts, layout: Layout, budget: int) -> str:
     t = _floor_terms(cfg, counts, layout)
-    floor = state_floor(cfg, counts, layout)
+    floor = t["weights"] + t["moments"] + max(t["gradients"], t["act_total"])  # state_floor, from the same terms
     act = f"activations in flight {t['activations'] / GB:.3g}"
     if t["act_total"] > t["activations"]:
         act += " + gradients"
